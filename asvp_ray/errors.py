@@ -1,0 +1,30 @@
+"""Typed errors. Every message says what was wrong, where, and how to fix it."""
+from __future__ import annotations
+
+
+class AsvpError(Exception):
+    """Base class of every error asvp-ray raises on purpose."""
+
+
+class ConfigError(AsvpError, ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class BadInputError(AsvpError, ValueError):
+    """Input data is invalid: a missing or corrupt image, a bad manifest, a bad label."""
+
+
+class PoolError(AsvpError):
+    """Base class of errors about the state of the unlabelled pool."""
+
+
+class EmptyPoolError(PoolError):
+    """The unlabelled pool has no samples left."""
+
+
+class PoolExhaustedError(PoolError):
+    """More samples were requested than the unlabelled pool holds."""
+
+
+class RunDirError(AsvpError):
+    """The run directory is locked, inconsistent or belongs to another config."""
