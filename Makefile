@@ -4,7 +4,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
-FMNIST ?= /usr/share/datasets/fashion-mnist
 OUT    ?= runs/demo
 
 .PHONY: demo test venv data bench clean help
@@ -21,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create .venv and install asvp-ray with its dependencies
 
 data: $(STAMP)  ## make sure the Fashion-MNIST files are present (apt, else verified download)
-	$(PY) -m asvp_ray.data.fashion_mnist ensure --root $(FMNIST)
+	$(PY) -m asvp_ray.data.fashion_mnist ensure
 
 demo: data  ## install, fetch data, run the main job (ASVP on Fashion-MNIST, local Ray)
 	$(VENV)/bin/asvp-ray run examples/fashion_mnist.yaml --out $(OUT)

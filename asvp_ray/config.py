@@ -1,0 +1,200 @@
+"""Typed configuration: the one module that reads YAML and command-line overrides.
+
+Everything below receives validated pydantic objects. An unknown key is an error that names the
+nearest valid key; a value of the wrong type names the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Type
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from asvp_ray.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """Where images come from (see ``asvp_ray.data.sources``)."""
+
+    kind: Literal["fashion_mnist", "image_folder", "manifest"] = "fashion_mnist"
+    root: Optional[str] = Field(None, description="fashion_mnist or image_folder folder")
+    path: Optional[str] = Field(None, description="manifest file (.parquet or .csv)")
+    split: Literal["train", "test"] = "train"
+    limit: Optional[PositiveInt] = Field(None, description="fashion_mnist: keep the first `limit` images")
+
+
+class DataConfig(_Strict):
+    pool: SourceConfig = Field(default_factory=SourceConfig)
+    test: Optional[SourceConfig] = Field(default_factory=lambda: SourceConfig(split="test"))
+    classes: Optional[List[str]] = Field(None, description="class names; index = label")
+    skip_unreadable: bool = Field(False, description="skip unreadable images (ids listed in meta.json)")
+
+
+class BackboneConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    weights: str = Field("auto", description="auto | hub | lite0_package | none | path to a checkpoint")
+    image_size: Optional[PositiveInt] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+    init_seed: int = 0
+
+
+class ExtractConfig(_Strict):
+    batch_size: PositiveInt = 256
+    num_actors: Optional[PositiveInt] = Field(None, description="None: as many as fit, leaving CPU for reads")
+    num_cpus_per_actor: PositiveFloat = 1.0
+    num_gpus_per_actor: float = Field(1.0, gt=0, le=8)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Optional[PositiveInt] = Field(None, description="None: the node's CPUs split among actors")
+    amp: bool = Field(True, description="bf16 autocast on GPU")
+    progress: bool = True
+
+
+class ProxyConfig(_Strict):
+    hidden: Optional[PositiveInt] = Field(None, description="None: the feature width, as in the reference")
+    linear: bool = False
+    epochs: PositiveInt = 50
+    batch_size: PositiveInt = 2048
+    lr: PositiveFloat = 0.1
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    normalize: Literal["none", "l2", "standardize"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class BudgetConfig(_Strict):
+    schedule: List[PositiveInt] = Field(default_factory=lambda: [100, 100, 100],
+                                        description="labels bought per round; round 0 is random")
+
+    @field_validator("schedule")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("budget.schedule needs at least one round, e.g. [100, 100]")
+        return v
+
+
+class Config(_Strict):
+    """A whole asvp-ray run."""
+
+    name: str = "asvp-ray"
+    seed: int = 0
+    method: Literal["svpp"] = "svpp"
+    strategy: str = "margin"
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v):
+        from asvp_ray.selection import STRATEGIES
+
+        STRATEGIES.get(v)  # raises ConfigError with the valid names
+        return v
+
+
+def _model_at(model: Type[BaseModel], loc: Sequence[Any]) -> Optional[Type[BaseModel]]:
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"]]
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(Config, loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            lines.append(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple:
+    """``a.b=value`` -> (["a", "b"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. --set budget.schedule=[50,50]")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    out = dict(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            node[k] = dict(child) if isinstance(child, dict) else {}
+            node = node[k]
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), raw: Optional[Dict[str, Any]] = None) -> Config:
+    """Read, override and validate a config.
+
+    Args:
+        path: YAML file (optional when ``raw`` is given).
+        overrides: ``key.sub=value`` strings (values parsed as YAML), applied in order.
+        raw: a dict used instead of (or before) the file.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key (with a suggestion), bad value.
+    """
+    data: Dict[str, Any] = dict(raw or {})
+    origin = "config"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist; pass a YAML file such as examples/smoke.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data.update(loaded)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML that ``load_config`` reads back unchanged."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

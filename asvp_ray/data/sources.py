@@ -1,0 +1,459 @@
+"""Pool sources: where images enter. Each yields a Ray Dataset of ``id`` (int64) and ``image``.
+
+Every sample carries a stable int64 id that never changes for the life of a run:
+- Fashion-MNIST: the row index in the IDX file;
+- image folder: a 63-bit hash of the path relative to the folder (so adding files later does not
+  renumber the others);
+- manifest: the ``id`` column, as written by the user.
+
+Images are decoded inside Ray tasks, block by block, so a pool of millions of files streams.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from asvp_ray.errors import BadInputError
+from asvp_ray.registry import Registry
+
+SOURCES: Registry["PoolSource"] = Registry("pool source")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+ROWS_PER_BLOCK = 1024
+
+
+class PoolSource(ABC):
+    """A set of images with stable ids and, when known, ground-truth labels.
+
+    Subclasses build their index (ids, labels, paths) on construction, which is cheap: no
+    image is decoded until ``to_dataset`` runs in Ray.
+    """
+
+    kind: str = ""
+
+    @property
+    @abstractmethod
+    def ids(self) -> np.ndarray:
+        """int64 ids, shape (N,), sorted ascending."""
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """int64 ground-truth labels aligned to ``ids`` (class indices), or None when unknown."""
+        return None
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        """Class names, index = label; None when the source carries no labels."""
+        return None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def paths(self, ids: Sequence[int]) -> List[str]:
+        """A path or URI a person can open for each id (for labelling tools)."""
+        return [f"{self.kind}:{int(i)}" for i in ids]
+
+    @abstractmethod
+    def to_dataset(self, ids: Optional[np.ndarray] = None, skip_unreadable: bool = False):
+        """A Ray Dataset with columns ``id`` (int64), ``image`` (uint8, HxW or HxWxC) and ``error``
+        (empty string when the image was read; the reason when ``skip_unreadable`` dropped it).
+
+        Args:
+            ids: only these ids (default: all).
+            skip_unreadable: mark unreadable images instead of failing the job.
+        """
+
+    @abstractmethod
+    def describe(self) -> Dict[str, Any]:
+        """A JSON-able description for the feature store's metadata."""
+
+    def label_of(self, ids: np.ndarray) -> np.ndarray:
+        """Ground-truth labels of ``ids`` (the simulated oracle's source of truth)."""
+        if self.labels is None:
+            raise BadInputError(f"{self.kind} source {self.describe()} has no labels; use a labelled source "
+                                "or the human oracle")
+        pos = np.searchsorted(self.ids, ids)
+        bad = (pos >= len(self.ids)) | (self.ids[np.minimum(pos, len(self.ids) - 1)] != ids)
+        if bad.any():
+            raise BadInputError(f"ids not in the pool: {ids[bad][:10].tolist()}")
+        return self.labels[pos]
+
+
+def _positions(all_ids: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
+    if ids is None:
+        return np.arange(len(all_ids))
+    ids = np.asarray(ids, dtype=np.int64)
+    pos = np.searchsorted(all_ids, ids)
+    ok = (pos < len(all_ids)) & (all_ids[np.minimum(pos, len(all_ids) - 1)] == ids)
+    if not ok.all():
+        raise BadInputError(f"ids not in the pool: {ids[~ok][:10].tolist()}")
+    return pos
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+@SOURCES.register("fashion_mnist")
+class FashionMNISTSource(PoolSource):
+    """Fashion-MNIST from its IDX files (train = pool, test = t10k), no torchvision downloader.
+
+    Args:
+        root: folder with the IDX files (default: found by ``fashion_mnist.find_root``).
+        split: ``train`` or ``test``.
+        limit: keep only the first ``limit`` samples (ids 0..limit-1), for small runs.
+    """
+
+    kind = "fashion_mnist"
+
+    def __init__(self, root: Optional[str] = None, split: str = "train", limit: Optional[int] = None):
+        from asvp_ray.data import fashion_mnist as fm
+
+        if split not in fm.SPLIT_PREFIX:
+            raise BadInputError(f"fashion_mnist split {split!r} is not one of train, test")
+        self.root = fm.find_root(root)
+        self.split = split
+        self.images_path, self.labels_path = fm.split_paths(self.root, split)
+        _, shape, _ = fm.read_idx_header(self.images_path)
+        n = shape[0] if limit is None else min(int(limit), shape[0])
+        if n <= 0:
+            raise BadInputError(f"fashion_mnist limit={limit} leaves no samples; use a positive limit")
+        self._ids = np.arange(n, dtype=np.int64)
+        self._labels = fm.read_idx(self.labels_path)[:n].astype(np.int64)
+        self.limit = limit
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def classes(self) -> List[str]:
+        from asvp_ray.data.fashion_mnist import CLASSES
+
+        return list(CLASSES)
+
+    def paths(self, ids: Sequence[int]) -> List[str]:
+        return [f"{self.images_path}#{int(i)}" for i in ids]
+
+    def to_dataset(self, ids=None, skip_unreadable=False):
+        import ray.data
+
+        pos = _positions(self._ids, ids)
+        return ray.data.read_datasource(_IDXDatasource(str(self.images_path), pos, self._ids[pos]))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "root": str(self.root), "split": self.split, "limit": self.limit,
+                "rows": len(self._ids)}
+
+
+class _IDXDatasource:
+    """A Ray Data datasource over rows of an IDX image file (each read task decodes its slice)."""
+
+    def __new__(cls, path: str, positions: np.ndarray, ids: np.ndarray):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        class IDXDatasource(Datasource):
+            def estimate_inmemory_data_size(self):
+                return int(len(positions) * 28 * 28)
+
+            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+                # Each task decompresses the gzip file once, so tasks are few and large (8 blocks each).
+                n_tasks = max(1, min(parallelism, -(-len(positions) // (8 * ROWS_PER_BLOCK))))
+                tasks = []
+                for pos_chunk, id_chunk in zip(np.array_split(positions, n_tasks), np.array_split(ids, n_tasks)):
+                    if len(pos_chunk) == 0:
+                        continue
+                    meta = BlockMetadata(num_rows=len(pos_chunk), size_bytes=len(pos_chunk) * 28 * 28,
+                                         input_files=[path], exec_stats=None)
+
+                    def read(p=pos_chunk, i=id_chunk):
+                        from ray.data.block import BlockAccessor
+
+                        from asvp_ray.data.fashion_mnist import read_idx
+
+                        imgs = read_idx(Path(path), p)
+                        for s in range(0, len(i), ROWS_PER_BLOCK):
+                            sl = slice(s, s + ROWS_PER_BLOCK)
+                            yield BlockAccessor.batch_to_block(
+                                {"id": i[sl], "image": imgs[sl], "error": np.array([""] * len(i[sl]), dtype=object)})
+
+                    tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+                return tasks
+
+        return IDXDatasource()
+
+
+# --------------------------------------------------------------------------- files (folder, manifest)
+def path_id(relpath: str) -> int:
+    """A stable non-negative int64 id from a relative path (63-bit BLAKE2b hash)."""
+    h = hashlib.blake2b(relpath.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _read_image_bytes(path: str) -> bytes:
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def decode_image(path: str) -> np.ndarray:
+    """Read and fully decode one image file into a uint8 array (HxW or HxWx3).
+
+    Raises:
+        FileNotFoundError / OSError / PIL errors for missing, truncated or corrupt files.
+    """
+    from PIL import Image
+
+    data = _read_image_bytes(path)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # forces a full decode, so truncated files fail here, not later
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_batch(batch: Dict[str, np.ndarray], skip_unreadable: bool, origin: str) -> Dict[str, Any]:
+    images: List[np.ndarray] = []
+    errors: List[str] = []
+    for i, path in zip(batch["id"], batch["path"]):
+        try:
+            images.append(decode_image(str(path)))
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - every decode failure is reported the same way
+            kind = "missing file" if isinstance(e, FileNotFoundError) else "unreadable or corrupt image"
+            msg = f"{origin}: id {int(i)}: {kind} {path!r} ({type(e).__name__}: {e})"
+            if not skip_unreadable:
+                raise BadInputError(msg + ". Fix the file, remove the row, or set "
+                                    "data.skip_unreadable: true to skip such images (their ids are "
+                                    "listed in the feature store's meta.json).") from None
+            images.append(np.zeros((1, 1), dtype=np.uint8))
+            errors.append(msg)
+    out = np.empty(len(images), dtype=object)
+    out[:] = images
+    return {"id": np.asarray(batch["id"], dtype=np.int64), "image": out,
+            "error": np.array(errors, dtype=object)}
+
+
+class _FileSource(PoolSource):
+    """Shared part of sources backed by image files: an index table (id, path, label)."""
+
+    def __init__(self, ids: np.ndarray, paths: List[str], labels: Optional[np.ndarray],
+                 classes: Optional[List[str]], origin: str):
+        order = np.argsort(ids, kind="stable")
+        self._ids = np.asarray(ids, dtype=np.int64)[order]
+        self._paths = [paths[i] for i in order]
+        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)[order]
+        self._classes = classes
+        self.origin = origin
+
+    @property
+    def ids(self):
+        return self._ids
+
+    @property
+    def labels(self):
+        return self._labels
+
+    @property
+    def classes(self):
+        return self._classes
+
+    def paths(self, ids):
+        pos = _positions(self._ids, np.asarray(ids, dtype=np.int64))
+        return [self._paths[p] for p in pos]
+
+    def to_dataset(self, ids=None, skip_unreadable=False):
+        import ray.data
+
+        pos = _positions(self._ids, ids)
+        tables = []
+        for start in range(0, len(pos), ROWS_PER_BLOCK):
+            p = pos[start:start + ROWS_PER_BLOCK]
+            tables.append(pa.table({"id": pa.array(self._ids[p], pa.int64()),
+                                    "path": pa.array([self._paths[i] for i in p], pa.string())}))
+        ds = ray.data.from_arrow(tables)
+        return ds.map_batches(_decode_batch, fn_kwargs={"skip_unreadable": skip_unreadable,
+                                                        "origin": self.origin},
+                              batch_size=None, batch_format="numpy")
+
+
+@SOURCES.register("image_folder")
+class ImageFolderSource(_FileSource):
+    """Images in a folder. Class subfolders give labels (sorted names = class indices); a flat
+    folder of images has no labels.
+
+    Args:
+        root: the folder.
+        classes: optional class names, fixing the label order (must match the subfolders).
+    """
+
+    kind = "image_folder"
+
+    def __init__(self, root: str, classes: Optional[List[str]] = None):
+        rootp = Path(root)
+        if not rootp.is_dir():
+            raise BadInputError(f"image folder {root!r} does not exist or is not a folder; fix data.pool.root")
+        subdirs = sorted(d.name for d in rootp.iterdir() if d.is_dir() and not d.name.startswith("."))
+        rel: List[str] = []
+        labels: Optional[List[int]] = None
+        if subdirs:
+            names = list(classes) if classes else subdirs
+            missing = sorted(set(subdirs) - set(names))
+            if missing:
+                raise BadInputError(f"image folder {root}: subfolders {missing} are not in the configured "
+                                    f"classes {names}; add them to data.classes or remove the folders")
+            labels = []
+            for d in subdirs:
+                for dirpath, _, files in os.walk(rootp / d):
+                    for f in files:
+                        if f.lower().endswith(IMAGE_EXTENSIONS):
+                            rel.append(os.path.relpath(os.path.join(dirpath, f), rootp))
+                            labels.append(names.index(d))
+            cls_out: Optional[List[str]] = names
+        else:
+            rel = sorted(f.name for f in rootp.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+            cls_out = list(classes) if classes else None
+        if not rel:
+            raise BadInputError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        ids = np.array([path_id(r) for r in rel], dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):  # astronomically unlikely; say so rather than mislabel
+            raise BadInputError(f"image folder {root}: two paths hash to the same id; use a manifest with explicit ids")
+        self.root = str(rootp)
+        super().__init__(ids, [str(rootp / r) for r in rel],
+                         None if labels is None else np.array(labels), cls_out, origin=f"image folder {root}")
+
+    def describe(self):
+        return {"kind": self.kind, "root": self.root, "rows": len(self._ids), "classes": self._classes}
+
+
+@SOURCES.register("manifest")
+class ManifestSource(_FileSource):
+    """A Parquet or CSV manifest with columns ``id`` (integer), ``path`` and optional ``label``.
+
+    Relative paths are resolved against the manifest's folder; URIs (``s3://``, ``gs://``,
+    ``file://`` ...) are opened with pyarrow's filesystems. Labels may be class indices or names.
+
+    Args:
+        path: the manifest file (.parquet or .csv).
+        classes: class names (index = label). Default: sorted distinct string labels, or
+            ``0..max`` for integer labels.
+    """
+
+    kind = "manifest"
+
+    def __init__(self, path: str, classes: Optional[List[str]] = None):
+        mpath = Path(path)
+        if not mpath.is_file():
+            raise BadInputError(f"manifest {path!r} does not exist; fix data.pool.path")
+        try:
+            if mpath.suffix.lower() == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(mpath)
+            elif mpath.suffix.lower() in (".csv", ".tsv"):
+                import pyarrow.csv as pacsv
+
+                opts = pacsv.ParseOptions(delimiter="\t" if mpath.suffix.lower() == ".tsv" else ",")
+                table = pacsv.read_csv(mpath, parse_options=opts,
+                                       convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
+            else:
+                raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
+        except pa.ArrowInvalid as e:
+            raise BadInputError(f"manifest {path}: cannot be parsed ({e})") from None
+        cols = set(table.column_names)
+        missing = [c for c in ("id", "path") if c not in cols]
+        if missing:
+            raise BadInputError(f"manifest {path}: missing column(s) {missing}; it has {sorted(cols)}. "
+                                "A manifest needs columns id (integer), path, and optionally label.")
+        id_col = table.column("id")
+        if not pa.types.is_integer(id_col.type):
+            bad = next((v for v in id_col.to_pylist() if not _is_int(v)), None)
+            raise BadInputError(f"manifest {path}: column id must hold integers, found {bad!r} "
+                                f"(type {id_col.type}); give every row a unique integer id")
+        if id_col.null_count:
+            raise BadInputError(f"manifest {path}: {id_col.null_count} row(s) have an empty id; every row needs one")
+        ids = id_col.to_numpy().astype(np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dups = uniq[counts > 1][:10].tolist()
+            raise BadInputError(f"manifest {path}: duplicate ids {dups}; ids must be unique")
+        base = mpath.resolve().parent
+        paths = [p if ("://" in p or os.path.isabs(p)) else str(base / p) for p in table.column("path").to_pylist()]
+        labels = None
+        cls_out = list(classes) if classes else None
+        if "label" in cols:
+            raw = table.column("label").to_pylist()
+            labels, cls_out = _labels_from_column(raw, classes, origin=f"manifest {path}", ids=ids)
+        self.path = str(mpath)
+        super().__init__(ids, paths, labels, cls_out, origin=f"manifest {path}")
+
+    def describe(self):
+        return {"kind": self.kind, "path": self.path, "rows": len(self._ids), "classes": self._classes}
+
+
+def _is_int(v) -> bool:
+    try:
+        return float(v) == int(v)
+    except (TypeError, ValueError):
+        return False
+
+
+def _labels_from_column(raw: List[Any], classes: Optional[List[str]], origin: str, ids: np.ndarray):
+    """Map a label column (names or indices) to class indices, or raise naming the bad rows."""
+    if any(v is None for v in raw):
+        bad = [int(i) for i, v in zip(ids, raw) if v is None][:10]
+        raise BadInputError(f"{origin}: ids {bad} have no label; label every row or drop the label column")
+    if classes is None:
+        if all(isinstance(v, (int, np.integer)) for v in raw):
+            classes = [str(c) for c in range(max(raw) + 1)]
+        else:
+            classes = sorted({str(v) for v in raw})
+    index = {c: k for k, c in enumerate(classes)}
+    out, bad = [], []
+    for i, v in zip(ids, raw):
+        if str(v) in index:
+            out.append(index[str(v)])
+        elif isinstance(v, (int, np.integer)) and 0 <= int(v) < len(classes):
+            out.append(int(v))
+        else:
+            bad.append((int(i), v))
+    if bad:
+        raise BadInputError(f"{origin}: label(s) not among the {len(classes)} classes ({', '.join(classes[:10])}"
+                            f"{', ...' if len(classes) > 10 else ''}): " +
+                            ", ".join(f"id {i}: {v!r}" for i, v in bad[:10]) +
+                            ". Fix the labels or list the classes in data.classes")
+    return np.array(out, dtype=np.int64), list(classes)
+
+
+def build_source(cfg, classes: Optional[List[str]] = None) -> PoolSource:
+    """A ``PoolSource`` from a ``SourceConfig``.
+
+    Raises:
+        ConfigError: a key the source kind needs is missing.
+    """
+    from asvp_ray.errors import ConfigError
+
+    if cfg.kind == "fashion_mnist":
+        return FashionMNISTSource(root=cfg.root, split=cfg.split, limit=cfg.limit)
+    if cfg.kind == "image_folder":
+        if not cfg.root:
+            raise ConfigError("data source kind image_folder needs root: the folder of images")
+        return ImageFolderSource(cfg.root, classes=classes)
+    if cfg.kind == "manifest":
+        if not cfg.path:
+            raise ConfigError("data source kind manifest needs path: a .parquet or .csv manifest")
+        return ManifestSource(cfg.path, classes=classes)
+    return SOURCES.create(cfg.kind)  # pragma: no cover - config validation lists the kinds

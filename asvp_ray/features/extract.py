@@ -1,0 +1,261 @@
+"""Distributed feature extraction: Ray Data ``map_batches`` over an actor pool.
+
+Each actor loads the backbone once (GPU actors where the cluster has GPUs, CPU actors otherwise)
+and turns batches of decoded images into pooled features. The driver streams the results into
+the feature store, with a progress bar (images done, images/s, ETA).
+
+Resource sizing: on a small machine an actor pool that takes every CPU leaves none for the read
+and decode tasks feeding it, and the job hangs. CPU actors therefore leave at least one CPU of
+the cluster free; an explicit setting that would take them all is refused with the fix.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
+from asvp_ray.features.store import POOL, FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the extraction actor pool is sized."""
+
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    device: str
+
+
+def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
+    """Size the actor pool from the config and the cluster's resources.
+
+    Args:
+        cfg: an ``ExtractConfig``.
+        resources: cluster resources (default: ``ray.cluster_resources()``).
+
+    Raises:
+        ConfigError: the settings would starve the read tasks or ask for GPUs that do not exist.
+    """
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_gpus_per_actor)
+    if use_gpu:
+        if gpus < cfg.num_gpus_per_actor:
+            raise ConfigError(f"extract.device=cuda but the cluster has {gpus:g} GPU(s); set extract.device: cpu "
+                              "(or auto) or add GPU nodes")
+        n = cfg.num_actors or max(1, int(gpus // cfg.num_gpus_per_actor))
+        num_cpus = min(1.0, max(cpus - 1, 0.5))
+        threads = cfg.torch_threads or 2
+        return ActorPlan(n, num_cpus, float(cfg.num_gpus_per_actor), threads, "cuda")
+    free_for_actors = cpus - 1.0  # one CPU stays for the read/decode tasks
+    max_actors = max(1, int(free_for_actors // cfg.num_cpus_per_actor)) if free_for_actors >= cfg.num_cpus_per_actor else 0
+    if max_actors == 0:
+        if cfg.num_actors is not None or cfg.num_cpus_per_actor > 1:
+            raise ConfigError(
+                f"extract.num_cpus_per_actor={cfg.num_cpus_per_actor:g} leaves no CPU for reading images on this "
+                f"{cpus:g}-CPU cluster and the job would hang; set extract.num_cpus_per_actor to at most "
+                f"{max(cpus - 1, 0.5):g}")
+        num_cpus = max(cpus - 1.0, 0.5)  # a 1-CPU machine: share it
+        return ActorPlan(1, num_cpus, 0.0, cfg.torch_threads or max(1, int(cpus)), "cpu")
+    n = cfg.num_actors or max_actors
+    if n > max_actors:
+        raise ConfigError(
+            f"extract.num_actors={n} x num_cpus_per_actor={cfg.num_cpus_per_actor:g} takes every CPU of this "
+            f"{cpus:g}-CPU cluster, which starves the read tasks and hangs; use extract.num_actors <= {max_actors} "
+            "or leave it unset (auto)")
+    threads = cfg.torch_threads or max(1, int(cpus // n))
+    return ActorPlan(n, float(cfg.num_cpus_per_actor), 0.0, threads, "cpu")
+
+
+class FeatureExtractor:
+    """The actor-side callable: one model load per actor, then ``__call__`` per batch.
+
+    Args:
+        spec: ``BackboneSpec`` fields as a dict.
+        checkpoint: fine-tuned weights overriding the spec's (feature refresh).
+        torch_threads: intra-op threads for this actor.
+        device: ``cpu`` or ``cuda``.
+        amp: bf16 autocast on CUDA.
+    """
+
+    def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str, amp: bool):
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+        self.spec = BackboneSpec(**spec)
+        self.device = device
+        self.amp = amp and device == "cuda"
+        self.model = create_backbone(self.spec, checkpoint).to(device)
+        self.pre = Preprocessor(data_config(self.spec, self.model))
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        errors = np.asarray(batch["error"], dtype=object)
+        ok = errors == ""
+        images = batch["image"]
+        feats = None
+        if ok.any():
+            imgs = images[ok] if not ok.all() else images
+            x = self.pre(imgs).to(self.device, non_blocking=True)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                f = self.model(x)
+            f = f.float().cpu().numpy()
+            feats = np.zeros((len(ids), f.shape[1]), dtype=np.float32)
+            feats[ok] = f
+        else:
+            feats = np.zeros((len(ids), 1), dtype=np.float32)
+        return {"id": ids, "feature": feats, "error": errors}
+
+
+def unwrap_error(e: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cause = getattr(cur, "cause", None)
+        if isinstance(cur, AsvpError) and type(cur).__module__.startswith("asvp_ray"):
+            return cur
+        if isinstance(cause, AsvpError):
+            return cause
+        cur = cur.__cause__ or cause
+    for cls in (BadInputError, ConfigError):
+        if isinstance(e, cls):  # RayTaskError(BadInputError) subclasses the cause: rebuild a clean one
+            msg = str(e).strip().splitlines()
+            text = next((l.split(": ", 1)[1] for l in reversed(msg) if l.startswith(cls.__name__ + ":")), str(e))
+            return cls(text)
+    return e
+
+
+def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
+            skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
+            ) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple[int, str]]]]:
+    """Stream features of a source's images through the actor pool.
+
+    Args:
+        source: a ``PoolSource``.
+        spec: the backbone.
+        cfg: an ``ExtractConfig``.
+        ids: only these ids (default: all of the source).
+        checkpoint: fine-tuned backbone weights (feature refresh).
+        skip_unreadable: report unreadable images instead of failing.
+        on_rows: called with the number of rows finished after each batch (progress).
+
+    Yields:
+        (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order.
+
+    Raises:
+        BadInputError: an unreadable image (unless skipped), naming its id and path.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    plan = plan_actors(cfg)
+    log.info("extraction plan: %s", plan)
+    ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
+                                   device=plan.device, amp=cfg.amp),
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=plan.num_actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        batch_format="numpy",
+        max_restarts=2,  # an actor that dies is replaced ...
+        max_task_retries=2,  # ... and its batch retried
+    )
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            b_ids = np.asarray(batch["id"], dtype=np.int64)
+            errs = np.asarray(batch["error"], dtype=object)
+            ok = errs == ""
+            skipped = [(int(i), str(m)) for i, m in zip(b_ids[~ok], errs[~ok])]
+            feats = np.asarray(batch["feature"], dtype=np.float32)
+            if on_rows is not None:
+                on_rows(len(b_ids))
+            yield b_ids[ok], feats[ok], skipped
+    except Exception as e:  # noqa: BLE001 - surface the user-facing cause, not Ray's wrapper
+        inner = unwrap_error(e)
+        if inner is not e:
+            raise inner from None
+        raise
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
+                            smoothing=0.1, mininterval=0.5)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec, cfg, *, test=None,
+                     checkpoint: Optional[str] = None, skip_unreadable: bool = False,
+                     extra_meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
+    """Extract the pool (and the test source) into feature version ``version`` atomically.
+
+    Returns:
+        the version's metadata (what meta.json holds), with ``seconds`` of wall time.
+    """
+    t0 = time.perf_counter()
+    model = create_backbone(spec, checkpoint)  # fails fast on a bad name or weights, before any Ray work
+    meta = {
+        "backbone": spec.name,
+        "weights": checkpoint or spec.resolved_weights(),
+        "weights_hash": weights_hash(model),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(spec, model).items()},
+        "backbone_spec": asdict(spec),
+        "pool_source": pool.describe(),
+        "test_source": test.describe() if test is not None else None,
+        **(extra_meta or {}),
+    }
+    del model
+    show = cfg.progress if progress is None else progress
+    skipped: List[Tuple[str, int, str]] = []
+    with store.writer(version, meta) as w:
+        for split, src in ((POOL, pool), ("test", test)):
+            if src is None:
+                continue
+            bar = _Progress(len(src), f"features v{version} {split}", show)
+            try:
+                for ids, feats, sk in extract(src, spec, cfg, checkpoint=checkpoint,
+                                              skip_unreadable=skip_unreadable, on_rows=bar):
+                    w.add(ids, feats, split)
+                    skipped += [(split, i, m) for i, m in sk]
+            finally:
+                bar.close()
+        w.meta["skipped"] = [{"split": s, "id": i, "reason": m} for s, i, m in sorted(skipped)]
+        w.meta["seconds"] = round(time.perf_counter() - t0, 3)
+        w.commit()
+    if skipped:
+        log.warning("skipped %d unreadable image(s); their ids are listed in %s", len(skipped),
+                    store.path(version) / "meta.json")
+    return store.meta(version)
