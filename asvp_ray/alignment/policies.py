@@ -1,0 +1,556 @@
+"""Refresh policies: decide after each round whether to refresh the pre-computed features.
+
+A refresh = fine-tune the backbone on the labelled set L + re-extract every pool feature
+(ASVP.md, "When to refresh features"). Every policy is a small class with one method,
+``decide(history, probe=None) -> Decision``, registered in :data:`REFRESH_POLICIES`::
+
+    policy = REFRESH_POLICIES.create("score_drop", threshold=0.1)
+    history.append(RoundState(round=r, n_labeled=len(L), scores=alignment_scores(...)))
+    decision = policy.decide(history, probe=probe_fn if policy.requires_probe else None)
+    history.mark_refreshed(decision.refresh, refreshed_scores=...)
+
+``history[-1]`` is the round being decided; earlier rounds are complete. Every decision
+carries the numbers it used in ``scores`` and says why in ``reason``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from asvp_ray.alignment.ped import ALIGNMENT_SCORES
+from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.registry import Registry
+
+__all__ = [
+    "REFRESH_POLICIES",
+    "AtLabels",
+    "Decision",
+    "EveryRound",
+    "History",
+    "Never",
+    "Probe",
+    "ProbeFn",
+    "RefreshPolicy",
+    "RoundState",
+    "ScoreDrop",
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A refresh decision and why.
+
+    Attributes:
+        refresh: whether to refresh the features now.
+        reason: which rule fired or blocked, with its numbers, for the run's log.
+        scores: the numbers the decision used (scores, thresholds, label counts).
+    """
+
+    refresh: bool
+    reason: str
+    scores: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """One round after its labels arrived.
+
+    Attributes:
+        round: round index, 0-based.
+        n_labeled: size of the labelled set after this round's labels arrived.
+        scores: alignment scores (name -> value) of the current features on the labelled set.
+        refreshed: whether this round ended with a refresh (False while it is being decided).
+        refreshed_scores: the same scores measured on the new features right after the
+            refresh, if the driver measured them; the baseline of ``score_drop``.
+    """
+
+    round: int
+    n_labeled: int
+    scores: Mapping[str, float] = field(default_factory=dict)
+    refreshed: bool = False
+    refreshed_scores: Optional[Mapping[str, float]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise BadInputError(f"RoundState.round must be an int >= 0, got {self.round!r}")
+        if isinstance(self.n_labeled, bool) or not isinstance(self.n_labeled, int) or self.n_labeled < 0:
+            raise BadInputError(
+                f"RoundState.n_labeled must be an int >= 0, got {self.n_labeled!r} (round {self.round})"
+            )
+        object.__setattr__(self, "scores", dict(self.scores))
+        if self.refreshed_scores is not None:
+            object.__setattr__(self, "refreshed_scores", dict(self.refreshed_scores))
+
+
+class History:
+    """The rounds so far, oldest first; the last one is the round being decided.
+
+    Args:
+        rounds: initial rounds; round indices must increase and n_labeled must not shrink.
+
+    Raises:
+        BadInputError: rounds out of order or the labelled set shrinking.
+    """
+
+    def __init__(self, rounds: Iterable[RoundState] = ()) -> None:
+        self._rounds: List[RoundState] = []
+        for state in rounds:
+            self.append(state)
+
+    def append(self, state: RoundState) -> None:
+        """Add the next round.
+
+        Raises:
+            BadInputError: not a RoundState, round not after the last, or fewer labels.
+        """
+        if not isinstance(state, RoundState):
+            raise BadInputError(f"History holds RoundState objects, got {type(state).__name__}")
+        if self._rounds:
+            last = self._rounds[-1]
+            if state.round <= last.round:
+                raise BadInputError(
+                    f"History: round {state.round} does not come after round {last.round}"
+                )
+            if state.n_labeled < last.n_labeled:
+                raise BadInputError(
+                    f"History: round {state.round} has {state.n_labeled} labels, fewer than "
+                    f"round {last.round}'s {last.n_labeled}; the labelled set only grows"
+                )
+        self._rounds.append(state)
+
+    def mark_refreshed(
+        self, refreshed: bool = True, refreshed_scores: Optional[Mapping[str, float]] = None
+    ) -> None:
+        """Record the outcome of the current (last) round's decision.
+
+        Args:
+            refreshed: whether the round ended with a refresh.
+            refreshed_scores: scores of the new features on the labelled set, if measured.
+        """
+        current = self.current
+        self._rounds[-1] = replace(
+            current, refreshed=bool(refreshed), refreshed_scores=refreshed_scores if refreshed else None
+        )
+
+    def __len__(self) -> int:
+        return len(self._rounds)
+
+    def __iter__(self) -> Iterator[RoundState]:
+        return iter(self._rounds)
+
+    def __getitem__(self, i: int) -> RoundState:
+        return self._rounds[i]
+
+    def __repr__(self) -> str:
+        return f"History({self._rounds!r})"
+
+    @property
+    def current(self) -> RoundState:
+        """The round being decided (the last one).
+
+        Raises:
+            BadInputError: the history is empty.
+        """
+        if not self._rounds:
+            raise BadInputError(
+                "History is empty; append this round's RoundState before deciding"
+            )
+        return self._rounds[-1]
+
+    @property
+    def previous(self) -> Optional[RoundState]:
+        """The round before the current one, or None."""
+        return self._rounds[-2] if len(self._rounds) >= 2 else None
+
+    @property
+    def num_refreshes(self) -> int:
+        """How many rounds ended with a refresh."""
+        return sum(s.refreshed for s in self._rounds)
+
+    @property
+    def last_refresh(self) -> Optional[RoundState]:
+        """The latest round that ended with a refresh, or None."""
+        for state in reversed(self._rounds):
+            if state.refreshed:
+                return state
+        return None
+
+    @property
+    def last_refresh_round(self) -> Optional[int]:
+        """Index of the latest refresh round, or None when never refreshed."""
+        state = self.last_refresh
+        return None if state is None else state.round
+
+    @property
+    def labels_at_last_refresh(self) -> Optional[int]:
+        """n_labeled when the latest refresh happened, or None when never refreshed."""
+        state = self.last_refresh
+        return None if state is None else state.n_labeled
+
+    def score_at_last_refresh(self, name: str) -> Optional[float]:
+        """Score ``name`` of the refreshed features right after the latest refresh.
+
+        That is the refresh round's ``refreshed_scores[name]`` when recorded, otherwise
+        the first later round's score (the first measurement on the new features).
+
+        Returns:
+            The score, or None when never refreshed or not measured yet.
+        """
+        state = self.last_refresh
+        if state is None:
+            return None
+        if state.refreshed_scores is not None and name in state.refreshed_scores:
+            return float(state.refreshed_scores[name])
+        after = [s for s in self._rounds if s.round > state.round and name in s.scores]
+        return float(after[0].scores[name]) if after else None
+
+    def baseline(self, name: str) -> Tuple[float, int, str]:
+        """The score to compare against: right after the last refresh, else the first round.
+
+        Returns:
+            ``(score, n_labeled, description)``; the description names its round.
+
+        Raises:
+            BadInputError: the baseline round lacks score ``name``.
+        """
+        state = self.last_refresh
+        if state is not None:
+            score = self.score_at_last_refresh(name)
+            if score is None:
+                raise BadInputError(
+                    f"History: no {name!r} score after the refresh at round {state.round}; "
+                    f"pass refreshed_scores to mark_refreshed or record {name!r} in later rounds"
+                )
+            return score, state.n_labeled, f"after the refresh at round {state.round}"
+        self.current  # noqa: B018 -- raises the empty-history error
+        first = self._rounds[0]
+        if name not in first.scores:
+            raise BadInputError(
+                f"History: round {first.round} has no {name!r} score (it has "
+                f"{', '.join(sorted(first.scores)) or 'none'}); compute it with alignment_scores"
+            )
+        return float(first.scores[name]), first.n_labeled, f"at round {first.round}, never refreshed"
+
+
+ProbeFn = Callable[[History], Mapping[str, float]]
+"""``probe(history) -> {score name: value}`` of briefly fine-tuned features on the labelled set."""
+
+
+class RefreshPolicy:
+    """Base class: one method, :meth:`decide`.
+
+    Attributes:
+        requires_probe: True when :meth:`decide` needs a ``probe`` callable, so the driver
+            knows to supply one without asking which policy it holds.
+    """
+
+    name: str = ""
+    requires_probe: bool = False
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        """Decide whether to refresh after the current round (``history[-1]``).
+
+        Args:
+            history: the rounds so far; the last one is being decided.
+            probe: only for policies with ``requires_probe``; ignored by the others.
+
+        Returns:
+            A :class:`Decision`.
+        """
+        raise NotImplementedError
+
+
+def _check_score_name(policy: str, score: str) -> None:
+    if not isinstance(score, str) or score not in ALIGNMENT_SCORES:
+        raise ConfigError(
+            f"{policy}: score={score!r} is not an alignment score; "
+            f"use one of {', '.join(ALIGNMENT_SCORES.names())}"
+        )
+
+
+def _check_number(policy: str, name: str, value: float, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{policy}: {name}={value!r} is invalid; {hint}")
+    return float(value)
+
+
+def _check_count(policy: str, name: str, value: Optional[int], allow_none: bool, hint: str) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{policy}: {name}={value!r} is invalid; {hint}")
+
+
+def _current_score(history: History, name: str) -> float:
+    current = history.current
+    if name not in current.scores:
+        raise BadInputError(
+            f"round {current.round} has no {name!r} score (it has "
+            f"{', '.join(sorted(current.scores)) or 'none'}); compute it with alignment_scores"
+        )
+    value = float(current.scores[name])
+    if not math.isfinite(value):
+        raise BadInputError(f"round {current.round}: {name!r} score is {value}, not a finite number")
+    return value
+
+
+def _cap_text(max_refreshes: Optional[int]) -> str:
+    return "no cap" if max_refreshes is None else str(max_refreshes)
+
+
+def _cap_value(max_refreshes: Optional[int]) -> float:
+    return math.inf if max_refreshes is None else float(max_refreshes)
+
+
+REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh policy")
+
+
+@REFRESH_POLICIES.register("never")
+@dataclass(frozen=True)
+class Never(RefreshPolicy):
+    """Never refresh: pre-trained features throughout (the ``svpp`` method)."""
+
+    name = "never"
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        history.current  # noqa: B018 -- same empty-history error as every policy
+        return Decision(False, "policy 'never': features are never refreshed", {})
+
+
+@REFRESH_POLICIES.register("every_round")
+@dataclass(frozen=True)
+class EveryRound(RefreshPolicy):
+    """Refresh after every round (what ``standard`` AL effectively pays for)."""
+
+    name = "every_round"
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        current = history.current
+        return Decision(
+            True,
+            f"policy 'every_round': refresh after round {current.round}",
+            {"n_labeled": float(current.n_labeled)},
+        )
+
+
+@REFRESH_POLICIES.register("at_labels")
+@dataclass(frozen=True)
+class AtLabels(RefreshPolicy):
+    """Refresh the first time the labelled set reaches or passes each threshold.
+
+    The released ASVP code's behaviour (one hand-picked label count). A round that passes
+    several thresholds at once refreshes once. Stateless: a threshold fires in the round
+    where ``previous n_labeled < threshold <= n_labeled``.
+
+    Args:
+        at: label counts, positive ints; order and duplicates do not matter.
+
+    Raises:
+        ConfigError: empty, or a count that is not a positive int.
+    """
+
+    at: Tuple[int, ...] = ()
+    name = "at_labels"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.at, (str, bytes)) or not isinstance(self.at, Iterable):
+            raise ConfigError(f"at_labels: at={self.at!r} must be a list of label counts, e.g. at=[20000]")
+        values = tuple(self.at)
+        if not values:
+            raise ConfigError("at_labels: at=[] never fires; give label counts, e.g. at=[20000], or use policy 'never'")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"at_labels: {v!r} in at={list(values)} must be a positive int label count")
+        object.__setattr__(self, "at", tuple(sorted(set(values))))
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        current = history.current
+        prev = history.previous
+        prev_n = prev.n_labeled if prev is not None else 0
+        crossed = [t for t in self.at if prev_n < t <= current.n_labeled]
+        numbers = {"n_labeled": float(current.n_labeled), "previous_n_labeled": float(prev_n)}
+        if crossed:
+            numbers["threshold"] = float(crossed[0])
+            return Decision(
+                True,
+                f"at_labels: n_labeled {current.n_labeled} reached threshold(s) "
+                f"{', '.join(map(str, crossed))} (previous round had {prev_n})",
+                numbers,
+            )
+        upcoming = [t for t in self.at if t > current.n_labeled]
+        if upcoming:
+            numbers["next_threshold"] = float(upcoming[0])
+            reason = f"at_labels: n_labeled {current.n_labeled} below the next threshold {upcoming[0]}"
+        else:
+            reason = f"at_labels: all thresholds {list(self.at)} already passed (n_labeled {current.n_labeled})"
+        return Decision(False, reason, numbers)
+
+
+@REFRESH_POLICIES.register("score_drop")
+@dataclass(frozen=True)
+class ScoreDrop(RefreshPolicy):
+    """Refresh when the alignment score fell by more than a threshold since the baseline.
+
+    The baseline is the score right after the last refresh (see
+    :meth:`History.score_at_last_refresh`), or round 0's when never refreshed. Checks, in
+    order: the drop must exceed ``threshold``; fewer than ``max_refreshes`` refreshes so
+    far; at least ``min_new_labels`` labels since the baseline's round.
+
+    Defaults (to be tuned by benchmark): ``threshold=0.05`` nats per sample of LogME, a
+    few percent of its typical spread across backbones; ``min_new_labels=1`` so the same
+    labelled set never pays for two refreshes; ``max_refreshes=2``, one more than the
+    released code's single refresh, bounding the extra compute.
+
+    Args:
+        score: an :data:`ALIGNMENT_SCORES` name recorded in every round.
+        threshold: refresh only on a drop strictly greater than this (>= 0).
+        min_new_labels: labels that must have arrived since the baseline (>= 0).
+        max_refreshes: refresh budget for the whole run; None = unlimited.
+
+    Raises:
+        ConfigError: an unknown score or a negative/non-finite parameter.
+    """
+
+    score: str = "logme"
+    threshold: float = 0.05
+    min_new_labels: int = 1
+    max_refreshes: Optional[int] = 2
+    name = "score_drop"
+
+    def __post_init__(self) -> None:
+        _check_score_name("score_drop", self.score)
+        object.__setattr__(
+            self, "threshold",
+            _check_number("score_drop", "threshold", self.threshold,
+                          "set a finite drop >= 0 in score units, e.g. threshold=0.05"),
+        )
+        _check_count("score_drop", "min_new_labels", self.min_new_labels, False,
+                     "set an int >= 0, e.g. min_new_labels=1000")
+        _check_count("score_drop", "max_refreshes", self.max_refreshes, True,
+                     "set an int >= 0, or None for no cap")
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        current = history.current
+        now = _current_score(history, self.score)
+        base, base_n, where = history.baseline(self.score)
+        drop = base - now
+        new_labels = current.n_labeled - base_n
+        done = history.num_refreshes
+        numbers = {
+            self.score: now,
+            f"{self.score}_baseline": base,
+            "drop": drop,
+            "threshold": self.threshold,
+            "new_labels": float(new_labels),
+            "min_new_labels": float(self.min_new_labels),
+            "refreshes": float(done),
+            "max_refreshes": _cap_value(self.max_refreshes),
+        }
+        head = f"score_drop: {self.score} {now:.4f} vs {base:.4f} {where}: drop {drop:.4f}"
+        if not drop > self.threshold:
+            return Decision(False, f"{head} <= threshold {self.threshold:.4f}; no refresh", numbers)
+        if self.max_refreshes is not None and done >= self.max_refreshes:
+            return Decision(
+                False,
+                f"{head} > threshold {self.threshold:.4f}, but blocked by max_refreshes: "
+                f"{done} of {self.max_refreshes} refreshes used",
+                numbers,
+            )
+        if new_labels < self.min_new_labels:
+            return Decision(
+                False,
+                f"{head} > threshold {self.threshold:.4f}, but blocked by min_new_labels: "
+                f"{new_labels} new labels < {self.min_new_labels}",
+                numbers,
+            )
+        return Decision(
+            True,
+            f"{head} > threshold {self.threshold:.4f}; {new_labels} new labels >= "
+            f"{self.min_new_labels}; refresh {done + 1} of {_cap_text(self.max_refreshes)}",
+            numbers,
+        )
+
+
+@REFRESH_POLICIES.register("probe")
+@dataclass(frozen=True)
+class Probe(RefreshPolicy):
+    """Refresh when briefly fine-tuned features score better than the current ones.
+
+    The caller supplies ``probe(history)``: a cheap fine-tune on L, features extracted
+    for L only, scored with the same alignment scores. The probe is not run once the
+    refresh budget is spent.
+
+    Defaults (to be tuned by benchmark): ``margin=0.05`` score units, so noise between
+    two feature sets on the same labels does not trigger a full pool re-extraction;
+    ``max_refreshes=2`` as for ``score_drop``.
+
+    Args:
+        score: an :data:`ALIGNMENT_SCORES` name.
+        margin: refresh only when the probe beats the current score by more than this.
+        max_refreshes: refresh budget for the whole run; None = unlimited.
+
+    Raises:
+        ConfigError: an unknown score or a negative/non-finite parameter.
+    """
+
+    score: str = "logme"
+    margin: float = 0.05
+    max_refreshes: Optional[int] = 2
+    name = "probe"
+    requires_probe = True
+
+    def __post_init__(self) -> None:
+        _check_score_name("probe", self.score)
+        object.__setattr__(
+            self, "margin",
+            _check_number("probe", "margin", self.margin,
+                          "set a finite gain >= 0 in score units, e.g. margin=0.05"),
+        )
+        _check_count("probe", "max_refreshes", self.max_refreshes, True,
+                     "set an int >= 0, or None for no cap")
+
+    def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
+        if probe is None or not callable(probe):
+            raise ConfigError(
+                "refresh policy 'probe' needs a probe callable: call decide(history, probe=fn) "
+                "where fn(history) returns the fine-tuned features' scores on the labelled set"
+            )
+        current = history.current
+        now = _current_score(history, self.score)
+        done = history.num_refreshes
+        numbers = {
+            self.score: now,
+            "margin": self.margin,
+            "refreshes": float(done),
+            "max_refreshes": _cap_value(self.max_refreshes),
+        }
+        if self.max_refreshes is not None and done >= self.max_refreshes:
+            return Decision(
+                False,
+                f"probe: blocked by max_refreshes: {done} of {self.max_refreshes} refreshes "
+                "used; probe not run",
+                numbers,
+            )
+        result = probe(history)
+        if not isinstance(result, Mapping) or self.score not in result:
+            raise BadInputError(
+                f"probe: the probe callable must return a mapping with a {self.score!r} "
+                f"score, got {result!r}"
+            )
+        probed = float(result[self.score])
+        if not math.isfinite(probed):
+            raise BadInputError(f"probe: probed {self.score!r} score is {probed}, not a finite number")
+        gain = probed - now
+        numbers.update({f"{self.score}_probe": probed, "gain": gain})
+        head = (
+            f"probe: fine-tuned {self.score} {probed:.4f} vs current {now:.4f} "
+            f"(round {current.round}): gain {gain:.4f}"
+        )
+        if gain > self.margin:
+            return Decision(
+                True,
+                f"{head} > margin {self.margin:.4f}; refresh {done + 1} of {_cap_text(self.max_refreshes)}",
+                numbers,
+            )
+        return Decision(False, f"{head} <= margin {self.margin:.4f}; no refresh", numbers)
