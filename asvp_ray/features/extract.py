@@ -11,8 +11,7 @@ the cluster free; an explicit setting that would take them all is refused with t
 from __future__ import annotations
 
 import logging
-import math
-import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -124,23 +123,31 @@ class FeatureExtractor:
         return {"id": ids, "feature": feats, "error": errors}
 
 
+_WRAPPED = re.compile(r"asvp_ray\.errors\.(\w+): (.+)")
+
+
 def unwrap_error(e: BaseException) -> BaseException:
-    """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException)."""
-    seen = set()
+    """The user-facing asvp-ray error inside Ray's wrappers (RayTaskError, UserCodeException).
+
+    Ray re-raises a remote exception as a wrapper whose text holds the original's
+    ``asvp_ray.errors.Name: message`` line; that error is rebuilt so the user sees the message
+    (which names the item and the fix) rather than Ray's stack.
+    """
+    import asvp_ray.errors as errors
+
     cur: Optional[BaseException] = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        cause = getattr(cur, "cause", None)
-        if isinstance(cur, AsvpError) and type(cur).__module__.startswith("asvp_ray"):
+    for _ in range(10):
+        if cur is None:
+            break
+        if type(cur).__module__ == errors.__name__:
             return cur
-        if isinstance(cause, AsvpError):
-            return cause
-        cur = cur.__cause__ or cause
-    for cls in (BadInputError, ConfigError):
-        if isinstance(e, cls):  # RayTaskError(BadInputError) subclasses the cause: rebuild a clean one
-            msg = str(e).strip().splitlines()
-            text = next((l.split(": ", 1)[1] for l in reversed(msg) if l.startswith(cls.__name__ + ":")), str(e))
-            return cls(text)
+        cur = cur.__cause__ or getattr(cur, "cause", None)
+    found = _WRAPPED.findall(str(e))
+    if found:
+        name, msg = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.AsvpError):
+            return cls(msg.strip())
     return e
 
 

@@ -1,0 +1,156 @@
+"""Distributed extraction into the feature store, on a local Ray instance."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from asvp_ray.config import ExtractConfig, load_config
+from asvp_ray.data.sources import FashionMNISTSource, ManifestSource, build_source
+from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
+from asvp_ray.features.extract import extract_to_store, plan_actors
+from asvp_ray.features.store import FeatureStore
+from tests.conftest import SMOKE, write_images
+
+SPEC = BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=1.0)
+CFG = ExtractConfig(batch_size=64, progress=False)
+
+
+def direct_features(images, spec=SPEC):
+    """Features computed in this process, the plain-PyTorch way, for comparison."""
+    model = create_backbone(spec)
+    with torch.no_grad():
+        return model(Preprocessor(data_config(spec, model))(images)).numpy()
+
+
+def test_extracted_features_are_aligned_to_ids_and_deterministic(ray_local, tmp_path):
+    pool = FashionMNISTSource(split="train", limit=300)
+    test = FashionMNISTSource(split="test", limit=100)
+    store = FeatureStore(tmp_path / "features")
+    meta = extract_to_store(store, 0, pool, SPEC, CFG, test=test)
+    assert meta["rows"] == 300 and meta["splits"]["test"]["rows"] == 100
+    assert meta["backbone"] == "test_efficientnet" and len(meta["weights_hash"]) == 16
+    ids, feats = store.read(0)
+    assert ids.dtype == np.int64 and feats.dtype == np.float32
+    assert np.array_equal(ids, pool.ids)
+    from asvp_ray.data.fashion_mnist import read_idx
+
+    want = direct_features(read_idx(pool.images_path)[:300])
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-4)
+    pick = np.array([250, 3, 17])
+    np.testing.assert_array_equal(store.lookup(0, pick), feats[pick])
+    # a second extraction gives the same features
+    extract_to_store(store, 1, pool, SPEC, CFG)
+    np.testing.assert_allclose(store.read(1)[1], feats, rtol=1e-5, atol=1e-5)
+    assert store.versions() == [0, 1]
+    # Parquet schema: id int64, feature fixed_size_list<float32>
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(next((tmp_path / "features" / "v0").glob("part-*.parquet")))
+    assert str(schema.field("id").type) == "int64"
+    assert str(schema.field("feature").type).startswith("fixed_size_list<element: float>")
+    ds_rows = store.to_dataset(0).count()
+    assert ds_rows == 300
+
+
+def _manifest(tmp_path, n=6):
+    paths = write_images(tmp_path / "imgs", n, size=(30, 26))
+    lines = "".join(f"{10 + i},imgs/{p.name},{i % 2}\n" for i, p in enumerate(paths))
+    (tmp_path / "m.csv").write_text("id,path,label\n" + lines)
+    return paths
+
+
+def test_manifest_extraction_matches_direct_features(ray_local, tmp_path):
+    paths = _manifest(tmp_path)
+    src = ManifestSource(str(tmp_path / "m.csv"))
+    store = FeatureStore(tmp_path / "features")
+    extract_to_store(store, 0, src, SPEC, CFG)
+    ids, feats = store.read(0)
+    assert ids.tolist() == [10 + i for i in range(6)]
+    from asvp_ray.data.sources import decode_image
+
+    imgs = np.empty(6, dtype=object)
+    imgs[:] = [decode_image(str(p)) for p in paths]
+    np.testing.assert_allclose(feats, direct_features(imgs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
+def test_unreadable_image_fails_naming_it_and_writes_no_version(ray_local, tmp_path, damage):
+    paths = _manifest(tmp_path)
+    bad = paths[3]
+    if damage == "corrupt":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad.unlink()
+    src = ManifestSource(str(tmp_path / "m.csv"))
+    store = FeatureStore(tmp_path / "features")
+    with pytest.raises(BadInputError) as ei:
+        extract_to_store(store, 0, src, SPEC, CFG)
+    msg = str(ei.value)
+    assert "id 13" in msg and bad.name in msg and "skip_unreadable" in msg
+    assert ("missing file" in msg) == (damage == "missing")
+    assert store.versions() == []
+    assert not any(p.name.startswith(".v") for p in (tmp_path / "features").iterdir())
+
+
+def test_skip_unreadable_lists_skipped_ids(ray_local, tmp_path):
+    paths = _manifest(tmp_path)
+    paths[1].write_bytes(b"not an image")
+    src = ManifestSource(str(tmp_path / "m.csv"))
+    store = FeatureStore(tmp_path / "features")
+    meta = extract_to_store(store, 0, src, SPEC, CFG, skip_unreadable=True)
+    assert [s["id"] for s in meta["skipped"]] == [11]
+    assert paths[1].name in meta["skipped"][0]["reason"]
+    assert store.read(0)[0].tolist() == [10, 12, 13, 14, 15]
+    assert json.loads((store.path(0) / "meta.json").read_text())["skipped"][0]["id"] == 11
+
+
+def test_crash_mid_write_leaves_no_complete_version(ray_local, tmp_path, monkeypatch):
+    import asvp_ray.features.store as store_mod
+
+    store = FeatureStore(tmp_path / "features")
+    pool = FashionMNISTSource(split="train", limit=150)
+    calls = {"n": 0}
+    real_add = store_mod._SplitWriter.add
+
+    def dying_add(self, ids, feats):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_add(self, ids, feats)
+
+    monkeypatch.setattr(store_mod._SplitWriter, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store(store, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False))
+    assert store.versions() == [] and store.latest() is None
+    monkeypatch.undo()
+    # a partial folder from a hard kill (no cleanup ran) is ignored and then removed
+    (tmp_path / "features" / ".v0.partial-deadbeef").mkdir()
+    assert store.versions() == []
+    extract_to_store(store, 0, pool, SPEC, CFG)
+    assert store.versions() == [0]
+    assert not (tmp_path / "features" / ".v0.partial-deadbeef").exists()
+
+
+def test_actor_plan_leaves_a_cpu_for_reads():
+    plan = plan_actors(ExtractConfig(), {"CPU": 2.0})
+    assert plan.num_actors == 1 and plan.num_cpus == 1.0 and plan.device == "cpu"
+    assert plan_actors(ExtractConfig(), {"CPU": 16.0}).num_actors == 15
+    gpu = plan_actors(ExtractConfig(), {"CPU": 16.0, "GPU": 4.0})
+    assert gpu.device == "cuda" and gpu.num_actors == 4 and gpu.num_gpus == 1.0
+    with pytest.raises(ConfigError, match="starves the read tasks"):
+        plan_actors(ExtractConfig(num_actors=2), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="leaves no CPU"):
+        plan_actors(ExtractConfig(num_cpus_per_actor=2), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="has 0 GPU"):
+        plan_actors(ExtractConfig(device="cuda"), {"CPU": 2.0})
+
+
+def test_smoke_config_builds_its_sources():
+    cfg = load_config(str(SMOKE))
+    assert len(build_source(cfg.data.pool)) == 400 and len(build_source(cfg.data.test)) == 200
