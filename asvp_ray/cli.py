@@ -79,6 +79,62 @@ def extract(
                + (f"; skipped {len(meta['skipped'])} unreadable" if meta["skipped"] else ""))
 
 
+def _round_line(rec) -> str:
+    acc = rec.get("proxy_test_accuracy")
+    secs = ", ".join(f"{k} {v:.2f}s" for k, v in rec["seconds"].items())
+    return (f"round {rec['round']:>2}: +{rec['n_selected']} by {rec['selected_by']:<16} labelled {rec['n_labeled']:>6}"
+            f"  proxy test acc {'-' if acc is None else f'{acc:.4f}'}  v{rec['feature_version']}  ({secs})")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML config (see examples/smoke.yaml, examples/fashion_mnist.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory. Rerun the same command to resume it."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run a whole active-learning experiment (resumes an unfinished run directory).
+
+    Extracts features once (v0), then each round of budget.schedule selects a batch (round 0 at
+    random), buys its labels from the oracle, trains the proxy and evaluates it on the test set.
+    OUT/summary.json holds one record per round; OUT/labeled.parquet every label bought.
+    """
+    import ray
+
+    from asvp_ray.config import load_config
+    from asvp_ray.features.extract import unwrap_error
+    from asvp_ray.loop.driver import driver_actor
+    from asvp_ray.ray_utils import init_ray
+
+    _setup_logging(None, verbose)
+    try:
+        cfg = load_config(str(config), set_)
+        init_ray(address)
+        actor = driver_actor(cfg, str(out))
+        status = ray.get(actor.prepare.remote())
+        if status["finished"] and status["next_round"] == status["rounds"]:
+            summ = ray.get(actor.get_summary.remote())
+            last = summ["rounds"][-1] if summ["rounds"] else {}
+            typer.echo(f"run in {out} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
+                       f"last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
+            return
+        if status["next_round"] > 0:
+            typer.echo(f"resuming {out} at round {status['next_round']} ({status['n_labeled']} labels so far)")
+        while True:
+            rec = ray.get(actor.run_round.remote())
+            typer.echo(_round_line(rec))
+            if rec["round"] + 1 >= status["rounds"]:
+                break
+        ray.get(actor.close.remote())
+    except Exception as e:  # noqa: BLE001 - show the user-facing cause
+        inner = unwrap_error(e)
+        if isinstance(inner, AsvpError):
+            _fail(inner)
+        raise
+    typer.echo(f"done: {out}/summary.json, {out}/labeled.parquet, log in {out}/run.log")
+
+
 def main() -> None:
     app()
 

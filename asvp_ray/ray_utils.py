@@ -26,11 +26,17 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     if quiet:
-        from ray.data import DataContext
+        quiet_ray_data()
 
-        for name in ("ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's per-operator progress bars and start-up prints in this process
+    (asvp-ray draws one bar per extraction instead). Call it in every process that runs a dataset."""
+    from ray.data import DataContext
+
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False

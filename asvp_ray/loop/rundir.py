@@ -1,0 +1,128 @@
+"""The run directory: what a run has done, written so that it explains itself and survives a crash.
+
+Layout::
+
+    DIR/config.yaml        the resolved config (what produced this run)
+    DIR/summary.json       method, pool, classes, and one record per finished round
+    DIR/labeled.parquet    id, label, round: every label bought so far
+    DIR/state.json         the commit point: the next round and current feature version
+    DIR/run.log            the log
+    DIR/features/v{k}/     the feature store
+
+Every file is replaced atomically (temporary file, fsync, rename). ``state.json`` is written
+last after a round, so a crash between files leaves rows that the next start rolls back.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asvp_ray.errors import RunDirError
+from asvp_ray.features.store import FeatureStore, atomic_write_bytes, atomic_write_json
+
+LABELED_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("round", pa.int64())])
+
+
+class RunDir:
+    """Paths, the lock, and atomic state I/O of one run directory.
+
+    Args:
+        path: the run directory (created on demand).
+    """
+
+    def __init__(self, path: os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def labeled_path(self) -> Path:
+        return self.path / "labeled.parquet"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "run.log"
+
+    @property
+    def store(self) -> FeatureStore:
+        return FeatureStore(self.path / "features")
+
+    # lock
+    def lock(self) -> "RunDir":
+        """Take the directory's exclusive lock (held until ``unlock`` or process exit).
+
+        Raises:
+            RunDirError: another process holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"run directory {self.path} is in use by another asvp-ray process ({holder}); "
+                              "wait for it to finish, stop it, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # state
+    def write_config(self, text: str) -> None:
+        atomic_write_bytes(self.config_path, text.encode())
+
+    def read_state(self) -> Optional[Dict[str, Any]]:
+        if not self.state_path.is_file():
+            return None
+        return json.loads(self.state_path.read_text())
+
+    def write_state(self, state: Dict[str, Any]) -> None:
+        atomic_write_json(self.state_path, state)
+
+    def read_summary(self) -> Optional[Dict[str, Any]]:
+        if not self.summary_path.is_file():
+            return None
+        return json.loads(self.summary_path.read_text())
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def read_labeled(self) -> Dict[str, np.ndarray]:
+        """The labelled set as arrays ``id``, ``label``, ``round`` (empty when none yet)."""
+        if not self.labeled_path.is_file():
+            return {k: np.zeros(0, dtype=np.int64) for k in ("id", "label", "round")}
+        t = pq.read_table(self.labeled_path)
+        return {k: t.column(k).to_numpy().astype(np.int64) for k in ("id", "label", "round")}
+
+    def write_labeled(self, ids: np.ndarray, labels: np.ndarray, rounds: np.ndarray) -> None:
+        table = pa.table({"id": pa.array(ids, pa.int64()), "label": pa.array(labels, pa.int64()),
+                          "round": pa.array(rounds, pa.int64())}, schema=LABELED_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(self.labeled_path, sink.getvalue().to_pybytes())
