@@ -62,9 +62,10 @@ def extract(
     from asvp_ray.features.store import FeatureStore
     from asvp_ray.ray_utils import init_ray
 
-    _setup_logging(out / "extract.log", verbose)
+    _setup_logging(None, verbose)
     try:
         cfg = load_config(str(config), set_)
+        _setup_logging(out / "extract.log", verbose)
         pool = build_source(cfg.data.pool, cfg.data.classes)
         test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
         store = FeatureStore(out / "features")

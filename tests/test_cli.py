@@ -1,0 +1,54 @@
+"""The command line, end to end, as a user runs it (a fresh process with its own local Ray)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SMOKE
+
+CLI = [str(Path(sys.executable).parent / "asvp-ray")]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_help_lists_subcommands_with_descriptions():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("extract", "run"):
+        assert cmd in r.stdout
+    assert "active-learning experiment" in r.stdout
+
+
+def test_smoke_run_end_to_end_then_resume_says_finished(tmp_path):
+    out = tmp_path / "smoke"
+    r = run_cli("run", str(SMOKE), "--out", str(out), "--set", "budget.schedule=[40,40]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "round  1: +40 by margin" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and [x["n_labeled"] for x in summary["rounds"]] == [40, 80]
+    again = run_cli("run", str(SMOKE), "--out", str(out), "--set", "budget.schedule=[40,40]")
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_config_typo_fails_before_anything_is_written(tmp_path):
+    out = tmp_path / "typo"
+    r = run_cli("run", str(SMOKE), "--out", str(out), "--set", "proxy.epoch=3")
+    assert r.returncode == 2
+    assert "Did you mean 'proxy.epochs'" in r.stderr
+    assert not out.exists()
+
+
+def test_extract_command_writes_a_version(tmp_path):
+    r = run_cli("extract", str(SMOKE), "--out", str(tmp_path), "--set", "data.pool.limit=64",
+                "--set", "data.test=null")
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "features" / "v0" / "meta.json").read_text())
+    assert meta["rows"] == 64 and meta["test_source"] is None
