@@ -11,6 +11,7 @@ the cluster free; an explicit setting that would take them all is refused with t
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -207,9 +208,20 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
 
 
 class _Progress:
+    """Images done, images/s and ETA. Inside a Ray actor (the run driver) it uses Ray's tqdm,
+    which the driver process renders as one clean bar."""
+
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
-        if enabled:
+        if not enabled or os.environ.get("TQDM_DISABLE") == "1":
+            return
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            from ray.experimental import tqdm_ray
+
+            self.bar = tqdm_ray.tqdm(total=total, desc=desc, unit="img")
+        else:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True,
