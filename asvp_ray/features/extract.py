@@ -187,8 +187,8 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
         batch_format="numpy",
-        max_restarts=2,  # an actor that dies is replaced ...
-        max_task_retries=2,  # ... and its batch retried
+        # Ray Data's actor pools restart a dead actor and retry its batches by default
+        # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
     )
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
