@@ -91,6 +91,9 @@ class Config(_Strict):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    feature_cache: Optional[str] = Field(
+        None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
+                          "data are extracted once there and reused")
 
     @field_validator("strategy")
     @classmethod

@@ -169,3 +169,22 @@ def test_config_roundtrip_and_missing_file(tmp_path):
     assert load_config(str(tmp_path / "c.yaml")) == cfg
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_feature_cache_is_filled_once_and_reused(tmp_path, ray_local):
+    cache = tmp_path / "cache"
+    over = OVERRIDES + [f"feature_cache={cache}", "data.pool.limit=120", "data.test.limit=50",
+                        "budget.schedule=[20,20]"]
+    a = Driver(load_config(str(SMOKE), over), str(tmp_path / "a"))
+    a.prepare()
+    a.close()
+    (entry,) = list(cache.iterdir())
+    stamp = (entry / "v0" / "meta.json").stat().st_mtime_ns
+    b = Driver(load_config(str(SMOKE), over + ["strategy=entropy"]), str(tmp_path / "b"))
+    b.prepare()
+    b.run()
+    b.close()
+    assert (entry / "v0" / "meta.json").stat().st_mtime_ns == stamp  # not re-extracted
+    assert "reusing features v0" in (tmp_path / "b" / "run.log").read_text()
+    np.testing.assert_array_equal(b.features, a.features)
+    assert len(list(cache.iterdir())) == 1

@@ -279,3 +279,29 @@ class FeatureStore:
 
     def remove(self, version: int) -> None:
         shutil.rmtree(self.path(version), ignore_errors=True)
+
+
+def cache_key(meta_inputs: Dict[str, Any]) -> str:
+    """A key naming features by what determines them (backbone spec, weights hash, sources)."""
+    import hashlib
+
+    text = json.dumps(meta_inputs, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def link_version(src: Path, dst_store: "FeatureStore", version: int) -> Path:
+    """Make ``src`` (a complete version folder) appear as ``version`` of ``dst_store``, with hard
+    links where the file system allows (no copy of the data), atomically."""
+    dst_store.root.mkdir(parents=True, exist_ok=True)
+    tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    os.rename(tmp, dst_store.path(version))
+    fsync_dir(dst_store.root)
+    return dst_store.path(version)

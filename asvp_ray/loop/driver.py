@@ -111,7 +111,7 @@ class Driver:
         if self.feature_version is None:
             self.feature_version = 0
             if 0 not in store.versions():
-                self._extract(0)
+                self._extract_v0_or_reuse()
         self._load_features()
         lab = self.rd.read_labeled()
         keep = lab["round"] < self.next_round
@@ -144,6 +144,32 @@ class Driver:
             out.append({"version": v, "rows": m["rows"], "dim": m["dim"], "weights": m["weights"],
                         "seconds": m.get("seconds"), "path": str(store.path(v))})
         return out
+
+    def _cache_inputs(self) -> Dict[str, Any]:
+        from asvp_ray.features.backbones import create_backbone, weights_hash
+
+        return {"backbone": asdict(self.spec), "weights_hash": weights_hash(create_backbone(self.spec)),
+                "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
+                "skip_unreadable": self.cfg.data.skip_unreadable}
+
+    def _extract_v0_or_reuse(self) -> None:
+        """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
+        from asvp_ray.features.store import FeatureStore, cache_key, link_version
+
+        if not self.cfg.feature_cache:
+            return self._extract(0)
+        key = cache_key(self._cache_inputs())
+        cache = FeatureStore(Path(self.cfg.feature_cache) / key)
+        if 0 not in cache.versions():
+            log.info("feature cache %s has no features for this backbone and data; extracting", cache.root)
+            self._extract(0)
+            try:
+                link_version(self.rd.store.path(0), cache, 0)
+            except OSError as e:  # another run cached it first: theirs is identical
+                log.info("feature cache not updated (%s)", e)
+        else:
+            log.info("reusing features v0 from the feature cache %s", cache.path(0))
+            link_version(cache.path(0), self.rd.store, 0)
 
     def _extract(self, version: int, checkpoint: Optional[str] = None) -> None:
         self._progress = {"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))}
