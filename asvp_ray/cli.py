@@ -136,6 +136,22 @@ def run(
     typer.echo(f"done: {out}/summary.json, {out}/labeled.parquet, log in {out}/run.log")
 
 
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: table.csv, table.md and PNG plots."),
+) -> None:
+    """Compare runs: a table (CSV, Markdown) and plots of accuracy against labels, cost and time."""
+    from asvp_ray.report import make_report, markdown_table
+
+    try:
+        rep = make_report(runs, out)
+    except AsvpError as e:
+        _fail(e)
+    typer.echo(markdown_table(rep["rows"]))
+    typer.echo("wrote " + ", ".join(rep["files"]))
+
+
 def main() -> None:
     app()
 
