@@ -114,7 +114,7 @@ def run(
         init_ray(address)
         actor = driver_actor(cfg, str(out))
         status = ray.get(actor.prepare.remote())
-        if status["finished"] and status["next_round"] == status["rounds"]:
+        if status["finished"]:
             summ = ray.get(actor.get_summary.remote())
             last = summ["rounds"][-1] if summ["rounds"] else {}
             typer.echo(f"run in {out} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
@@ -122,12 +122,18 @@ def run(
             return
         if status["next_round"] > 0:
             typer.echo(f"resuming {out} at round {status['next_round']} ({status['n_labeled']} labels so far)")
-        while True:
+        for _ in range(status["next_round"], status["rounds"]):
             rec = ray.get(actor.run_round.remote())
             typer.echo(_round_line(rec))
-            if rec["round"] + 1 >= status["rounds"]:
-                break
+        final = ray.get(actor.run_final.remote())
+        if final:
+            typer.echo(f"final model: {final['training_method']} ({final['reason']}) -> test accuracy "
+                       f"{final['test_accuracy']:.4f} in {final['seconds']:.1f}s")
+        summ = ray.get(actor.get_summary.remote())
         ray.get(actor.close.remote())
+        cost = summ.get("cost", {})
+        typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
+                   f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
     except Exception as e:  # noqa: BLE001 - show the user-facing cause
         inner = unwrap_error(e)
         if isinstance(inner, AsvpError):

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from asvp_ray.errors import ConfigError
+from asvp_ray.train.config import TrainConfig
 
 
 class _Strict(BaseModel):
@@ -79,18 +80,66 @@ class BudgetConfig(_Strict):
         return v
 
 
+class RefreshConfig(_Strict):
+    """When to refresh features (asvp): a policy from ``asvp_ray.alignment.REFRESH_POLICIES``."""
+
+    policy: Literal["never", "every_round", "at_labels", "score_drop", "probe"] = "score_drop"
+    at: List[PositiveInt] = Field(default_factory=list, description="at_labels: label counts that trigger a refresh")
+    score: Literal["logme", "logme_ped"] = "logme"
+    threshold: float = Field(0.05, ge=0, description="score_drop: drop of the score since the last refresh")
+    margin: float = Field(0.05, description="probe: gain of fine-tuned over current features needed")
+    min_new_labels: int = Field(1, ge=0, description="score_drop: labels bought since the last refresh")
+    max_refreshes: Optional[int] = Field(2, ge=0, description="cap on refreshes (compute budget); null = none")
+    keep_versions: int = Field(0, ge=0, description="feature versions kept on disk besides v0 (0 = all)")
+
+    @field_validator("at")
+    @classmethod
+    def _sorted(cls, v):
+        return sorted(v)
+
+
+class MonitorConfig(_Strict):
+    """The alignment monitor: scores of the current features on the labelled set."""
+
+    scores: List[Literal["logme", "logme_ped"]] = Field(default_factory=lambda: ["logme", "logme_ped"])
+    max_rows: PositiveInt = Field(20000, description="labelled rows scored at most (seeded subsample)")
+    reference_rows: PositiveInt = Field(20000, description="pool rows standardising PED (seeded subsample)")
+
+
+class FinalConfig(_Strict):
+    """The final model trained on the last labelled set."""
+
+    training_method: Literal["auto", "lpft", "ft", "linear_probe", "none"] = Field(
+        "auto", description="auto: ft for svpp/standard; for asvp lpft while features were never refreshed, "
+                            "ft after a refresh; none: skip")
+
+
+class CostConfig(_Strict):
+    """Unit prices of the cost ledger (US$). Defaults: a crowd-sourced image label ~ $0.05; an on-demand
+    cloud vCPU-hour ~ $0.05; a data-centre GPU-hour ~ $2.50."""
+
+    per_label: float = Field(0.05, ge=0)
+    per_cpu_hour: float = Field(0.05, ge=0)
+    per_gpu_hour: float = Field(2.50, ge=0)
+
+
 class Config(_Strict):
     """A whole asvp-ray run."""
 
     name: str = "asvp-ray"
     seed: int = 0
-    method: Literal["svpp"] = "svpp"
+    method: Literal["svpp", "asvp", "standard"] = "svpp"
     strategy: str = "margin"
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    final: FinalConfig = Field(default_factory=FinalConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
     feature_cache: Optional[str] = Field(
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")

@@ -24,7 +24,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            ray.init(num_cpus=num_cpus, **kwargs)
     if quiet:
         quiet_ray_data()
 

@@ -14,7 +14,7 @@ from asvp_ray.loop.driver import Driver
 from asvp_ray.loop.rundir import RunDir
 from tests.conftest import SMOKE
 
-OVERRIDES = ["budget.schedule=[30,20,20,20]", "proxy.epochs=10"]
+OVERRIDES = ["budget.schedule=[30,20,20,20]", "proxy.epochs=10", "final.training_method=none"]
 
 
 @pytest.fixture(scope="module")

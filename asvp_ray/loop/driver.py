@@ -20,6 +20,7 @@ from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.features.extract import extract_to_store
+from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.oracle import ORACLES
 from asvp_ray.loop.rundir import RunDir
 from asvp_ray.proxy.mlp import MLPProxy
@@ -78,10 +79,39 @@ class Driver:
         self.oracle = ORACLES.create("simulated", source=self.pool)
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
         self.proxy: Optional[MLPProxy] = None
+        self.policy = self._make_policy()
+        self.ledger = self._new_ledger()
+        self.history = None
+        self.final_done = False
         self.feature_version: Optional[int] = None
         self.summary: Dict[str, Any] = {}
         self.labeled = {k: np.zeros(0, dtype=np.int64) for k in ("id", "label", "round")}
         self.next_round = 0
+
+    def _make_policy(self):
+        from asvp_ray.alignment import REFRESH_POLICIES
+
+        rc = self.cfg.refresh
+        if self.cfg.method != "asvp":
+            return REFRESH_POLICIES.create("never")
+        kwargs: Dict[str, Any] = {}
+        if rc.policy == "at_labels":
+            if not rc.at:
+                raise ConfigError("refresh.policy: at_labels needs refresh.at, e.g. refresh.at: [1000, 5000]")
+            kwargs = {"at": list(rc.at)}
+        elif rc.policy == "score_drop":
+            kwargs = {"score": rc.score, "threshold": rc.threshold, "min_new_labels": rc.min_new_labels,
+                      "max_refreshes": rc.max_refreshes}
+        elif rc.policy == "probe":
+            kwargs = {"score": rc.score, "margin": rc.margin, "max_refreshes": rc.max_refreshes}
+        if rc.policy in ("score_drop", "probe") and rc.score not in self.cfg.monitor.scores:
+            raise ConfigError(f"refresh.score {rc.score!r} is not computed by the monitor "
+                              f"(monitor.scores = {self.cfg.monitor.scores}); add it there")
+        return REFRESH_POLICIES.create(rc.policy, **kwargs)
+
+    def _new_ledger(self, data: Optional[Dict[str, Any]] = None, before_round: Optional[int] = None) -> CostLedger:
+        c = self.cfg.cost
+        return CostLedger.from_json(data, c.per_label, c.per_cpu_hour, c.per_gpu_hour, before_round=before_round)
 
     # ------------------------------------------------------------------ set-up and resume
     def _check_config_matches(self) -> None:
@@ -108,10 +138,17 @@ class Driver:
             self.next_round, self.feature_version = 0, None
         else:
             self.next_round, self.feature_version = int(state["next_round"]), int(state["feature_version"])
+        self.final_done = bool(state and state.get("final_done"))
         if self.feature_version is None:
             self.feature_version = 0
             if 0 not in store.versions():
+                t0 = time.perf_counter()
                 self._extract_v0_or_reuse()
+                self._pending_extract = time.perf_counter() - t0
+        for v in store.versions():
+            if v > self.feature_version:  # written by a refresh that never committed
+                log.warning("removing feature version v%d: its refresh was not committed", v)
+                store.remove(v)
         self._load_features()
         lab = self.rd.read_labeled()
         keep = lab["round"] < self.next_round
@@ -121,6 +158,14 @@ class Driver:
         self.labeled = {k: v[keep] for k, v in lab.items()}
         self.summary = self.rd.read_summary() or self._new_summary()
         self.summary["rounds"] = [r for r in self.summary.get("rounds", []) if r["round"] < self.next_round]
+        if not self.final_done:
+            self.summary.pop("final", None)
+        self.ledger = self._new_ledger(self.summary.get("ledger"), before_round=self.next_round)
+        self.ledger.add_labels(len(self.labeled["id"]))
+        if getattr(self, "_pending_extract", None):
+            self.ledger.add("extract", self._pending_extract, **self._extract_resources())
+            self._pending_extract = None
+        self.history = self._rebuild_history()
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
         self.summary["status"] = "finished" if self.finished else "running"
@@ -180,6 +225,22 @@ class Driver:
                                 extra_meta={"run": str(self.rd.path)})
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
+    def _extract_resources(self) -> Dict[str, float]:
+        from asvp_ray.features.extract import plan_actors
+
+        plan = plan_actors(self.cfg.extract)
+        return {"cpus": plan.num_actors * plan.num_cpus + 1.0, "gpus": plan.num_actors * plan.num_gpus}
+
+    def _rebuild_history(self):
+        from asvp_ray.alignment import History, RoundState
+
+        h = History()
+        for rec in self.summary.get("rounds", []):
+            h.append(RoundState(round=rec["round"], n_labeled=rec["n_labeled"], scores=rec.get("alignment") or {},
+                                refreshed=bool(rec.get("refreshed")),
+                                refreshed_scores=rec.get("alignment_after_refresh")))
+        return h
+
     def _load_features(self) -> None:
         store = self.rd.store
         self.ids, self.features = store.read(self.feature_version)
@@ -195,8 +256,28 @@ class Driver:
 
     # ------------------------------------------------------------------ the rounds
     @property
-    def finished(self) -> bool:
+    def rounds_done(self) -> bool:
         return self.next_round >= len(self.cfg.budget.schedule)
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done and (self.final_done or self.final_method() == "none")
+
+    def final_method(self) -> str:
+        """The final training method and (via ``final_reason``) why, following ASVP.md."""
+        m = self.cfg.final.training_method
+        if m != "auto":
+            self.final_reason = f"final.training_method={m} (configured)"
+            return m
+        if self.cfg.method != "asvp":
+            self.final_reason = f"auto: {self.cfg.method} trains the final model with FT"
+            return "ft"
+        refreshed = any(r.get("refreshed") for r in self.summary.get("rounds", []))
+        if refreshed:
+            self.final_reason = "auto: features were refreshed, so FT (the labelled set is large enough to move them)"
+            return "ft"
+        self.final_reason = "auto: features were never refreshed, so LP-FT keeps the pre-trained information"
+        return "lpft"
 
     def _proxy_for_round(self, r: int) -> MLPProxy:
         p = self.cfg.proxy
@@ -209,37 +290,133 @@ class Driver:
         self.proxy = self._proxy_for_round(r).fit(X, self.labeled["label"], num_classes=len(self.classes))
         return self.proxy.score(X, self.labeled["label"])
 
-    def pool_view(self) -> PoolView:
-        mask = np.isin(self.ids, self.labeled["id"], assume_unique=True)
-        return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy)
-
     @contextmanager
-    def _timed(self, seconds: Dict[str, float], phase: str):
+    def _timed(self, seconds: Dict[str, float], phase: str, cpus: float = 1.0, gpus: float = 0.0,
+               ledger_phase: Optional[str] = None):
+        """Time a phase into the round's ``seconds`` and the cost ledger."""
         self._progress = {"phase": phase, "round": self.next_round}
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            seconds[phase] = round(seconds.get(phase, 0.0) + time.perf_counter() - t0, 4)
+            dt = time.perf_counter() - t0
+            seconds[phase] = round(seconds.get(phase, 0.0) + dt, 4)
+            self.ledger.add(ledger_phase or phase, dt, cpus=cpus, gpus=gpus, round=self.next_round)
+
+    def _train_resources(self) -> Dict[str, float]:
+        plan = self.cfg.train.plan()
+        return {"cpus": plan.num_workers * plan.resources_per_worker.get("CPU", 0.0),
+                "gpus": plan.num_workers * plan.resources_per_worker.get("GPU", 0.0)}
+
+    def _finetune(self, method: str, tag: str, evaluate: bool):
+        """Fine-tune the backbone on the labelled set with Ray Train; returns the FinetuneResult."""
+        from asvp_ray.train.finetune import finetune
+
+        kwargs: Dict[str, Any] = {}
+        if evaluate and self.test is not None:
+            kwargs = dict(eval_source=self.test, eval_ids=self.test.ids, eval_labels=self.test.labels)
+        res = finetune(self.pool, self.labeled["id"], self.labeled["label"], len(self.classes), self.spec,
+                       self.cfg.train, self.rd.path / "checkpoints" / tag, method=method, **kwargs)
+        log.info("fine-tune %s (%s) on %d labels: %.1fs, checkpoint %s, test accuracy %s", tag, method,
+                 len(self.labeled["id"]), res.seconds, res.checkpoint, res.test_accuracy)
+        return res
+
+    def _monitor(self) -> Dict[str, float]:
+        """Alignment scores of the current features on the labelled set (seeded subsamples)."""
+        from asvp_ray.alignment import alignment_scores
+
+        m = self.cfg.monitor
+        rng = np.random.default_rng([self.cfg.seed, self.next_round, 2])
+        take = np.arange(len(self.labeled["id"]))
+        if len(take) > m.max_rows:
+            take = np.sort(rng.choice(take, m.max_rows, replace=False))
+        feats = self.features[self._rows(self.labeled["id"][take])]
+        labels = self.labeled["label"][take]
+        ref = self.features
+        if len(ref) > m.reference_rows:
+            ref = ref[np.sort(rng.choice(len(ref), m.reference_rows, replace=False))]
+        return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
+                                                                    scores=tuple(m.scores)).items()}
+
+    def _refresh(self, seconds: Dict[str, float]) -> Dict[str, Any]:
+        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it."""
+        new_v = self.feature_version + 1
+        res_t = self._train_resources()
+        with self._timed(seconds, "refresh_finetune", **res_t):
+            res = self._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        with self._timed(seconds, "refresh_extract", **self._extract_resources()):
+            self._extract(new_v, checkpoint=res.checkpoint)
+        self.feature_version = new_v
+        self._load_features()
+        return {"version": new_v, "checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
+                "extract_seconds": seconds["refresh_extract"]}
+
+    def _standard_scores(self, seconds: Dict[str, float]) -> Dict[str, Any]:
+        """Standard AL: fine-tune on the labelled set, then score the whole pool with backbone + head."""
+        from asvp_ray.train.finetune import predict_proba
+
+        r = self.next_round
+        with self._timed(seconds, "finetune", **self._train_resources()):
+            res = self._finetune("ft", f"round-{r}", evaluate=self.test is not None)
+        with self._timed(seconds, "score_pool", **self._extract_resources()):
+            ids, probs = predict_proba(self.pool, self.ids, res.checkpoint, self.spec, self.cfg.extract)
+        order = np.argsort(ids)
+        if not np.array_equal(ids[order], self.ids):
+            raise RunDirError("standard AL scoring returned ids that do not match the feature store's pool")
+        self._standard_probs = probs[order]
+        return {"finetune_test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint)}
+
+    def pool_view(self) -> PoolView:
+        mask = np.isin(self.ids, self.labeled["id"], assume_unique=True)
+        probs = getattr(self, "_standard_probs", None) if self.cfg.method == "standard" else None
+        return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy, probs=probs)
 
     def run_round(self) -> Dict[str, Any]:
-        """Select, label, train the proxy, evaluate, and commit one round. Returns its record."""
-        if self.finished:
-            raise RunDirError(f"run in {self.rd.path} is finished; nothing to do")
+        """One round: (standard: fine-tune and score the pool), select, label, (asvp: monitor and maybe
+        refresh), train the proxy, evaluate, commit. Returns the round's record."""
+        from asvp_ray.alignment import RoundState
+
+        if self.rounds_done:
+            raise RunDirError(f"all rounds of {self.rd.path} are done; nothing to select")
         r = self.next_round
         n = self.cfg.budget.schedule[r]
         rng = np.random.default_rng([self.cfg.seed, r])
         seconds: Dict[str, float] = {}
-        strategy = self.cold_start if r == 0 or self.proxy is None else self.strategy
-        with self._timed(seconds, "select"):
+        extra: Dict[str, Any] = {}
+        first = r == 0 or self.proxy is None
+        if self.cfg.method == "standard" and not first:
+            extra.update(self._standard_scores(seconds))
+        strategy = self.cold_start if first else self.strategy
+        with self._timed(seconds, "select", ledger_phase="score_select"):
             chosen = strategy.select(self.pool_view(), n, rng)
-        with self._timed(seconds, "label"):
+        with self._timed(seconds, "label", cpus=0.0):
             labels = self.oracle.label(chosen)
+        self.ledger.add_labels(len(chosen))
         self.labeled = {
             "id": np.concatenate([self.labeled["id"], chosen]),
             "label": np.concatenate([self.labeled["label"], labels]),
             "round": np.concatenate([self.labeled["round"], np.full(len(chosen), r, dtype=np.int64)]),
         }
+        refreshed = False
+        if self.cfg.method == "asvp":
+            with self._timed(seconds, "monitor"):
+                scores = self._monitor()
+            self.history.append(RoundState(round=r, n_labeled=int(len(self.labeled["id"])), scores=scores))
+            probe = None
+            if getattr(self.policy, "requires_probe", False):
+                probe = self._probe_fn(seconds)
+            decision = self.policy.decide(self.history, probe=probe)
+            extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
+            log.info("round %d alignment %s -> %s", r, scores, decision.reason)
+            if decision.refresh:
+                extra["refresh"] = self._refresh(seconds)
+                with self._timed(seconds, "monitor"):
+                    after = self._monitor()
+                extra["alignment_after_refresh"] = after
+                self.history.mark_refreshed(True, refreshed_scores=after)
+                refreshed = True
+            else:
+                self.history.mark_refreshed(False)
         with self._timed(seconds, "proxy_train"):
             train_acc = self._train_proxy(r)
         test_acc = None
@@ -249,38 +426,91 @@ class Driver:
         record = {
             "round": r, "n_labeled": int(len(self.labeled["id"])), "n_selected": int(len(chosen)),
             "selected_by": "random" if strategy is self.cold_start else self.cfg.strategy,
-            "feature_version": self.feature_version, "refreshed": False,
+            "feature_version": self.feature_version, "refreshed": refreshed,
             "proxy_train_accuracy": round(float(train_acc), 6),
             "proxy_test_accuracy": None if test_acc is None else round(test_acc, 6),
-            "seconds": seconds,
+            "seconds": seconds, **extra,
         }
         self.summary["rounds"].append(record)
         self.next_round = r + 1
-        self.summary["status"] = "finished" if self.finished else "running"
         self._commit()
+        if refreshed:
+            self._prune_versions()
         log.info("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, len(chosen), record["selected_by"],
                  record["n_labeled"], record["proxy_test_accuracy"])
         return record
+
+    def _probe_fn(self, seconds: Dict[str, float]):
+        """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
+
+        def probe(history) -> Dict[str, float]:
+            from asvp_ray.alignment import alignment_scores
+            from asvp_ray.features.extract import extract
+
+            with self._timed(seconds, "probe", **self._train_resources()):
+                res = self._finetune("ft", f"probe-r{self.next_round}", evaluate=False)
+                chunks = list(extract(self.pool, self.spec, self.cfg.extract, ids=self.labeled["id"],
+                                      checkpoint=res.checkpoint))
+            ids = np.concatenate([c[0] for c in chunks])
+            feats = np.concatenate([c[1] for c in chunks])
+            order = np.argsort(ids)
+            lab_order = np.argsort(self.labeled["id"])
+            return alignment_scores(feats[order], self.labeled["label"][lab_order],
+                                    reference=None, scores=tuple(self.cfg.monitor.scores))
+
+        return probe
+
+    def _prune_versions(self) -> None:
+        """Keep v0, the current version and the newest ``refresh.keep_versions`` (0 = keep all);
+        called only after the state that stops referencing the others is committed."""
+        keep = self.cfg.refresh.keep_versions
+        if keep <= 0:
+            return
+        versions = [v for v in self.rd.store.versions() if v not in (0, self.feature_version)]
+        for v in versions[:-keep] if len(versions) > keep else []:
+            log.info("removing feature version v%d (refresh.keep_versions=%d)", v, keep)
+            self.rd.store.remove(v)
+
+    def run_final(self) -> Optional[Dict[str, Any]]:
+        """Train the final model on the final labelled set and evaluate it on the test set."""
+        method = self.final_method()
+        if method == "none" or self.final_done:
+            return self.summary.get("final")
+        seconds: Dict[str, float] = {}
+        with self._timed(seconds, "final_train", **self._train_resources()):
+            res = self._finetune(method, "final", evaluate=self.test is not None)
+        self.summary["final"] = {"training_method": method, "reason": self.final_reason,
+                                 "test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint),
+                                 "seconds": round(seconds["final_train"], 3), "n_labeled": int(len(self.labeled["id"]))}
+        self.final_done = True
+        self._commit()
+        log.info("final model (%s: %s): test accuracy %s", method, self.final_reason, res.test_accuracy)
+        return self.summary["final"]
 
     def _commit(self) -> None:
         """Write labelled set and summary, then state.json last (the commit point)."""
         self.rd.write_labeled(self.labeled["id"], self.labeled["label"], self.labeled["round"])
         self.summary["feature_versions"] = self._feature_versions()
         self.summary["n_labeled"] = int(len(self.labeled["id"]))
+        self.summary["status"] = "finished" if self.finished else "running"
+        self.summary["cost"] = self.ledger.totals()
+        self.summary["ledger"] = self.ledger.to_json()
         self.rd.write_summary(self.summary)
         self.rd.write_state({"next_round": self.next_round, "feature_version": self.feature_version,
-                             "n_labeled": int(len(self.labeled["id"]))})
+                             "n_labeled": int(len(self.labeled["id"])), "final_done": self.final_done})
 
     def run(self) -> Dict[str, Any]:
         """Prepare and run every remaining round; returns the summary."""
         self.prepare()
-        while not self.finished:
+        while not self.rounds_done:
             self.run_round()
+        self.run_final()
         return self.summary
 
     # ------------------------------------------------------------------ for the CLI
     def status(self) -> Dict[str, Any]:
         return {"next_round": self.next_round, "rounds": len(self.cfg.budget.schedule), "finished": self.finished,
+                "rounds_done": self.rounds_done,
                 "n_labeled": int(len(self.labeled["id"])), "feature_version": self.feature_version,
                 "path": str(self.rd.path)}
 
