@@ -1,0 +1,466 @@
+"""Selection over a pool whose feature rows are sharded across Ray actors.
+
+Each shard is a contiguous block of pool rows held by one actor (spread over the cluster's
+nodes), together with whatever per-row state a strategy keeps for it: coreset's
+minimum-distance slice, BADGE's gradient embeddings and D^2 weights. The driver only
+broadcasts small things (a new centre, a sampling target) and reduces small answers (per-shard
+maxima, per-shard weight totals, per-shard top-n), so the results equal the single-process
+results: the local path runs the very same shard code on one in-process shard.
+
+Public surface:
+
+- :class:`ShardedStrategy` wraps a score-based strategy (margin, entropy, ...): shards score
+  in parallel, each returns its top-n, the driver merges them into the global top-n.
+- coreset and BADGE shard themselves (``STRATEGIES.create("coreset", execution="sharded")``).
+- ``execution``: ``"local"``, ``"sharded"`` or ``"auto"`` (sharded when Ray is initialised
+  and the pool has at least ``shard_min_rows`` rows).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, top_n
+
+EXECUTIONS = ("auto", "local", "sharded")
+#: ``execution="auto"`` shards pools at least this large (about 8 GB of 512-d float32 features).
+DEFAULT_SHARD_MIN_ROWS = 4_000_000
+
+
+# ---------------------------------------------------------------------------- configuration
+def check_execution(where: str, execution: Any, num_shards: Any, shard_min_rows: Any, actor_options: Any) -> None:
+    """Validate the execution switches of a strategy.
+
+    Raises:
+        ConfigError: a switch is invalid; the message names the fix.
+    """
+    if execution not in EXECUTIONS:
+        raise ConfigError(f"{where}: execution={execution!r} is not one of {', '.join(EXECUTIONS)}")
+    if num_shards is not None and (
+        isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1
+    ):
+        raise ConfigError(f"{where}: num_shards={num_shards!r} must be a positive integer or None (one per node)")
+    if isinstance(shard_min_rows, bool) or not isinstance(shard_min_rows, (int, np.integer)) or shard_min_rows < 1:
+        raise ConfigError(f"{where}: shard_min_rows={shard_min_rows!r} must be a positive integer")
+    if actor_options is not None and not isinstance(actor_options, dict):
+        raise ConfigError(f"{where}: actor_options={actor_options!r} must be a dict of Ray actor options or None")
+
+
+def resolve_execution(execution: str, n_rows: int, shard_min_rows: int) -> str:
+    """``"local"`` or ``"sharded"`` for a pool of ``n_rows`` rows.
+
+    ``"auto"`` shards only when Ray is already initialised (it never starts a cluster by
+    itself) and the pool has at least ``shard_min_rows`` rows.
+    """
+    if execution != "auto":
+        return execution
+    if n_rows < shard_min_rows:
+        return "local"
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return "local"
+    return "sharded" if ray.is_initialized() else "local"
+
+
+def default_num_shards() -> int:
+    """One shard per alive Ray node, at least two."""
+    import ray
+
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return max(2, alive)
+
+
+# ---------------------------------------------------------------------------- feature identity
+class FeatureKey:
+    """Identity of a feature matrix, for caches that live as long as one feature version.
+
+    Memory maps match by file (path, offset, shape, dtype, size and mtime); in-memory arrays
+    match only the very same array object (held by a weak reference). Both also compare a
+    fingerprint of 64 sampled rows, so a buffer rewritten in place (a refresh written into
+    the same array) is noticed too.
+    """
+
+    def __init__(self, features: np.ndarray):
+        self._file = _memmap_identity(features)
+        self._ref = None if self._file is not None else _weak(features)
+        self._shape = tuple(features.shape)
+        self._dtype = features.dtype.str
+        self._fingerprint = _fingerprint(features)
+
+    def matches(self, features: Optional[np.ndarray]) -> bool:
+        """True when ``features`` is the feature version this key was made from."""
+        if features is None or tuple(features.shape) != self._shape or features.dtype.str != self._dtype:
+            return False
+        if self._file is not None:
+            if _memmap_identity(features) != self._file:
+                return False
+        elif self._ref is None or self._ref() is not features:
+            return False
+        return _fingerprint(features) == self._fingerprint
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # pragma: no cover - numpy arrays support weak references
+        return None
+
+
+def _memmap_identity(features: np.ndarray):
+    if isinstance(features, np.memmap) and getattr(features, "filename", None):
+        try:
+            st = os.stat(features.filename)
+        except OSError:
+            return None
+        return (str(features.filename), int(features.offset), st.st_size, st.st_mtime_ns)
+    return None
+
+
+def _fingerprint(features: np.ndarray) -> str:
+    n = len(features)
+    h = hashlib.blake2b(digest_size=16)
+    if n:
+        rows = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64))
+        h.update(np.ascontiguousarray(features[rows]).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- shards
+class ShardHolder:
+    """One contiguous row block of the pool's features plus named per-shard state objects.
+
+    Used in-process for local selection and as a Ray actor for sharded selection, so both
+    paths run the same code.
+
+    Args:
+        features: (m, D) rows ``[start, start + m)`` of the pool's features.
+        start: pool position of the first row.
+        copy: copy ``features`` into this process's memory (actors: so the object store copy
+            can be released).
+    """
+
+    def __init__(self, features: np.ndarray, start: int, copy: bool = False):
+        self.features = np.array(features, copy=True) if copy else features
+        self.start = int(start)
+        self._objs: Dict[str, Any] = {}
+
+    def ready(self) -> int:
+        """Rows held (a cheap call to wait for an actor's start)."""
+        return len(self.features)
+
+    def node_id(self) -> Optional[str]:
+        """The Ray node this holder runs on (None outside Ray)."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:  # pragma: no cover - no runtime context
+            return None
+
+    def build(self, name: str, factory: Callable, *args) -> bool:
+        """Create the state object ``name`` as ``factory(features, start, *args)``."""
+        self._objs[name] = factory(self.features, self.start, *args)
+        return True
+
+    def has(self, name: str) -> bool:
+        return name in self._objs
+
+    def drop(self, name: str) -> bool:
+        return self._objs.pop(name, None) is not None
+
+    def call(self, name: str, method: str, *args):
+        """Call ``method`` of the state object ``name``."""
+        return getattr(self._objs[name], method)(*args)
+
+    def apply(self, fn: Callable, *args):
+        """Stateless: ``fn(features, start, *args)``."""
+        return fn(self.features, self.start, *args)
+
+
+class LocalGroup:
+    """In-process shards (usually one covering the whole pool)."""
+
+    def __init__(self, holders: Sequence[ShardHolder]):
+        self.holders = list(holders)
+        self.bounds = [(h.start, h.start + len(h.features)) for h in self.holders]
+
+    def __len__(self) -> int:
+        return len(self.holders)
+
+    def build(self, name: str, factory: Callable, args_per_shard: Sequence[tuple]) -> None:
+        for h, args in zip(self.holders, args_per_shard):
+            h.build(name, factory, *args)
+
+    def has(self, name: str) -> List[bool]:
+        return [h.has(name) for h in self.holders]
+
+    def call_all(self, name: str, method: str, args_per_shard: Optional[Sequence[tuple]] = None, common: tuple = ()) -> list:
+        if args_per_shard is None:
+            args_per_shard = [common] * len(self.holders)
+        return [h.call(name, method, *args) for h, args in zip(self.holders, args_per_shard)]
+
+    def call_one(self, i: int, name: str, method: str, *args):
+        return self.holders[i].call(name, method, *args)
+
+    def apply_all(self, fn: Callable, args_per_shard: Sequence[tuple]) -> list:
+        return [h.apply(fn, *args) for h, args in zip(self.holders, args_per_shard)]
+
+    def drop(self, name: str) -> None:
+        for h in self.holders:
+            h.drop(name)
+
+    def close(self) -> None:
+        self.holders = []
+
+
+class ActorGroup:
+    """Shards held by Ray actors; same calls as :class:`LocalGroup`, run in parallel."""
+
+    def __init__(self, actors: Sequence[Any], bounds: Sequence[Tuple[int, int]]):
+        self.actors = list(actors)
+        self.bounds = list(bounds)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    @staticmethod
+    def _get(refs):
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            # Surface asvp errors raised inside an actor as themselves.
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, AsvpError):
+                raise cause from None
+            raise
+
+    def build(self, name: str, factory: Callable, args_per_shard: Sequence[tuple]) -> None:
+        self._get([a.build.remote(name, factory, *args) for a, args in zip(self.actors, args_per_shard)])
+
+    def has(self, name: str) -> List[bool]:
+        return self._get([a.has.remote(name) for a in self.actors])
+
+    def call_all(self, name: str, method: str, args_per_shard: Optional[Sequence[tuple]] = None, common: tuple = ()) -> list:
+        if args_per_shard is None:
+            args_per_shard = [common] * len(self.actors)
+        return self._get([a.call.remote(name, method, *args) for a, args in zip(self.actors, args_per_shard)])
+
+    def call_one(self, i: int, name: str, method: str, *args):
+        return self._get(self.actors[i].call.remote(name, method, *args))
+
+    def apply_all(self, fn: Callable, args_per_shard: Sequence[tuple]) -> list:
+        return self._get([a.apply.remote(fn, *args) for a, args in zip(self.actors, args_per_shard)])
+
+    def drop(self, name: str) -> None:
+        self._get([a.drop.remote(name) for a in self.actors])
+
+    def node_ids(self) -> List[Optional[str]]:
+        """The Ray node of each shard."""
+        return self._get([a.node_id.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # pragma: no cover - the actor or the cluster is already gone
+                pass
+        self.actors = []
+
+
+def shard_bounds(n_rows: int, num_shards: int) -> List[Tuple[int, int]]:
+    """Contiguous, nearly equal row ranges, in position order (never empty)."""
+    num_shards = max(1, min(int(num_shards), max(n_rows, 1)))
+    edges = np.linspace(0, n_rows, num_shards + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class PoolShards:
+    """Row shards of one feature version, each held by a Ray actor, spread over the nodes.
+
+    The data travels once per feature version; strategies keep their per-shard state in the
+    actors between rounds.
+
+    Args:
+        features: (N, D) pool features; None gives shards without features (probabilities
+            are then sent with each call).
+        n_rows: N (needed when ``features`` is None).
+        num_shards: number of actors; None means one per alive node (at least 2).
+        actor_options: Ray actor options; default ``{"num_cpus": 1}``, scheduled "SPREAD".
+    """
+
+    def __init__(
+        self,
+        features: Optional[np.ndarray],
+        n_rows: int,
+        num_shards: Optional[int] = None,
+        actor_options: Optional[dict] = None,
+    ):
+        import ray
+
+        from asvp_ray.ray_utils import init_ray
+
+        init_ray()
+        self.key = FeatureKey(features) if features is not None else None
+        self.n_rows = int(n_rows)
+        self.num_shards = int(num_shards or default_num_shards())
+        opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        opts.update(actor_options or {})
+        remote_cls = ray.remote(ShardHolder)
+        bounds = shard_bounds(self.n_rows, self.num_shards)
+        actors = []
+        for s, e in bounds:
+            block = features[s:e] if features is not None else np.empty((e - s, 0), np.float32)
+            ref = ray.put(np.ascontiguousarray(block))
+            actors.append(remote_cls.options(**opts).remote(ref, s, True))
+            del ref
+        self.group = ActorGroup(actors, bounds)
+        self.group._get([a.ready.remote() for a in actors])
+
+    def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
+        """True when these shards hold ``features`` (same version) for a pool of ``n_rows`` rows."""
+        if n_rows != self.n_rows or not self.group.actors:
+            return False
+        if self.key is None:
+            return features is None
+        return self.key.matches(features)
+
+    def close(self) -> None:
+        """Kill the actors (their state and data go with them)."""
+        self.group.close()
+
+
+# ---------------------------------------------------------------------------- uncertainty
+def shard_score_top_n(
+    features: np.ndarray,
+    start: int,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    probs: Optional[np.ndarray],
+    model: Any,
+    strategy: ScoreStrategy,
+    n: int,
+    chunk_size: int,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's top-n, exactly as :class:`ScoreStrategy` keeps it.
+
+    Returns:
+        ``(positions, scores, ids)``: pool positions (int64), float64 scores and ids of at most
+        ``n`` rows of this shard, unordered.
+    """
+    feats = features if features.shape[1] else None
+    view = PoolView(ids=ids, features=feats, labeled_mask=mask, model=model, probs=probs, chunk_size=chunk_size)
+    best_pos = np.empty(0, dtype=np.int64)
+    best_score = np.empty(0, dtype=np.float64)
+    for pos, p in view.iter_proba_chunks():
+        s = np.asarray(strategy.score(p), dtype=np.float64)
+        if s.shape != (len(pos),):
+            raise AsvpError(f"strategy {strategy.name!r}: score returned shape {s.shape}, expected ({len(pos)},)")
+        if not np.isfinite(s).all():
+            row = int(pos[np.flatnonzero(~np.isfinite(s))[0]])
+            raise BadInputError(
+                f"strategy {strategy.name!r}: non-finite score for pool id {int(ids[row])} "
+                f"(row {row + start}); its class probabilities hold NaN/inf"
+            )
+        cand_pos = np.concatenate([best_pos, pos])
+        cand_score = np.concatenate([best_score, s])
+        keep = top_n(cand_score, ids[cand_pos], n)
+        best_pos, best_score = cand_pos[keep], cand_score[keep]
+    return best_pos + start, best_score, ids[best_pos]
+
+
+def merge_top_n(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Global top-n positions from per-shard top-n's, most informative first (ties: lower id)."""
+    pos = np.concatenate([p[0] for p in parts])
+    score = np.concatenate([p[1] for p in parts])
+    ids = np.concatenate([p[2] for p in parts])
+    keep = top_n(score, ids, n)
+    pos, score, ids = pos[keep], score[keep], ids[keep]
+    return pos[np.lexsort((ids, -score))]
+
+
+class ShardedStrategy(Strategy):
+    """Runs a score-based strategy (margin, entropy, least_confidence) over sharded pools.
+
+    Each shard scores its rows and keeps its own top-n; the driver merges them into the global
+    top-n, which equals the single-process answer (same order, same tie-breaks).
+
+    Args:
+        strategy: a :class:`ScoreStrategy`, e.g. ``STRATEGIES.create("margin")``.
+        execution: "local", "sharded" or "auto" (sharded when Ray is initialised and the pool
+            has at least ``shard_min_rows`` rows).
+        num_shards: shards (Ray actors); None means one per alive node, at least 2.
+        shard_min_rows: the pool size from which "auto" shards.
+        actor_options: Ray actor options for the shard actors (default ``{"num_cpus": 1}``).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        execution: str = "auto",
+        num_shards: Optional[int] = None,
+        shard_min_rows: int = DEFAULT_SHARD_MIN_ROWS,
+        actor_options: Optional[dict] = None,
+    ):
+        self.strategy = strategy
+        self.execution = execution
+        self.num_shards = num_shards
+        self.shard_min_rows = shard_min_rows
+        self.actor_options = actor_options
+        self._shards: Optional[PoolShards] = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return getattr(self.strategy, "name", "strategy")
+
+    def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
+        if not isinstance(self.strategy, ScoreStrategy):
+            raise ConfigError(
+                f"ShardedStrategy wraps score-based strategies (margin, entropy, least_confidence), "
+                f"got {type(self.strategy).__name__}; coreset and badge shard themselves: "
+                f"STRATEGIES.create('coreset', execution='sharded')"
+            )
+        check_execution("ShardedStrategy", self.execution, self.num_shards, self.shard_min_rows, self.actor_options)
+        if resolve_execution(self.execution, len(pool), self.shard_min_rows) == "local":
+            return self.strategy._select_positions(pool, n, rng)
+        if pool.probs is None and (pool.model is None or pool.features is None):
+            raise BadInputError(
+                "this strategy needs class probabilities: give PoolView.probs, or a fitted "
+                "PoolView.model together with PoolView.features"
+            )
+        # Precomputed probabilities win over the model, so shards then need no features.
+        feats = pool.features if pool.probs is None else None
+        if self._shards is None or not self._shards.matches(feats, len(pool)):
+            self.close()
+            self._shards = PoolShards(feats, len(pool), self.num_shards, self.actor_options)
+        group = self._shards.group
+        args = []
+        for s, e in group.bounds:
+            probs = pool.probs[s:e] if pool.probs is not None else None
+            model = pool.model if pool.probs is None else None
+            args.append((pool.ids[s:e], pool.labeled_mask[s:e], probs, model, self.strategy, n, int(pool.chunk_size)))
+        parts = group.apply_all(shard_score_top_n, args)
+        return merge_top_n(parts, n)
+
+    def close(self) -> None:
+        """Release the shard actors."""
+        if self._shards is not None:
+            self._shards.close()
+            self._shards = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_shards"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"ShardedStrategy({self.strategy!r}, execution={self.execution!r}, num_shards={self.num_shards!r})"
