@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import List, Optional
 
@@ -142,6 +143,132 @@ def run(
     typer.echo(f"done: {out}/summary.json, {out}/labeled.parquet, log in {out}/run.log")
 
 
+def _driver_for(run_dir: Path, config: Optional[Path] = None, set_: Optional[List[str]] = None, address=None,
+                need_ray: bool = True):
+    from asvp_ray.config import load_config
+    from asvp_ray.loop.driver import Driver
+    from asvp_ray.ray_utils import init_ray
+
+    cfg_path = config or (run_dir / "config.yaml")
+    if config is None and not cfg_path.is_file():
+        raise typer.BadParameter(f"{run_dir} has no config.yaml; create the run with `asvp-ray init CONFIG --out {run_dir}`")
+    cfg = load_config(str(cfg_path), set_ or [])
+    if need_ray or cfg.method != "svpp":  # svpp selection is proxy-only: no cluster needed
+        init_ray(address)
+    return Driver(cfg, str(run_dir))
+
+
+@app.command()
+def init(
+    config: Path = typer.Argument(..., help="YAML config; its oracle is set to human."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+) -> None:
+    """Prepare a human-in-the-loop run: extract features; then `select` and `label` round by round."""
+    _setup_logging(None)
+    try:
+        with closing(_driver_for(out, config, list(set_) + ["oracle=human"], address)) as d:
+            st = d.prepare()
+    except AsvpError as e:
+        _fail(e)
+    typer.echo(f"initialised {out}: features v{st['feature_version']} ready. Next: asvp-ray select {out}")
+
+
+@app.command()
+def select(
+    run_dir: Path = typer.Argument(..., help="A run directory made by `asvp-ray init`."),
+    close: bool = typer.Option(False, "--close", help="Close the open round although some ids are unlabelled."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+) -> None:
+    """Close the open round (train the proxy on all labels) and write the next batch for labellers."""
+    _setup_logging(None)
+    try:
+        with closing(_driver_for(run_dir, address=address, need_ray=False)) as d:
+            d.prepare()
+            res = d.human_select(close=close)
+    except AsvpError as e:
+        _fail(e)
+    if res["closed"]:
+        typer.echo(_round_line(res["closed"]))
+    if res["done"]:
+        typer.echo(f"all rounds are done ({d.status()['n_labeled']} labels). Train the final model with "
+                   f"`asvp-ray final {run_dir}`")
+    else:
+        o = res["opened"]
+        typer.echo(f"round {o['round']}: {o['n']} images selected by {o['selected_by']}; label them from "
+                   f"{o['files'][0]} (or import {o['files'][1]} into Label Studio), then "
+                   f"`asvp-ray label {run_dir} FILE`")
+
+
+@app.command()
+def label(
+    run_dir: Path = typer.Argument(..., help="The run directory."),
+    file: Path = typer.Argument(..., help="Labels: CSV (id,label), Parquet, or a Label Studio JSON export."),
+) -> None:
+    """Import labels for the open round; everything is validated before anything changes."""
+    from asvp_ray.config import load_config
+    from asvp_ray.loop.human import import_labels
+    from asvp_ray.loop.rundir import RunDir
+
+    try:
+        rd = RunDir(run_dir)
+        if not rd.config_path.is_file():
+            raise typer.BadParameter(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = load_config(str(rd.config_path))
+        rd.lock()
+        classes = cfg.data.classes or _source_classes(cfg)
+        try:
+            res = import_labels(rd, file, classes)
+        finally:
+            rd.unlock()
+    except AsvpError as e:
+        _fail(e)
+    typer.echo(f"imported {res['imported']} label(s) into round {res['round']}; {res['pending']} pending")
+
+
+def _source_classes(cfg):
+    from asvp_ray.data.sources import build_source
+
+    return build_source(cfg.data.pool, cfg.data.classes).classes
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="The run directory.")) -> None:
+    """Show selected, labelled and pending counts per round."""
+    from asvp_ray.loop.human import status_table
+    from asvp_ray.loop.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.state_path.is_file():
+        _fail(AsvpError(f"{run_dir} is not an initialised run directory (no state.json)"))
+    rows = status_table(rd)
+    typer.echo(f"{'round':>5} {'state':>6} {'selected':>8} {'labelled':>8} {'pending':>7}  proxy test acc")
+    for r in rows:
+        acc = "-" if r["proxy_test_accuracy"] is None else f"{r['proxy_test_accuracy']:.4f}"
+        typer.echo(f"{r['round']:>5} {r['state']:>6} {r['selected']:>8} {r['labelled']:>8} {r['pending']:>7}  {acc}")
+    typer.echo(f"total labelled: {sum(r['labelled'] for r in rows)}; pending: {sum(r['pending'] for r in rows)}")
+
+
+@app.command()
+def final(
+    run_dir: Path = typer.Argument(..., help="The run directory, all rounds done."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+) -> None:
+    """Train the final model on the labelled set (final.training_method) and evaluate it."""
+    _setup_logging(None)
+    try:
+        with closing(_driver_for(run_dir, address=address)) as d:
+            d.prepare()
+            if not d.rounds_done:
+                raise AsvpError(f"{run_dir} has rounds left ({d.status()['next_round']} of {d.status()['rounds']} "
+                                "done); finish them first")
+            fin = d.run_final()
+    except AsvpError as e:
+        _fail(e)
+    typer.echo(f"final model: {fin}" if fin else "final.training_method is none: no final model")
+
+
 @app.command()
 def report(
     runs: List[Path] = typer.Argument(..., help="Run directories to compare."),
@@ -156,6 +283,52 @@ def report(
         _fail(e)
     typer.echo(markdown_table(rep["rows"]))
     typer.echo("wrote " + ", ".join(rep["files"]))
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Path = typer.Argument(..., help="Base YAML config every trial starts from."),
+    space: Path = typer.Option(..., "--space", "-s", help="YAML search space (see examples/space.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study directory. Rerun the same command to resume it."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    num_samples: int = typer.Option(1, help="Samples of the space; each runs every grid combination."),
+    scheduler: str = typer.Option("fifo", help="fifo (every trial runs every round) or asha (early stopping "
+                                               "on the per-round proxy test accuracy)."),
+    grace_period: int = typer.Option(1, help="ASHA: rounds every trial runs before it can be stopped."),
+    max_concurrent: Optional[int] = typer.Option(None, help="Trials running at once (default: as resources allow)."),
+    cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves."),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (for proxy.device: cuda)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's progress table."),
+) -> None:
+    """Run a Ray Tune study whose trials are asvp-ray runs (resumes an interrupted study).
+
+    Features are extracted once into OUT/feature_cache and shared by every trial. Each trial
+    reports its proxy test accuracy per round. Writes OUT/results.csv, OUT/best_config.yaml
+    (accepted by `asvp-ray run`) and OUT/curves.png.
+    """
+    from asvp_ray.features.extract import unwrap_error
+    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.tune import run_study
+
+    _setup_logging(None, verbose)
+    try:
+        init_ray(address)
+        res = run_study(str(config), str(space), out, overrides=set_, num_samples=num_samples, scheduler=scheduler,
+                        grace_period=grace_period, max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
+                        gpus_per_trial=gpus_per_trial, verbose=2 if verbose else 1)
+    except Exception as e:  # noqa: BLE001 - show the user-facing cause
+        inner = unwrap_error(e)
+        if isinstance(inner, AsvpError):
+            _fail(inner)
+        raise
+    typer.echo(res.table)
+    if res.interrupted:
+        typer.secho(f"study interrupted; rerun the same command to resume it ({out})", fg=typer.colors.YELLOW,
+                    err=True)
+        raise typer.Exit(code=130)
+    typer.echo(f"done: {res.results_csv}, {res.curves_png}"
+               + (f", best config {res.best_config}" if res.best_config else ", no trial finished a round"))
 
 
 def main() -> None:

@@ -130,6 +130,8 @@ class Config(_Strict):
     seed: int = 0
     method: Literal["svpp", "asvp", "standard"] = "svpp"
     strategy: str = "margin"
+    oracle: Literal["simulated", "human"] = Field(
+        "simulated", description="simulated: the pool's ground truth; human: asvp-ray select / label rounds")
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)

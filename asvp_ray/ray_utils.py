@@ -23,8 +23,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
         kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
         if address:
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus, **kwargs)
+        elif num_cpus is not None:  # always a fresh local instance of that size
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        else:  # a cluster started with `ray start` on this machine, else a new local instance
+            ray.init(**kwargs)
     if quiet:
         quiet_ray_data()
 

@@ -57,7 +57,18 @@ class Driver:
     def __init__(self, config, out: str):
         self.cfg: Config = config if isinstance(config, Config) else load_config(raw=config)
         self.rd = RunDir(out).lock()
+        try:
+            self._setup()
+        except BaseException:
+            if hasattr(self, "_log_handler"):
+                logging.getLogger("asvp_ray").removeHandler(self._log_handler)
+                self._log_handler.close()
+            self.rd.unlock()
+            raise
+
+    def _setup(self) -> None:
         self._log_handler = logging.FileHandler(self.rd.log_path)
+        self._log_handler.setLevel(logging.INFO)
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("asvp_ray").addHandler(self._log_handler)
         logging.getLogger("asvp_ray").setLevel(logging.INFO)
@@ -76,13 +87,14 @@ class Driver:
                               f"{len(self.pool)} images; shorten the schedule or use a larger pool")
         self.strategy = STRATEGIES.create(self.cfg.strategy)
         self.cold_start = STRATEGIES.create("random")
-        self.oracle = ORACLES.create("simulated", source=self.pool)
+        self.oracle = ORACLES.create("simulated", source=self.pool) if self.cfg.oracle == "simulated" else None
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
         self.proxy: Optional[MLPProxy] = None
         self.policy = self._make_policy()
         self.ledger = self._new_ledger()
         self.history = None
         self.final_done = False
+        self.open_round: Optional[Dict[str, Any]] = None  # human oracle: the round awaiting labels
         self.feature_version: Optional[int] = None
         self.summary: Dict[str, Any] = {}
         self.labeled = {k: np.zeros(0, dtype=np.int64) for k in ("id", "label", "round")}
@@ -139,6 +151,7 @@ class Driver:
         else:
             self.next_round, self.feature_version = int(state["next_round"]), int(state["feature_version"])
         self.final_done = bool(state and state.get("final_done"))
+        self.open_round = state.get("open_round") if state else None
         if self.feature_version is None:
             self.feature_version = 0
             if 0 not in store.versions():
@@ -152,6 +165,8 @@ class Driver:
         self._load_features()
         lab = self.rd.read_labeled()
         keep = lab["round"] < self.next_round
+        if self.open_round is not None:  # labels imported for the round awaiting completion
+            keep |= lab["round"] == self.open_round["round"]
         if not keep.all():
             log.warning("rolling back %d label(s) of round(s) %s that were not committed", int((~keep).sum()),
                         sorted(set(lab["round"][~keep].tolist())))
@@ -371,13 +386,15 @@ class Driver:
         probs = getattr(self, "_standard_probs", None) if self.cfg.method == "standard" else None
         return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy, probs=probs)
 
-    def run_round(self) -> Dict[str, Any]:
-        """One round: (standard: fine-tune and score the pool), select, label, (asvp: monitor and maybe
-        refresh), train the proxy, evaluate, commit. Returns the round's record."""
-        from asvp_ray.alignment import RoundState
+    def select_batch(self) -> Dict[str, Any]:
+        """The selection half of a round: (standard: fine-tune and score the pool), then select.
 
+        Returns:
+            ``{"round", "ids", "selected_by", "seconds", "extra"}`` for ``complete_round``.
+        """
         if self.rounds_done:
-            raise RunDirError(f"all rounds of {self.rd.path} are done; nothing to select")
+            raise RunDirError(f"all {len(self.cfg.budget.schedule)} rounds of {self.rd.path} are done; "
+                              "nothing to select (extend budget.schedule in a new run to buy more)")
         r = self.next_round
         n = self.cfg.budget.schedule[r]
         rng = np.random.default_rng([self.cfg.seed, r])
@@ -389,22 +406,30 @@ class Driver:
         strategy = self.cold_start if first else self.strategy
         with self._timed(seconds, "select", ledger_phase="score_select"):
             chosen = strategy.select(self.pool_view(), n, rng)
-        with self._timed(seconds, "label", cpus=0.0):
-            labels = self.oracle.label(chosen)
-        self.ledger.add_labels(len(chosen))
+        return {"round": r, "ids": chosen, "selected_by": "random" if first else self.cfg.strategy,
+                "seconds": seconds, "extra": extra}
+
+    def add_labels(self, ids: np.ndarray, labels: np.ndarray, r: int) -> None:
+        """Append bought labels to the labelled set (in memory; committed with the round)."""
+        self.ledger.add_labels(len(ids))
         self.labeled = {
-            "id": np.concatenate([self.labeled["id"], chosen]),
-            "label": np.concatenate([self.labeled["label"], labels]),
-            "round": np.concatenate([self.labeled["round"], np.full(len(chosen), r, dtype=np.int64)]),
+            "id": np.concatenate([self.labeled["id"], np.asarray(ids, dtype=np.int64)]),
+            "label": np.concatenate([self.labeled["label"], np.asarray(labels, dtype=np.int64)]),
+            "round": np.concatenate([self.labeled["round"], np.full(len(ids), r, dtype=np.int64)]),
         }
+
+    def complete_round(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """The half of a round after its labels arrived: (asvp: monitor, maybe refresh), train the
+        proxy, evaluate, record and commit. Returns the round's record."""
+        from asvp_ray.alignment import RoundState
+
+        r, seconds, extra = batch["round"], dict(batch["seconds"]), dict(batch["extra"])
         refreshed = False
         if self.cfg.method == "asvp":
             with self._timed(seconds, "monitor"):
                 scores = self._monitor()
             self.history.append(RoundState(round=r, n_labeled=int(len(self.labeled["id"])), scores=scores))
-            probe = None
-            if getattr(self.policy, "requires_probe", False):
-                probe = self._probe_fn(seconds)
+            probe = self._probe_fn(seconds) if getattr(self.policy, "requires_probe", False) else None
             decision = self.policy.decide(self.history, probe=probe)
             extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
             log.info("round %d alignment %s -> %s", r, scores, decision.reason)
@@ -423,9 +448,10 @@ class Driver:
         if self.test is not None:
             with self._timed(seconds, "evaluate"):
                 test_acc = float(self.proxy.score(self.test_features, self.test_labels))
+        n_new = int((self.labeled["round"] == r).sum())
         record = {
-            "round": r, "n_labeled": int(len(self.labeled["id"])), "n_selected": int(len(chosen)),
-            "selected_by": "random" if strategy is self.cold_start else self.cfg.strategy,
+            "round": r, "n_labeled": int(len(self.labeled["id"])), "n_selected": int(len(batch["ids"])),
+            "n_labels_bought": n_new, "selected_by": batch["selected_by"],
             "feature_version": self.feature_version, "refreshed": refreshed,
             "proxy_train_accuracy": round(float(train_acc), 6),
             "proxy_test_accuracy": None if test_acc is None else round(test_acc, 6),
@@ -433,12 +459,67 @@ class Driver:
         }
         self.summary["rounds"].append(record)
         self.next_round = r + 1
+        self.open_round = None
         self._commit()
         if refreshed:
             self._prune_versions()
-        log.info("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, len(chosen), record["selected_by"],
+        log.info("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, n_new, record["selected_by"],
                  record["n_labeled"], record["proxy_test_accuracy"])
         return record
+
+    def run_round(self) -> Dict[str, Any]:
+        """One whole round with the configured (non-human) oracle. Returns its record."""
+        if self.oracle is None:
+            raise ConfigError(f"{self.rd.path} uses oracle: human, so rounds run one step at a time: "
+                              f"`asvp-ray select {self.rd.path}`, label queries/round-K.csv, then "
+                              f"`asvp-ray label {self.rd.path} FILE`")
+        batch = self.select_batch()
+        with self._timed(batch["seconds"], "label", cpus=0.0):
+            labels = self.oracle.label(batch["ids"])
+        self.add_labels(batch["ids"], labels, batch["round"])
+        return self.complete_round(batch)
+
+    def human_select(self, close: bool = False) -> Dict[str, Any]:
+        """Close the open round (if any) and open the next one for human labellers.
+
+        Args:
+            close: close the open round even though some of its ids are still unlabelled (they
+                return to the pool, unbought).
+
+        Returns:
+            ``{"closed": record or None, "opened": {...} or None, "done": bool}``.
+
+        Raises:
+            RunDirError: the open round still has pending ids and ``close`` is False.
+        """
+        from asvp_ray.loop.human import pending_ids, write_queries
+
+        out: Dict[str, Any] = {"closed": None, "opened": None, "done": False}
+        if self.open_round is not None:
+            r = self.open_round["round"]
+            pend = pending_ids(self.rd)
+            n_done = int((self.labeled["round"] == r).sum())
+            if len(pend) and not close:
+                raise RunDirError(
+                    f"round {r} still has {len(pend)} pending id(s) (queries/round-{r}.csv); import their labels "
+                    f"with `asvp-ray label {self.rd.path} FILE`, or pass --close to close round {r} with the "
+                    f"{n_done} label(s) it has")
+            if n_done == 0:
+                raise RunDirError(f"round {r} has no labels yet; import some with `asvp-ray label` before closing it")
+            batch = dict(self.open_round, ids=np.asarray(self.open_round["ids"], dtype=np.int64))
+            out["closed"] = self.complete_round(batch)
+        if self.rounds_done:
+            out["done"] = True
+            return out
+        batch = self.select_batch()
+        files = write_queries(self.rd, batch["round"], batch["ids"], self.pool.paths(batch["ids"]), self.classes)
+        self.open_round = {"round": batch["round"], "ids": batch["ids"].tolist(), "selected_by": batch["selected_by"],
+                           "seconds": batch["seconds"], "extra": batch["extra"]}
+        self._commit()
+        out["opened"] = {"round": batch["round"], "n": int(len(batch["ids"])), "selected_by": batch["selected_by"],
+                         "files": [str(f) for f in files]}
+        log.info("round %d opened: %d ids for labellers in %s", batch["round"], len(batch["ids"]), files[0])
+        return out
 
     def _probe_fn(self, seconds: Dict[str, float]):
         """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
@@ -497,7 +578,8 @@ class Driver:
         self.summary["ledger"] = self.ledger.to_json()
         self.rd.write_summary(self.summary)
         self.rd.write_state({"next_round": self.next_round, "feature_version": self.feature_version,
-                             "n_labeled": int(len(self.labeled["id"])), "final_done": self.final_done})
+                             "n_labeled": int(len(self.labeled["id"])), "final_done": self.final_done,
+                             "open_round": self.open_round})
 
     def run(self) -> Dict[str, Any]:
         """Prepare and run every remaining round; returns the summary."""
