@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asvp_ray._faults import fault_point
 from asvp_ray.errors import BadInputError, RunDirError
 
 ROWS_PER_FILE = 262_144
@@ -154,6 +155,8 @@ class VersionWriter:
         if split not in self.splits:
             self.splits[split] = _SplitWriter(self.tmp if split == POOL else self.tmp / split)
         self.splits[split].add(ids, feats)
+        self._batches = getattr(self, "_batches", 0) + 1
+        fault_point(f"extract:v{self.version}:batch{self._batches}")
 
     def commit(self) -> Path:
         """Flush everything, write meta.json last, and rename the folder into place."""

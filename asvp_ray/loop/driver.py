@@ -7,6 +7,7 @@ resumed run draws exactly what an uninterrupted one would). The CLI only talks t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
@@ -175,7 +177,9 @@ class Driver:
         self.summary["rounds"] = [r for r in self.summary.get("rounds", []) if r["round"] < self.next_round]
         if not self.final_done:
             self.summary.pop("final", None)
-        self.ledger = self._new_ledger(self.summary.get("ledger"), before_round=self.next_round)
+        # entries of uncommitted work are dropped; a committed final model keeps its own
+        self.ledger = self._new_ledger(self.summary.get("ledger"),
+                                       before_round=None if self.final_done else self.next_round)
         self.ledger.add_labels(len(self.labeled["id"]))
         if getattr(self, "_pending_extract", None):
             self.ledger.add("extract", self._pending_extract, **self._extract_resources())
@@ -310,6 +314,7 @@ class Driver:
                ledger_phase: Optional[str] = None):
         """Time a phase into the round's ``seconds`` and the cost ledger."""
         self._progress = {"phase": phase, "round": self.next_round}
+        fault_point(f"phase:{phase}:r{self.next_round}")
         t0 = time.perf_counter()
         try:
             yield
@@ -618,6 +623,7 @@ def driver_actor(config: Config, out: str):
 
     node = ray.get_runtime_context().get_node_id()
     Actor = ray.remote(Driver)
-    return Actor.options(num_cpus=0, max_concurrency=4,
+    env = {k: v for k, v in os.environ.items() if k.startswith("ASVP_")}
+    return Actor.options(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None,
                          scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
                          ).remote(config.model_dump(mode="json"), str(Path(out).resolve()))
