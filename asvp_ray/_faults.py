@@ -12,6 +12,22 @@ import signal
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process if ``$ASVP_KILL_AT`` names this point."""
-    if os.environ.get("ASVP_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process if ``$ASVP_KILL_AT`` names this point.
+
+    With ``$ASVP_KILL_ONCE`` set to a file path, only the first process to reach the point dies
+    (it creates the file first), so a restarted worker gets past it.
+    """
+    if os.environ.get("ASVP_KILL_AT") != name:
+        return
+    marker = os.environ.get("ASVP_KILL_ONCE")
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_env() -> dict:
+    """The ``ASVP_*`` variables to forward to Ray workers (runtime_env), so faults reach them."""
+    return {k: v for k, v in os.environ.items() if k.startswith("ASVP_")}

@@ -154,3 +154,34 @@ def test_actor_plan_leaves_a_cpu_for_reads():
 def test_smoke_config_builds_its_sources():
     cfg = load_config(str(SMOKE))
     assert len(build_source(cfg.data.pool)) == 400 and len(build_source(cfg.data.test)) == 200
+
+
+def test_extraction_actor_killed_mid_job_is_replaced_with_equal_features(ray_local, tmp_path, monkeypatch):
+    pool = FashionMNISTSource(split="train", limit=300)
+    clean = FeatureStore(tmp_path / "clean")
+    extract_to_store(clean, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False))
+    monkeypatch.setenv("ASVP_KILL_AT", "extract_actor:batch3")
+    monkeypatch.setenv("ASVP_KILL_ONCE", str(tmp_path / "killed-once"))
+    faulty = FeatureStore(tmp_path / "faulty")
+    extract_to_store(faulty, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False))
+    assert (tmp_path / "killed-once").exists()  # an actor really died on its third batch
+    ids_a, fa = clean.read(0)
+    ids_b, fb = faulty.read(0)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_in_a_feature_file_is_reported(tmp_path):
+    from asvp_ray.features.store import features_to_arrow
+    import pyarrow.parquet as pq
+
+    store = FeatureStore(tmp_path / "features")
+    with store.writer(0, {}) as w:
+        w.add(np.arange(4), np.ones((4, 3), dtype=np.float32))
+        w.commit()
+    part = next(store.path(0).glob("part-*.parquet"))
+    bad = np.ones((4, 3), dtype=np.float32)
+    bad[2, 1] = np.nan
+    pq.write_table(features_to_arrow(np.arange(4), bad), part)
+    with pytest.raises(BadInputError, match=r"NaN or infinite values for ids \[2\].*delete"):
+        store.read(0)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from asvp_ray._faults import fault_env, fault_point
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
 from asvp_ray.features.store import POOL, FeatureStore
@@ -91,9 +92,12 @@ class FeatureExtractor:
         torch_threads: intra-op threads for this actor.
         device: ``cpu`` or ``cuda``.
         amp: bf16 autocast on CUDA.
+        with_head: also apply the checkpoint's linear head (a ``finetune`` model file) and output
+            class probabilities in a ``probs`` column (float32, (B, C)).
     """
 
-    def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str, amp: bool):
+    def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str, amp: bool,
+                 with_head: bool = False):
         import torch
 
         torch.set_num_threads(int(torch_threads))
@@ -102,26 +106,46 @@ class FeatureExtractor:
         self.amp = amp and device == "cuda"
         self.model = create_backbone(self.spec, checkpoint).to(device)
         self.pre = Preprocessor(data_config(self.spec, self.model))
+        self.head = None
+        if with_head:
+            from asvp_ray.train.finetune import load_head
+
+            if checkpoint is None:
+                raise BadInputError("class probabilities need a fine-tuned model file (checkpoint=...) with a head")
+            self.head = load_head(checkpoint).to(device)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
 
+        self._batches = getattr(self, "_batches", 0) + 1
+        fault_point(f"extract_actor:batch{self._batches}")
         ids = np.asarray(batch["id"], dtype=np.int64)
         errors = np.asarray(batch["error"], dtype=object)
         ok = errors == ""
         images = batch["image"]
         feats = None
+        probs = None
         if ok.any():
             imgs = images[ok] if not ok.all() else images
             x = self.pre(imgs).to(self.device, non_blocking=True)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 f = self.model(x)
+            if self.head is not None:
+                with torch.inference_mode():  # the head in float32: probabilities feed margins
+                    p = torch.softmax(self.head(f.float()), dim=1).cpu().numpy()
+                probs = np.zeros((len(ids), p.shape[1]), dtype=np.float32)
+                probs[ok] = p
             f = f.float().cpu().numpy()
             feats = np.zeros((len(ids), f.shape[1]), dtype=np.float32)
             feats[ok] = f
         else:
             feats = np.zeros((len(ids), 1), dtype=np.float32)
-        return {"id": ids, "feature": feats, "error": errors}
+            if self.head is not None:
+                probs = np.zeros((len(ids), self.head.out_features), dtype=np.float32)
+        out = {"id": ids, "feature": feats, "error": errors}
+        if probs is not None:
+            out["probs"] = probs
+        return out
 
 
 _WRAPPED = re.compile(r"asvp_ray\.errors\.(\w+): (.+)")
@@ -154,7 +178,7 @@ def unwrap_error(e: BaseException) -> BaseException:
 
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
             skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
-            ) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple[int, str]]]]:
+            with_head: bool = False) -> Iterator[Tuple]:
     """Stream features of a source's images through the actor pool.
 
     Args:
@@ -165,9 +189,11 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         checkpoint: fine-tuned backbone weights (feature refresh).
         skip_unreadable: report unreadable images instead of failing.
         on_rows: called with the number of rows finished after each batch (progress).
+        with_head: also score with the head of ``checkpoint`` (a ``finetune`` model file).
 
     Yields:
-        (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order.
+        (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order;
+        with ``with_head``, a fourth item: class probabilities float32 (B, C).
 
     Raises:
         BadInputError: an unreadable image (unless skipped), naming its id and path.
@@ -181,12 +207,13 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
-                                   device=plan.device, amp=cfg.amp),
+                                   device=plan.device, amp=cfg.amp, with_head=with_head),
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
         batch_format="numpy",
+        runtime_env={"env_vars": fault_env()} if fault_env() else None,
         # Ray Data's actor pools restart a dead actor and retry its batches by default
         # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
     )
@@ -199,7 +226,10 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
             feats = np.asarray(batch["feature"], dtype=np.float32)
             if on_rows is not None:
                 on_rows(len(b_ids))
-            yield b_ids[ok], feats[ok], skipped
+            if with_head:
+                yield b_ids[ok], feats[ok], skipped, np.asarray(batch["probs"], dtype=np.float32)[ok]
+            else:
+                yield b_ids[ok], feats[ok], skipped
     except Exception as e:  # noqa: BLE001 - surface the user-facing cause, not Ray's wrapper
         inner = unwrap_error(e)
         if inner is not e:

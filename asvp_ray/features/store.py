@@ -12,6 +12,7 @@ looks complete; leftovers are removed by the next writer.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -46,11 +47,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise RunDirError(f"no space left on the device while writing {path}; the previous version of it "
+                              "is intact. Free disk space and rerun the same command to continue.") from None
+        raise
     fsync_dir(path.parent)
 
 
@@ -259,6 +267,11 @@ class FeatureStore:
         self.meta(version)
         table = pa.concat_tables([pq.read_table(f) for f in self._files(version, split)])
         ids, feats = arrow_to_features(table)
+        finite = np.isfinite(feats).all(axis=1)
+        if not finite.all():
+            raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
+                                f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
+                                f"{self.path(version)} and rerun to extract it again")
         order = np.argsort(ids, kind="stable")
         if not np.all(order == np.arange(len(ids))):
             ids, feats = ids[order], feats[order]

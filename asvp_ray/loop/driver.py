@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from asvp_ray._faults import fault_point
+from asvp_ray._faults import fault_env, fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
@@ -623,7 +623,7 @@ def driver_actor(config: Config, out: str):
 
     node = ray.get_runtime_context().get_node_id()
     Actor = ray.remote(Driver)
-    env = {k: v for k, v in os.environ.items() if k.startswith("ASVP_")}
+    env = fault_env()
     return Actor.options(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None,
                          scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
                          ).remote(config.model_dump(mode="json"), str(Path(out).resolve()))
