@@ -263,13 +263,34 @@ class TestBadge(FeatureContract):
 
     @pytest.mark.parametrize("first", ["random", "max_norm"])
     @pytest.mark.parametrize("labeled,chunk", [(0, 65536), (12, 7), (50, 64)])
-    def test_matches_naive(self, first, labeled, chunk):
-        pool = random_pool(250, 5, labeled, seed=labeled + 2, c=3, chunk_size=chunk, clustered=True)
+    @pytest.mark.parametrize("dim", [5, 16])  # 4 C > H: norm bound; 4 C <= H: class-factor bound
+    def test_matches_naive(self, first, labeled, chunk, dim):
+        pool = random_pool(250, dim, labeled, seed=labeled + 2, c=3, chunk_size=chunk, clustered=True)
         got = STRATEGIES.create("badge", first=first, execution="local").select(pool, 60, np.random.default_rng(4))
         un = pool.unlabeled_positions()
         E = gradient_embedding_parts(pool.probs[un])
         want = un[naive_badge(E, pool.features[un], 60, np.random.default_rng(4), first)]
         np.testing.assert_array_equal(got, to_ids(pool, want))
+
+    def test_bound_skips_most_rows_and_stays_exact(self):
+        # Confident probabilities (one class per cluster): most rows cannot move to a centre
+        # of another class, and the class-factor bound proves it without their H products.
+        rng = np.random.default_rng(3)
+        n_rows, c = 3000, 5
+        cluster = rng.integers(0, c, n_rows)
+        X = (3.0 * rng.standard_normal((c, 24))[cluster] + rng.standard_normal((n_rows, 24))).astype(np.float32)
+        logits = 6.0 * np.eye(c)[cluster] + rng.standard_normal((n_rows, c))
+        probs = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+        mask = np.zeros(n_rows, dtype=bool)
+        mask[:30] = True
+        pool = PoolView(ids=pool_ids(n_rows), features=X, labeled_mask=mask, probs=probs, chunk_size=4096)
+        strategy = STRATEGIES.create("badge", execution="local")
+        got = strategy.select(pool, 80, np.random.default_rng(0))
+        un = pool.unlabeled_positions()
+        want = un[naive_badge(gradient_embedding_parts(probs[un]), X[un], 80, np.random.default_rng(0))]
+        np.testing.assert_array_equal(got, to_ids(pool, want))
+        evals = strategy.last_stats_[0]["dist_evals"]
+        assert evals < 0.5 * len(un) * 80, evals
 
     def test_factorised_distance_equals_explicit(self):
         rng = np.random.default_rng(0)
@@ -322,7 +343,10 @@ class TestTypiClust(FeatureContract):
     name = "typiclust"
     kwargs = {"backend": "sklearn"}
 
-    @pytest.mark.parametrize("labeled,n,k_nn,max_clusters", [(0, 12, 20, 500), (15, 20, 5, 500), (30, 40, 20, 8)])
+    # The last two revisit clusters many times: neighbour lists are updated incrementally.
+    @pytest.mark.parametrize(
+        "labeled,n,k_nn,max_clusters", [(0, 12, 20, 500), (15, 20, 5, 500), (30, 40, 20, 8), (20, 60, 3, 4)]
+    )
     def test_matches_naive(self, labeled, n, k_nn, max_clusters):
         pool = random_pool(240, 5, labeled, seed=labeled + 3, clustered=True)
         strategy = STRATEGIES.create("typiclust", backend="sklearn", k_neighbors=k_nn, max_clusters=max_clusters)

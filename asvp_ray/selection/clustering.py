@@ -108,6 +108,29 @@ def kmeans_labels(
 
 
 # ============================================================================ TypiClust
+def _knn_rows(Xq: np.ndarray, sq_q: np.ndarray, X: np.ndarray, sq: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices and squared distances of the k + 1 nearest rows of X (self included) for Xq."""
+    m = len(X)
+    idx = np.empty((len(Xq), k + 1), dtype=np.int64)
+    dist = np.empty((len(Xq), k + 1), dtype=np.float32)
+    step = max(1, BLOCK_ELEMENTS // max(m, 1))
+    for s in range(0, len(Xq), step):
+        d = Xq[s : s + step] @ X.T
+        d *= -2.0
+        d += sq_q[s : s + step, None]
+        d += sq[None, :]
+        np.maximum(d, 0.0, out=d)
+        part = np.argpartition(d, k, axis=1)[:, : k + 1] if k + 1 < m else np.broadcast_to(np.arange(m), d.shape)
+        idx[s : s + step] = part
+        dist[s : s + step] = np.take_along_axis(d, part, axis=1)
+    return idx, dist
+
+
+def _mean_without_self(dist: np.ndarray, k: int) -> np.ndarray:
+    # The smallest of the k + 1 is the row itself (distance 0, or a duplicate's 0).
+    return (dist.sum(axis=1, dtype=np.float64) - dist.min(axis=1)) / k
+
+
 def knn_mean_sqdist(X: np.ndarray, k: int) -> np.ndarray:
     """Mean squared Euclidean distance of every row to its k nearest other rows (exact).
 
@@ -119,21 +142,59 @@ def knn_mean_sqdist(X: np.ndarray, k: int) -> np.ndarray:
         float64 (m,).
     """
     X = _as_f32(X)
-    m = len(X)
     sq = _row_sqnorms(X).astype(np.float32)
-    out = np.empty(m, dtype=np.float64)
-    step = max(1, BLOCK_ELEMENTS // max(m, 1))
-    for s in range(0, m, step):
-        q = X[s : s + step]
-        d = q @ X.T
-        d *= -2.0
-        d += sq[s : s + step, None]
-        d += sq[None, :]
-        np.maximum(d, 0.0, out=d)
-        near = np.partition(d, k, axis=1)[:, : k + 1]
-        # The smallest of the k + 1 is the row itself (distance 0, or a duplicate's 0).
-        out[s : s + step] = (near.sum(axis=1, dtype=np.float64) - near.min(axis=1)) / k
-    return out
+    return _mean_without_self(_knn_rows(X, sq, X, sq, k)[1], k)
+
+
+class _ClusterTypicality:
+    """Typicality of one cluster's remaining candidates, updated exactly when one is taken.
+
+    Removing a row changes only the neighbour lists that contained it; those rows are
+    searched again, all others keep theirs (unless k = min(k_neighbors, m // 2) changes).
+    """
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray, k_neighbors: int):
+        self.X = X
+        self.rows = rows
+        self.k_neighbors = k_neighbors
+        self._knn = None
+
+    def _full(self) -> None:
+        F = _as_f32(self.X[self.rows])
+        self._F, self._sq = F, _row_sqnorms(F).astype(np.float32)
+        self._k = min(self.k_neighbors, len(self.rows) // 2)
+        self._knn, self._dist = _knn_rows(F, self._sq, F, self._sq, self._k)
+
+    def take_most_typical(self) -> int:
+        """Pool position of the most typical remaining row (ties: the lower row); removes it."""
+        m = len(self.rows)
+        if m == 1:
+            best = 0
+        else:
+            if self._knn is None:
+                self._full()
+            best = int(np.argmin(_mean_without_self(self._dist, self._k)))
+        pos = int(self.rows[best])
+        self._remove(best)
+        return pos
+
+    def _remove(self, j: int) -> None:
+        self.rows = np.delete(self.rows, j)
+        m = len(self.rows)
+        if self._knn is None or m < 2 or min(self.k_neighbors, m // 2) != self._k:
+            self._knn = None
+            return
+        hit = (self._knn == j).any(axis=1)
+        keep = np.ones(m + 1, dtype=bool)
+        keep[j] = False
+        self._F, self._sq = self._F[keep], self._sq[keep]
+        knn, dist = self._knn[keep], self._dist[keep]
+        hit = hit[keep]
+        knn[knn > j] -= 1
+        if hit.any():
+            q = np.flatnonzero(hit)
+            knn[q], dist[q] = _knn_rows(self._F[q], self._sq[q], self._F, self._sq, self._k)
+        self._knn, self._dist = knn, dist
 
 
 def typiclust_order(labels: np.ndarray, mask: np.ndarray, n_clusters: int, min_cluster_size: int) -> Tuple[List[int], List[int]]:
@@ -207,23 +268,20 @@ class TypiClustSampling(Strategy):
         cand = pool.unlabeled_positions()
         cand = cand[np.argsort(labels[cand], kind="stable")]
         bounds = np.searchsorted(labels[cand], np.arange(k + 1))
-        remaining = {c: cand[bounds[c] : bounds[c + 1]] for c in range(k) if bounds[c + 1] > bounds[c]}
+        remaining = {
+            c: _ClusterTypicality(X, cand[bounds[c] : bounds[c + 1]], int(self.k_neighbors))
+            for c in range(k)
+            if bounds[c + 1] > bounds[c]
+        }
         picks: List[int] = []
         for group in (big, small):
             group = [c for c in group if c in remaining]
             while len(picks) < n and group:
                 for c in group:
-                    rows = remaining[c]
-                    if len(rows) == 1:
-                        best = 0
-                    else:
-                        kk = min(int(self.k_neighbors), len(rows) // 2)
-                        best = int(np.argmin(knn_mean_sqdist(X[rows], kk)))
-                    picks.append(int(rows[best]))
-                    remaining[c] = np.delete(rows, best)
+                    picks.append(remaining[c].take_most_typical())
                     if len(picks) == n:
                         break
-                group = [c for c in group if len(remaining[c])]
+                group = [c for c in group if len(remaining[c].rows)]
         return np.asarray(picks, dtype=np.int64)
 
     def __repr__(self) -> str:

@@ -17,10 +17,11 @@ rows labelled by anyone in between are added as centres lazily; a round's setup 
 **badge** (Ash et al., 2020): k-means++ seeding on gradient embeddings
 ``g_i = (p_i - onehot(argmax p_i)) (x) h_i``. With ``e_i = p_i - onehot(argmax p_i)``,
 ``||g_i - g_j||^2 = ||e_i||^2 ||h_i||^2 + ||e_j||^2 ||h_j||^2 - 2 (e_i . e_j)(h_i . h_j)``,
-so a distance costs O(H + C), never O(H x C). Each row remembers its nearest centre; a new
-centre c can only move rows of a centre a with ``d(c, a) < 2 * radius(a)`` (triangle
-inequality), so whole clusters are skipped exactly. The D^2 weights are kept with per-block
-sums, so each draw touches one block.
+so a distance costs O(H + C), never O(H x C). A new centre can lower a row's D^2 only if
+their distance is below it, and Cauchy-Schwarz on h bounds that distance from below by
+``||g_i||^2 + ||g_c||^2 - 2 |e_i . e_c| ||h_i|| ||h_c||``, which costs O(C): the O(H)
+products are computed only for the rows the bound cannot rule out, in one fused chunked pass.
+The D^2 weights are kept with per-block sums, so each draw reads one block.
 
 Both run on one in-process shard or on shards held by Ray actors
 (:mod:`asvp_ray.selection.sharded`), with the same code and the same picks.
@@ -49,8 +50,6 @@ FIRST_CENTRE = ("random", "max_norm")
 DISTANCE_CHUNK = 16384
 # Elements of one (rows x centres) block of a refresh: 4 Mi -> 16 MiB float32 + 32 MiB float64.
 BLOCK_ELEMENTS = 1 << 22
-# Relative slack of BADGE's cluster skip test, far above float32 rounding of the distances.
-SKIP_SLACK = 1e-4
 
 
 def _pos_int(where: str, name: str, value: Any) -> None:
@@ -72,8 +71,8 @@ def _need_features(where: str, pool: PoolView) -> np.ndarray:
 
 def _row_sqnorms(x: np.ndarray) -> np.ndarray:
     """Squared row norms in float64 (one definition for rows and centres, so d(x, x) = 0)."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    return np.einsum("ij,ij->i", x, x)
 
 
 def _first_bad_row(values: np.ndarray) -> int:
@@ -607,6 +606,12 @@ def _embed_rows(features, rows: np.ndarray, probs, model, chunk: int, start: int
 class GradEmbShard:
     """k-means++ state on gradient embeddings of one shard's unlabelled rows.
 
+    A new centre c can lower ``D^2_i`` only if ``d(i, c)^2 < D^2_i``. By Cauchy-Schwarz on h,
+    ``d(i, c)^2 >= ||g_i||^2 + ||g_c||^2 - 2 |e_i . e_c| ||h_i|| ||h_c||``: one (N x C)
+    product gives this bound for every row, and the (rows x H) product is computed only for
+    the rows the bound cannot rule out (confident rows of other classes never pass). With
+    many classes (C > H / 4) the cheaper norm bound ``(||g_i|| - ||g_c||)^2`` is used.
+
     Args:
         features: (m, D) rows of the shard.
         start: pool position of the shard's first row.
@@ -616,8 +621,8 @@ class GradEmbShard:
             ``embed_and_proba``; without hidden activations the features are h.
         chunk_rows: rows per embedding / distance chunk.
         block: rows per block of the D^2 weight sums.
-        dense_fraction: above this fraction of rows to update, one contiguous pass replaces
-            the gather of cluster members.
+        dense_fraction: above this fraction of candidate rows, contiguous passes replace the
+            gather of candidate rows.
     """
 
     def __init__(
@@ -629,7 +634,7 @@ class GradEmbShard:
         model: Any,
         chunk_rows: int,
         block: int = 2048,
-        dense_fraction: float = 0.35,
+        dense_fraction: float = 0.5,
     ):
         self.start = int(start)
         self.rows = np.flatnonzero(~np.asarray(mask, dtype=bool)).astype(np.int64)
@@ -637,58 +642,30 @@ class GradEmbShard:
         self.mu = len(self.rows)
         self.chunk_rows = int(chunk_rows)
         self.dense_fraction = float(dense_fraction)
-        self.a = _row_sqnorms(self.E) * _row_sqnorms(self.H)
+        self.hn = np.sqrt(_row_sqnorms(self.H))
+        self.a = _row_sqnorms(self.E) * self.hn**2
+        self.gn = np.sqrt(self.a)
+        self.use_class_bound = 4 * self.E.shape[1] <= self.H.shape[1]
         self.valid = np.ones(self.mu, dtype=bool)
         self.n_valid = self.mu
         self.B = int(block)
         self.nb = max(1, -(-self.mu // self.B))
         self.W = np.zeros(self.nb * self.B, dtype=np.float64)
-        self.D2 = self.W[: self.mu]  # min squared distance; 0 for taken rows (view of W)
+        self.D2 = self.W[: self.mu]  # min squared distance; 0 for taken rows (a view of W)
         self.bsum = np.zeros(self.nb, dtype=np.float64)
         self.k = 0
-        C, H = self.E.shape[1], self.H.shape[1]
-        self.cE = np.empty((64, C), np.float32)
-        self.cH = np.empty((64, H), np.float32)
-        self.ca = np.empty(64, np.float64)
-        self.R2 = np.empty(64, np.float64)
-        self.members: List[np.ndarray] = []
-        #: rows whose distance to a new centre was computed, for benchmarks.
+        #: full distance evaluations (rows x centres), for benchmarks.
         self.dist_evals = 0
-
-    # ------------------------------------------------------------------ geometry
-    def _dist(self, sl, e: np.ndarray, h: np.ndarray, a: float) -> np.ndarray:
-        d = (self.E[sl] @ e).astype(np.float64)
-        d *= self.H[sl] @ h
-        d *= -2.0
-        d += self.a[sl]
-        d += a
-        np.maximum(d, 0.0, out=d)
-        return d
-
-    def _dist_all(self, e, h, a) -> np.ndarray:
-        out = np.empty(self.mu, dtype=np.float64)
-        for s in range(0, self.mu, self.chunk_rows):
-            sl = slice(s, min(s + self.chunk_rows, self.mu))
-            out[sl] = self._dist(sl, e, h, a)
-        self.dist_evals += self.mu
-        return out
-
-    def _dist_rows(self, pos: np.ndarray, e, h, a) -> np.ndarray:
-        out = np.empty(len(pos), dtype=np.float64)
-        for s in range(0, len(pos), self.chunk_rows):
-            out[s : s + self.chunk_rows] = self._dist(pos[s : s + self.chunk_rows], e, h, a)
-        self.dist_evals += len(pos)
-        return out
 
     # ------------------------------------------------------------------ weights
     def _update_blocks(self, changed: np.ndarray) -> None:
         if len(changed) == 0:
             return
-        blocks = np.unique(changed // self.B)
         Wb = self.W.reshape(self.nb, self.B)
-        if len(blocks) * 4 > self.nb:
+        if len(changed) * 4 > self.nb:
             self.bsum = Wb.sum(axis=1)
         else:
+            blocks = np.unique(changed // self.B)
             self.bsum[blocks] = Wb[blocks].sum(axis=1)
 
     def total(self) -> float:
@@ -713,7 +690,7 @@ class GradEmbShard:
         return self.take(int(np.flatnonzero(self.valid)[int(r)]))
 
     def max_norm(self) -> Tuple[float, int]:
-        """(largest ||g||^2, its local row) among valid rows, ties to the lower row."""
+        """(largest ||g||^2, its pool position) among valid rows, ties to the lower row."""
         if self.n_valid == 0:
             return -np.inf, -1
         a = np.where(self.valid, self.a, -np.inf)
@@ -737,67 +714,61 @@ class GradEmbShard:
             i = int(np.flatnonzero(w > 0)[-1])
         return self.take(b * self.B + i)
 
-    def _push_centre(self, e, h, a, members: np.ndarray) -> None:
-        k = self.k
-        if k == len(self.ca):
-            cap = 2 * k
-            self.cE = np.concatenate([self.cE, np.empty_like(self.cE)])[:cap]
-            self.cH = np.concatenate([self.cH, np.empty_like(self.cH)])[:cap]
-            self.ca = np.concatenate([self.ca, np.empty_like(self.ca)])[:cap]
-            self.R2 = np.concatenate([self.R2, np.empty_like(self.R2)])[:cap]
-        self.cE[k], self.cH[k], self.ca[k] = e, h, a
-        self.R2[k] = float(self.D2[members].max()) if len(members) else 0.0
-        self.members.append(members)
-        self.k = k + 1
-
     def add_centre(self, e: np.ndarray, h: np.ndarray, a: float) -> float:
-        """Add a centre, update D^2 exactly (skipping clusters it cannot reach); returns the
-        shard's total D^2 weight."""
+        """Add a centre and lower D^2 exactly; returns the shard's total D^2 weight.
+
+        One fused pass over row chunks (cache-sized): class-factor products, the lower bound,
+        and hidden products only for the rows the bound keeps.
+        """
         e = np.asarray(e, dtype=np.float32)
         h = np.asarray(h, dtype=np.float32)
         a = float(a)
-        k = self.k
-        if k == 0:
-            d = self._dist_all(e, h, a)
-            self.D2[:] = np.where(self.valid, d, 0.0)
-            self._push_centre(e, h, a, np.flatnonzero(self.valid))
-            self.bsum = self.W.reshape(self.nb, self.B).sum(axis=1)
-            return self.total()
-        dcc = (self.cE[:k] @ e).astype(np.float64)
-        dcc *= self.cH[:k] @ h
-        dcc *= -2.0
-        dcc += self.ca[:k]
-        dcc += a
-        # A row x of cluster j moves only if d(x, c) < d(x, j) <= R_j, which needs
-        # d(c, j) < 2 R_j: clusters with d(c, j)^2 >= 4 R_j^2 are skipped, exactly.
-        active = np.flatnonzero(dcc < 4.0 * self.R2[:k] * (1.0 + SKIP_SLACK))
-        if len(active) == 0:
-            self._push_centre(e, h, a, np.empty(0, np.int64))
-            return self.total()
-        segs = [self.members[j] for j in active]
-        lens = np.fromiter((len(s) for s in segs), dtype=np.int64, count=len(segs))
-        pos = np.concatenate(segs)
-        if len(pos) > self.dense_fraction * self.mu:
-            d = self._dist_all(e, h, a)[pos]
-        else:
-            d = self._dist_rows(pos, e, h, a)
-        moved = d < self.D2[pos]
-        if not moved.any():
-            self._push_centre(e, h, a, np.empty(0, np.int64))
-            return self.total()
-        mv = pos[moved]
-        self.D2[mv] = d[moved]
-        keep = ~moved
-        cuts = np.cumsum(lens)[:-1]
-        starts = np.concatenate([[0], cuts])
-        kept_d2 = np.where(keep, self.D2[pos], 0.0)
-        self.R2[active] = np.maximum.reduceat(kept_d2, starts)
-        seg_moved = np.add.reduceat(moved, starts) > 0
-        for j, seg_pos, seg_keep, changed in zip(active, np.split(pos, cuts), np.split(keep, cuts), seg_moved):
-            if changed:
-                self.members[j] = seg_pos[seg_keep]
-        self._push_centre(e, h, a, mv)
-        self._update_blocks(mv)
+        first = self.k == 0
+        hc = float(np.sqrt(_row_sqnorms(h[None])[0]))
+        # Bound factor, loosened by 1e-5 relative against float32 rounding of the products.
+        scale = -2.0 * (hc if self.use_class_bound else np.sqrt(a)) * (1.0 + 1e-5)
+        cr = self.chunk_rows - self.chunk_rows % self.B if self.chunk_rows >= self.B else self.B
+        for s in range(0, self.mu, cr):
+            e_ = min(s + cr, self.mu)
+            ee = (self.E[s:e_] @ e).astype(np.float64)
+            D2 = self.D2[s:e_]
+            if first:
+                rows = None
+            else:
+                if self.use_class_bound:
+                    lb = np.abs(ee)
+                    lb *= self.hn[s:e_]
+                    lb *= scale
+                else:
+                    lb = self.gn[s:e_] * scale
+                lb += self.a[s:e_]
+                lb += a
+                rows = np.flatnonzero(lb < D2)
+                if len(rows) == 0:
+                    continue
+                if len(rows) > self.dense_fraction * (e_ - s):
+                    rows = None
+            if rows is None:
+                d = ee
+                d *= self.H[s:e_] @ h
+                self.dist_evals += e_ - s
+            else:
+                d = ee[rows]
+                d *= self.H[s + rows] @ h
+                self.dist_evals += len(rows)
+            d *= -2.0
+            d += self.a[s:e_] if rows is None else self.a[s + rows]
+            d += a
+            np.maximum(d, 0.0, out=d)
+            if first:
+                D2[:] = np.where(self.valid[s:e_], d, 0.0)
+            elif rows is None:
+                np.minimum(D2, d, out=D2)
+            else:
+                D2[rows] = np.minimum(D2[rows], d)
+            b0, b1 = s // self.B, -(-e_ // self.B)
+            self.bsum[b0:b1] = self.W[b0 * self.B : b1 * self.B].reshape(-1, self.B).sum(axis=1)
+        self.k += 1
         return self.total()
 
     def stats(self) -> dict:
