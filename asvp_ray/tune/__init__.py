@@ -1,0 +1,11 @@
+"""Ray Tune studies whose trials are asvp-ray runs: ``asvp-ray tune CONFIG --space SPACE --out DIR``.
+
+``space`` reads a YAML search space into a Tune ``param_space`` (validated against ``Config``);
+``study`` runs the Tuner (features extracted once into a shared cache, ASHA on the per-round
+proxy test accuracy, resume with ``Tuner.restore``) and writes the results table, the best
+config and a plot of the learning curves.
+"""
+from asvp_ray.tune.space import DISTRIBUTIONS, Param, SearchSpace, parse_space
+from asvp_ray.tune.study import StudyResult, run_study
+
+__all__ = ["DISTRIBUTIONS", "Param", "SearchSpace", "StudyResult", "parse_space", "run_study"]

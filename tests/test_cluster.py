@@ -1,0 +1,323 @@
+"""The cluster configs in cluster/ load and carry what a user needs; job submission works for real
+on a two-node Ray cluster on this machine, and the work spreads over both nodes."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import List, Set
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CLUSTER = ROOT / "cluster"
+BIN = Path(sys.executable).parent
+IMAGE_ROOT = Path("/app")  # where cluster/Dockerfile puts the repository inside the image
+
+
+def _load(name: str):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _load_all(name: str) -> List[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d is not None]
+
+
+# ---------------------------------------------------------------------------------- the configs
+def test_every_cluster_yaml_loads_and_is_commented():
+    files = sorted(CLUSTER.rglob("*.yaml"))
+    names = {str(f.relative_to(CLUSTER)) for f in files}
+    assert {"aws-gpu.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"} <= names
+    for f in files:
+        text = f.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        assert docs and all(isinstance(d, dict) for d in docs), f
+        assert text.lstrip().startswith("#"), f"{f} starts without a comment saying how to use it"
+
+
+def test_launcher_config_is_valid_for_the_ray_cluster_launcher():
+    import jsonschema
+    import ray.autoscaler
+
+    cfg = _load("aws-gpu.yaml")
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert "InstanceType" in head["node_config"]
+    gpu = [v for v in workers.values() if v["node_config"]["InstanceType"].startswith(("g", "p"))]
+    assert gpu, "no GPU worker type (g*/p* instance)"
+    assert all(v["max_workers"] > v["min_workers"] for v in gpu), "GPU workers do not autoscale"
+    setup = " ".join(cfg["setup_commands"])
+    assert "pip install" in setup and "asvp-ray" in setup and "ray[" in setup
+    assert any(dst.endswith("asvp-ray") for dst in cfg["file_mounts"])
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+    assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
+    assert all("RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands",
+                                                                      "worker_start_ray_commands"))
+    assert "/mnt/runs" in setup, "no shared file system for run directories"
+
+
+def _raycluster():
+    docs = _load_all("kuberay/raycluster.yaml")
+    rc = next(d for d in docs if d["kind"] == "RayCluster")
+    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    return rc, pvc
+
+
+def _containers(group: dict) -> List[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def test_kuberay_raycluster_has_images_gpu_workers_and_a_shared_volume():
+    rc, pvc = _raycluster()
+    assert rc["apiVersion"] == "ray.io/v1"
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    groups = [head] + spec["workerGroupSpecs"]
+    for g in groups:
+        c = _containers(g)[0]
+        assert c["image"] and ":" in c["image"]
+        assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in g["template"]["spec"]["volumes"]}
+        assert mounts["runs"] == "/runs" and claims["runs"] == pvc["metadata"]["name"]
+    gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in _containers(g)[0]["resources"]["limits"]]
+    assert gpu and all(int(_containers(g)[0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in gpu)
+    assert all(g["maxReplicas"] > g["minReplicas"] for g in gpu)
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # The Ray version of the image and of rayVersion agree.
+    assert spec["rayVersion"] in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_rayjob_entrypoint_is_a_valid_asvp_ray_run_command():
+    from typer.main import get_command
+
+    from asvp_ray.cli import app
+    from asvp_ray.config import load_config
+
+    rc, _ = _raycluster()
+    job = _load("kuberay/rayjob.yaml")
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["asvp-ray", "run"]
+    group = get_command(app)
+    cmd = group.get_command(None, argv[1])  # type: ignore[arg-type]
+    ctx = cmd.make_context(argv[1], argv[2:])  # raises on an unknown option or a missing --out
+    params = ctx.params
+    # The config is the repository's file, baked into the image by cluster/Dockerfile.
+    local = ROOT / Path(params["config"]).relative_to(IMAGE_ROOT)
+    cfg = load_config(str(local), params["set_"])  # the overrides are valid config keys and values
+    assert cfg.extract.device == "cuda"
+    assert Path(params["out"]).is_relative_to("/runs"), "the run directory is not on the shared volume"
+    assert "COPY --chown=ray:users examples ./examples" in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_runtime_env_is_a_valid_ray_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    env = _load("runtime_env.yaml")
+    RuntimeEnv(**env)
+    assert env["working_dir"] == "."
+    # An unanchored "data/" would also drop the package folder asvp_ray/data/.
+    assert "/data/" in env["excludes"] and "data/" not in env["excludes"]
+    assert "/.venv/" in env["excludes"]
+
+
+def test_cluster_readme_walks_through_every_config():
+    text = (CLUSTER / "README.md").read_text()
+    for f in ["aws-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "runtime_env.yaml", "Dockerfile",
+              "ray job submit", "RAY_AUTH_MODE", "asvp-ray tune"]:
+        assert f in text, f
+
+
+# ---------------------------------------------------------------------------------- a real cluster
+def _sid(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LoopbackCluster:
+    """A two-node Ray cluster on this machine, started with ``ray start`` in new sessions.
+
+    Its processes are found by their session id (each ``ray start`` runs in a session of its
+    own, and every Ray process it starts stays in it) or by the cluster's private temp dir in
+    their command line, and are stopped by pid: ``ray stop`` would stop every Ray on the machine.
+    Every port is chosen free, and each node has its own ``--temp-dir``, so that neither this
+    cluster nor the test session's local Ray find each other.
+    """
+
+    def __init__(self, cpus_per_node: int = 2):
+        self.tmp = Path(tempfile.mkdtemp(prefix="asvp-rc-", dir="/tmp"))  # short: Ray's socket paths
+        self.cpus = cpus_per_node
+        self._ports: Set[int] = set()
+        self.gcs_port, self.dashboard_port = self._free_port(), self._free_port()
+        token = secrets.token_hex(32)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Token authentication, the same token for both nodes and the job client.
+            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+            # Ray processes that look the cluster up (Ray Train's placement-group cleaner) find
+            # this one, not another Ray instance on the machine.
+            RAY_ADDRESS=f"127.0.0.1:{self.gcs_port}",
+            RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1", RAY_DEDUP_LOGS="0",
+        )
+        self.sessions: List[int] = []
+
+    def _free_port(self) -> int:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in self._ports and not 10002 <= port <= 19999:  # Ray's default worker ports
+                self._ports.add(port)
+                return port
+
+    def _node_ports(self) -> List[str]:
+        names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
+        return [f"--{n}={self._free_port()}" for n in names]
+
+    def _start(self, name: str, args: List[str]) -> None:
+        log = self.tmp / f"{name}.log"
+        with open(log, "w") as f:
+            p = subprocess.Popen([str(BIN / "ray"), "start", *args], env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True, cwd=ROOT)
+            self.sessions.append(p.pid)
+            rc = p.wait(timeout=240)
+        assert rc == 0, f"ray start ({name}) failed:\n{log.read_text()[-3000:]}"
+
+    def start(self) -> "LoopbackCluster":
+        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--num-gpus=0",
+                  "--object-store-memory=150000000", "--disable-usage-stats"]
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                             f"--ray-client-server-port={self._free_port()}", f"--temp-dir={self.tmp / 'head'}",
+                             *common, *self._node_ports()])
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.tmp / 'worker'}",
+                               *common, *self._node_ports()])
+        deadline = time.monotonic() + 120
+        while True:
+            nodes = self.state("nodes")
+            if nodes is not None and sum(n["state"] == "ALIVE" for n in nodes) == 2:
+                return self
+            assert time.monotonic() < deadline, f"the two nodes did not come up: {nodes}"
+            time.sleep(1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def state(self, what: str):
+        """``ray list WHAT`` through the dashboard's state API (dead actors included), or None."""
+        r = self.ray("list", what, "--address", self.url, "--detail", "--format", "json", "--limit", "10000")
+        if r.returncode != 0:
+            return None
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return None
+
+    def pids(self) -> List[int]:
+        me = os.getpid()
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != me and (_sid(int(d)) in self.sessions or str(self.tmp) in _cmdline(int(d))):
+                out.append(int(d))
+        return out
+
+    def stop(self) -> List[int]:
+        """SIGTERM this cluster's processes, SIGKILL what is left; returns pids still alive."""
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.3)
+        left = self.pids()
+        if not left:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return left
+
+
+@pytest.mark.slow
+def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work():
+    from asvp_ray.config import Config
+
+    cluster = LoopbackCluster(cpus_per_node=2)
+    try:
+        cluster.start()
+        run_dir = cluster.tmp / "runs" / "smoke"  # a path both nodes reach (same machine)
+        job_id = f"asvp-smoke-{uuid.uuid4().hex[:8]}"
+        # 3 extraction actors of 1 CPU and 3 training workers of 1 CPU cannot fit on one 2-CPU node.
+        sets = ["--set", "extract.num_actors=3", "--set", "extract.num_cpus_per_actor=1"]
+        if "train" in Config.model_fields and "final" in Config.model_fields:
+            sets += ["--set", "train.num_workers=3", "--set", "train.cpus_per_worker=1",
+                     "--set", "final.training_method=ft"]
+        r = cluster.ray("job", "submit", "--address", cluster.url, "--submission-id", job_id,
+                        "--runtime-env", "cluster/runtime_env.yaml", "--",
+                        "asvp-ray", "run", "examples/smoke.yaml", "--out", str(run_dir), *sets, timeout=900)
+        status = cluster.ray("job", "status", "--address", cluster.url, job_id)
+        assert "succeeded" in (status.stdout + status.stderr).lower(), (r.stdout[-5000:], r.stderr[-3000:])
+        assert "done:" in r.stdout
+
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "finished"
+        assert [x["n_labeled"] for x in summary["rounds"]] == [40, 80, 120]
+        assert all(0 <= x["proxy_test_accuracy"] <= 1 for x in summary["rounds"])
+        assert (run_dir / "features" / "v0" / "meta.json").is_file()
+
+        nodes = cluster.state("nodes")
+        head = next(n["node_id"] for n in nodes if n["is_head_node"])
+        assert len({n["node_id"] for n in nodes}) == 2
+        # Where each actor ran: its node_id, or (for an actor that ended before it reported
+        # one) the node of its worker process.
+        node_of_pid = {w["pid"]: w["node_id"] for w in cluster.state("workers")}
+        placed = [(a["class_name"] or "", a["node_id"] or node_of_pid.get(a["pid"])) for a in cluster.state("actors")]
+        extractors = {n for c, n in placed if "FeatureExtractor" in c}
+        assert extractors == {n["node_id"] for n in nodes}, f"extraction actors on {extractors}"
+        assert {n for c, n in placed if c == "Driver"} == {head}, "the asvp-ray driver actor is not on the head node"
+        if "train.num_workers=3" in sets:
+            assert summary["final"]["test_accuracy"] is not None
+            trainers = {n for c, n in placed if c == "RayTrainWorker"}
+            assert trainers == {n["node_id"] for n in nodes}, f"training workers on {trainers}"
+    finally:
+        left = cluster.stop()
+    assert not left, f"cluster processes still alive: {left}"

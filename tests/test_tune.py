@@ -1,0 +1,216 @@
+"""Ray Tune studies: the YAML search-space parser, a study end to end through the CLI (features
+extracted once, ASHA, results table, best config, curves), and the restore of an interrupted study."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from asvp_ray.config import Config, load_config
+from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.tune import parse_space, run_study
+from asvp_ray.tune.space import set_key
+from tests.conftest import ROOT, SMOKE
+
+SPACE = ROOT / "examples" / "space.yaml"
+CLI = [str(Path(sys.executable).parent / "asvp-ray")]
+# Short runs; no final fine-tuning where the config has one (it has its own tests).
+FAST = ["budget.schedule=[40,40,40]"] + (["final.training_method=none"] if "final" in Config.model_fields else [])
+
+
+# ---------------------------------------------------------------------------------- the parser
+def test_example_space_parses_into_a_tune_param_space():
+    sp = parse_space(SPACE, base=load_config(str(SMOKE)))
+    assert sp.keys == ["strategy", "proxy.hidden", "proxy.lr", "proxy.epochs"]
+    assert sp.grid_size == 4
+    ps = sp.param_space()
+    assert ps["strategy"] == {"grid_search": ["margin", "entropy"]}
+    assert (ps["proxy.lr"].lower, ps["proxy.lr"].upper) == (0.02, 0.3)
+    assert sorted(ps["proxy.epochs"].categories) == [10, 20]
+
+
+def test_nested_and_dotted_keys_are_the_same_and_plain_values_are_constants():
+    a = parse_space({"proxy": {"lr": {"uniform": [0.01, 0.1]}, "normalize": "l2"}})
+    b = parse_space({"proxy.lr": {"uniform": [0.01, 0.1]}, "proxy.normalize": "l2"})
+    assert a.params == b.params and a.constants == b.constants == {"proxy.normalize": "l2"}
+    raw = a.trial_raw({"proxy": {"epochs": 3}}, {"proxy.lr": 0.05})
+    assert raw == {"proxy": {"epochs": 3, "normalize": "l2", "lr": 0.05}}
+
+
+def test_randint_includes_its_upper_bound_and_schedules_are_values():
+    sp = parse_space({"proxy.epochs": {"randint": [10, 40]}, "budget.schedule": {"choice": [[40, 40], [20, 20, 40]]}})
+    assert sp.param_space()["proxy.epochs"].upper == 41  # Tune's bound is exclusive
+    assert sp.params[1].args == ([40, 40], [20, 20, 40])
+
+
+def test_feature_combinations_enumerate_data_and_backbone_keys():
+    sp = parse_space({"strategy": {"grid": ["margin", "entropy"]}, "data.pool.limit": {"grid": [200, 300]},
+                      "backbone.image_size": {"choice": [32, 48]}})
+    combos, continuous = sp.feature_combinations()
+    assert len(combos) == 4 and continuous == []
+    assert {"data.pool.limit": 200, "backbone.image_size": 48} in combos
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"strategy": {"gird": ["margin"]}}, "unknown distribution 'gird'. Did you mean 'grid'?"),
+    ({"proxy": {"lr": {"unifrom": [0.1, 0.2]}}}, "Did you mean 'uniform'?"),
+    ({"stratgy": {"grid": ["margin"]}}, "unknown config key 'stratgy'. Did you mean 'strategy'?"),
+    ({"proxy": {"lrr": {"uniform": [0.1, 0.2]}}}, "unknown config key 'proxy.lrr'. Did you mean 'proxy.lr'?"),
+    ({"proxy.lr": {"loguniform": [0, 0.3]}}, "loguniform needs 0 < low < high"),
+    ({"proxy.lr": {"uniform": [0.3, 0.1]}}, "needs low < high"),
+    ({"proxy.lr": {"uniform": [0.1]}}, "uniform needs [low, high] numbers"),
+    ({"proxy.epochs": {"randint": [1.5, 3]}}, "randint needs integer bounds"),
+    ({"strategy": {"grid": []}}, "grid needs a non-empty list"),
+    ({"strategy": {"choice": "margin"}}, "choice needs a non-empty list"),
+    ({"strategy": {"grid": ["margin", "nope"]}}, "'strategy' = \"nope\": config key 'strategy': unknown strategy"),
+    ({"proxy.epochs": {"choice": [10, -1]}}, "'proxy.epochs' = -1"),
+    ({"strategy.name": {"grid": ["a"]}}, "'strategy' is a value, not a section"),
+    ({"feature_cache": {"grid": ["/tmp/x"]}}, "cannot be searched"),
+    ({"proxy.lr": {"uniform": [0.1, 0.2], "grid": [1]}}, "a distribution has exactly one key"),
+    ({"proxy": {"lr": 0.1}}, "no key is searched"),
+    ({"proxy": {"lr": {"grid": [0.1]}}, "proxy.lr": {"grid": [0.2]}}, "'proxy.lr' is given twice"),
+    ({"proxy": {"grid": [{"lr": 0.1}]}, "proxy.lr": {"grid": [0.2]}}, "overlap"),
+    (["strategy"], "the top level must map config keys"),
+])
+def test_bad_spaces_say_what_is_wrong_and_where(spec, message):
+    with pytest.raises(ConfigError) as e:
+        parse_space(spec, origin="space.yaml")
+    assert message in str(e.value)
+    assert str(e.value).startswith("space.yaml")
+
+
+def test_space_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_space(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategy: {grid: [margin\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_space(bad)
+
+
+def test_study_settings_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="scheduler 'hyperband' is not one of fifo, asha"):
+        run_study(SMOKE, SPACE, tmp_path / "s", scheduler="hyperband")
+    with pytest.raises(ConfigError, match="needs a test set"):
+        run_study(SMOKE, SPACE, tmp_path / "s", overrides=["data.test=null"])
+    with pytest.raises(ConfigError, match="Did you mean 'proxy.epochs'"):
+        run_study(SMOKE, SPACE, tmp_path / "s", overrides=["proxy.epoch=3"])
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------- a study
+def _rows(out: Path):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _tune_cli(out: Path, *extra: str) -> subprocess.Popen:
+    args = ["tune", str(SMOKE), "--space", str(SPACE), "--out", str(out), "--scheduler", "asha",
+            "--max-concurrent", "1", *extra] + [x for s in FAST for x in ("--set", s)]
+    return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, TQDM_DISABLE="1"))
+
+
+def _finished_trials(out: Path):
+    done = []
+    for p in (out / "runs").glob("*/summary.json"):
+        try:
+            if json.loads(p.read_text()).get("status") == "finished":
+                done.append(p.parent.name)
+        except (OSError, ValueError):  # being replaced right now
+            pass
+    return done
+
+
+@pytest.mark.slow
+def test_study_of_four_trials_end_to_end_interrupted_and_resumed(tmp_path):
+    """`asvp-ray tune` as a user runs it: Ctrl+C after the first trial, then the same command again."""
+    out = tmp_path / "study"
+    first = _tune_cli(out)
+    deadline = time.monotonic() + 600
+    # Interrupt once the first trial has finished and the second has started.
+    while first.poll() is None and time.monotonic() < deadline and not (
+            _finished_trials(out) and len(list((out / "runs").glob("*/summary.json"))) >= 2):
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves the study's state and stops its trials
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 130, (stdout[-2000:], stderr[-4000:])
+    assert "study interrupted; rerun the same command to resume it" in stderr
+    before = {t: (out / "runs" / t / "run.log").read_text() for t in _finished_trials(out)}
+    assert 1 <= len(before) < 4
+    assert any(row["status"] == "unfinished" for row in _rows(out))
+
+    second = _tune_cli(out)
+    stdout, stderr = second.communicate(timeout=900)
+    assert second.returncode == 0, stderr[-4000:]
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert all(row["trial"] in stdout for row in rows)  # the printed table
+    assert {(row["strategy"], row["proxy.hidden"]) for row in rows} == {
+        ("margin", "32"), ("margin", "128"), ("entropy", "32"), ("entropy", "128")}
+    assert {row["status"] for row in rows} <= {"finished", "stopped"}
+    finished = [row for row in rows if row["status"] == "finished"]
+    assert all(row["rounds"] == "3" and row["n_labeled"] == "120" for row in finished)
+    assert all(0 < int(row["rounds"]) < 3 for row in rows if row["status"] == "stopped")  # by ASHA
+    assert all(0.0 <= float(row["proxy_test_accuracy"]) <= 1.0 for row in rows)
+    assert rows[0]["status"] == "finished"  # best first
+    assert float(rows[0]["proxy_test_accuracy"]) == max(float(x["proxy_test_accuracy"]) for x in finished)
+
+    for row in rows:
+        run = Path(row["run_dir"])
+        log = (run / "run.log").read_text()
+        # The resumed study kept the finished trials and resumed the others: every round ran once.
+        for k in range(int(row["rounds"])):
+            assert log.count(f"round {k}: +40 labels") == 1, (row["trial"], log)
+        if row["trial"] in before:
+            assert log == before[row["trial"]]
+        # Tune saw the trial's learning curve, one report per round.
+        results = [json.loads(x) for x in (out / "tune" / row["trial"] / "result.json").read_text().splitlines()]
+        assert [x["round"] for x in results][-int(row["rounds"]):] == list(range(int(row["rounds"])))
+        assert all("proxy_test_accuracy" in x and "n_labeled" in x for x in results)
+
+    # Features were extracted once, before the trials, and every trial hard-links them.
+    keys = [p for p in (out / "feature_cache").iterdir() if p.is_dir()]
+    assert len(keys) == 1
+    cached = keys[0] / "v0" / "part-00000.parquet"
+    for row in rows:
+        run = Path(row["run_dir"])
+        assert (run / "features" / "v0" / "part-00000.parquet").stat().st_ino == cached.stat().st_ino
+        assert "extracting feature version" not in (run / "run.log").read_text()
+    meta = json.loads((keys[0] / "v0" / "meta.json").read_text())
+    assert Path(meta["run"]).parent == out / "prefetch"
+
+    # The best config runs unchanged with `asvp-ray run`: it loads, and it is the best trial's.
+    best = load_config(str(out / "best_config.yaml"))
+    assert best.strategy == rows[0]["strategy"] and best.proxy.hidden == int(rows[0]["proxy.hidden"])
+    assert abs(best.proxy.lr - float(rows[0]["proxy.lr"])) < 1e-9
+    assert best.feature_cache == str(out / "feature_cache")
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_a_study_directory_resumes_only_the_same_study(tmp_path):
+    from asvp_ray.tune.study import _check_study
+
+    base = load_config(str(SMOKE)).model_dump(mode="json")
+    base.pop("feature_cache")
+    space = {"strategy": {"grid": ["margin", "entropy"]}}
+    _check_study(tmp_path, {"config": base, "space": parse_space(space).to_yaml_dict()})
+    with pytest.raises(RunDirError, match="different search space"):
+        run_study(SMOKE, {"strategy": {"grid": ["margin"]}}, tmp_path)
+    with pytest.raises(RunDirError, match=r"different config \(differs in: seed\)"):
+        run_study(SMOKE, space, tmp_path, overrides=["seed=1"])
+
+
+def test_set_key_creates_sections_without_touching_the_input():
+    base = {"proxy": {"lr": 0.1}}
+    out = set_key(base, "proxy.hidden", 64)
+    assert out == {"proxy": {"lr": 0.1, "hidden": 64}} and base == {"proxy": {"lr": 0.1}}
+    assert yaml.safe_load(yaml.safe_dump(set_key({}, "a.b.c", [1, 2]))) == {"a": {"b": {"c": [1, 2]}}}
