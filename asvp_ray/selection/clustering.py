@@ -97,7 +97,7 @@ def kmeans_labels(
     else:
         train = _as_f32(X)
     km = faiss.Kmeans(D, k, niter=iters, seed=int(seed) % (2**31), verbose=False, gpu=bool(use_gpu),
-                      max_points_per_centroid=max_points_per_centroid)
+                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
     km.train(train)
     del train
     labels = np.empty(N, dtype=np.int64)
@@ -356,18 +356,22 @@ def _row_norm_stats(X: np.ndarray, normalize: bool, chunk: int = ROW_CHUNK) -> n
     return out
 
 
-def _block_sqdist(q: np.ndarray, qs: np.ndarray, x: np.ndarray, xs: np.ndarray, normalize: bool) -> np.ndarray:
+def _prep(x: np.ndarray, stats: np.ndarray, normalize: bool) -> np.ndarray:
+    """float32 rows, scaled to unit length when normalising (stats = inverse norms)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x * stats[:, None] if normalize else x
+
+
+def _ball_hits(q: np.ndarray, qs: np.ndarray, x: np.ndarray, xs: np.ndarray, normalize: bool, r2: float):
+    """(i, j) with ||q_i - x_j||^2 < r2, for rows prepared by :func:`_prep`."""
     d = q @ x.T
     if normalize:
-        d *= qs[:, None]
-        d *= xs[None, :]
-        d *= -2.0
-        d += 2.0
-    else:
-        d *= -2.0
-        d += qs[:, None]
-        d += xs[None, :]
-    return d
+        # Unit rows: ||q - x||^2 = 2 - 2 q.x, one comparison on the product.
+        return np.nonzero(d > np.float32(1.0 - r2 / 2.0))
+    d *= -2.0
+    d += qs[:, None]
+    d += xs[None, :]
+    return np.nonzero(d < r2)
 
 
 def _csr_from_pairs(rows: List[np.ndarray], cols: List[np.ndarray], N: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -423,12 +427,11 @@ def delta_graph(
         step = max(1, min(N, BLOCK_ELEMENTS // max(N, 1)))
         for a in range(0, N, step):
             b = min(a + step, N)
-            q = _as_f32(X[a:b])
+            q = _prep(X[a:b], xs[a:b], normalize)
             # Upper triangle only; the pairs are mirrored below.
             for c0 in range(a, N, ROW_CHUNK):
                 c1 = min(c0 + ROW_CHUNK, N)
-                d = _block_sqdist(q, xs[a:b], _as_f32(X[c0:c1]), xs[c0:c1], normalize)
-                i, j = np.nonzero(d < r2)
+                i, j = _ball_hits(q, xs[a:b], _prep(X[c0:c1], xs[c0:c1], normalize), xs[c0:c1], normalize, r2)
                 keep = (j + c0) > (i + a)
                 rows.append((i[keep] + a).astype(np.int64))
                 cols.append((j[keep] + c0).astype(np.int64))
@@ -486,12 +489,11 @@ def delta_graph(
             qry = q_rows[q_bounds[c] : q_bounds[c + 1]]
             if not len(mem) or not len(qry):
                 continue
-            xm = _as_f32(X[mem])
+            xm = _prep(X[mem], xs[mem], normalize)
             step = max(1, BLOCK_ELEMENTS // len(mem))
             for a in range(0, len(qry), step):
                 qa = qry[a : a + step]
-                d = _block_sqdist(_as_f32(X[qa]), xs[qa], xm, xs[mem], normalize)
-                i, j = np.nonzero(d < r2)
+                i, j = _ball_hits(_prep(X[qa], xs[qa], normalize), xs[qa], xm, xs[mem], normalize, r2)
                 src, dst = qa[i], mem[j]
                 keep = src != dst
                 rows.append(src[keep])

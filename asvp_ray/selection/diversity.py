@@ -28,6 +28,7 @@ Both run on one in-process shard or on shards held by Ray actors
 """
 from __future__ import annotations
 
+import time
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,11 +53,6 @@ DISTANCE_CHUNK = 16384
 BLOCK_ELEMENTS = 1 << 22
 
 
-def _pos_int(where: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{where}: {name}={value!r} must be a positive integer")
-
-
 def _chunk_rows(pool: PoolView) -> int:
     return int(min(pool.chunk_size, DISTANCE_CHUNK))
 
@@ -69,10 +65,14 @@ def _need_features(where: str, pool: PoolView) -> np.ndarray:
     return pool.features
 
 
-def _row_sqnorms(x: np.ndarray) -> np.ndarray:
-    """Squared row norms in float64 (one definition for rows and centres, so d(x, x) = 0)."""
-    x = np.asarray(x, dtype=np.float32).astype(np.float64)
-    return np.einsum("ij,ij->i", x, x)
+def _row_sqnorms(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Squared row norms in float64 (one definition for rows and centres, so d(x, x) = 0),
+    computed in row chunks (no float64 copy of a large input)."""
+    out = np.empty(len(x), dtype=np.float64)
+    for s in range(0, len(x), chunk):
+        xb = np.asarray(x[s : s + chunk]).astype(np.float64)
+        out[s : s + chunk] = np.einsum("ij,ij->i", xb, xb)
+    return out
 
 
 def _first_bad_row(values: np.ndarray) -> int:
@@ -111,8 +111,9 @@ class KCenterShard:
         self._front: Optional[np.ndarray] = None
         self._tau = np.inf
         self._pending = None
-        #: distance evaluations (row, centre) so far, for benchmarks.
+        #: distance evaluations (row, centre) so far, and those spent in round setups.
         self.dist_evals = 0
+        self.setup_evals = 0
 
     # ------------------------------------------------------------------ geometry
     def _stats(self, x: np.ndarray, first_row: int) -> np.ndarray:
@@ -302,6 +303,7 @@ class KCenterShard:
         """Apply :meth:`sync_begin`'s outcome with the centres gathered from every shard."""
         reset, mask, idx = self._pending
         self._pending = None
+        before = self.dist_evals
         if reset:
             if self._xs is None:
                 self._xs = self._row_stats()
@@ -314,6 +316,7 @@ class KCenterShard:
         else:
             self._invalidate(idx)
         self._append_centres(centres)
+        self.setup_evals += self.dist_evals - before
         return self.n_valid
 
     def valid_count(self) -> int:
@@ -345,7 +348,7 @@ class KCenterShard:
         return val, self.start + p, np.array(self.X[p], dtype=np.float32)
 
     def stats(self) -> dict:
-        return {"dist_evals": int(self.dist_evals), "centres": int(self.k)}
+        return {"dist_evals": int(self.dist_evals), "setup_evals": int(self.setup_evals), "centres": int(self.k)}
 
 
 def _pick_best(results: Sequence[Tuple[float, int, Any]]) -> Tuple[float, int, Any]:
@@ -359,21 +362,29 @@ def _pick_best(results: Sequence[Tuple[float, int, Any]]) -> Tuple[float, int, A
     return best
 
 
-def kcenter_select(group, name: str, masks: Sequence[np.ndarray], n: int, rng: np.random.Generator, prune: bool) -> np.ndarray:
+def kcenter_select(
+    group, name: str, masks: Sequence[np.ndarray], n: int, rng: np.random.Generator, prune: bool, timing: Optional[dict] = None
+) -> np.ndarray:
     """Greedy k-center over the shards of ``group`` (local or Ray), centres = the labelled set.
 
     With no labelled row at all, the first centre is drawn uniformly (``rng.integers``) among
     the unlabelled rows.
 
+    Args:
+        timing: filled with ``setup_s`` (syncing the centres with the labelled set).
+
     Returns:
         int64 (n,) pool positions, in pick order.
     """
+    timing = {} if timing is None else timing
+    t0 = time.perf_counter()
     begins = group.call_all(name, "sync_begin", [(m, False) for m in masks])
     if any(r for r, _ in begins) and not all(r for r, _ in begins):
         # The centre set is global: one shard's reset resets all.
         begins = [b if b[0] else group.call_one(i, name, "sync_begin", masks[i], True) for i, b in enumerate(begins)]
     centres = np.concatenate([rows for _, rows in begins]) if begins else np.empty((0, 0), np.float32)
     counts = group.call_all(name, "sync_end", common=(centres,))
+    timing["setup_s"] = time.perf_counter() - t0
     picks: List[int] = []
     if len(centres) == 0:
         r = int(rng.integers(int(sum(counts))))
@@ -517,7 +528,11 @@ class CoresetSampling(_ShardedMixin, Strategy):
                 }
             group = cached["group"]
         masks = [pool.labeled_mask[s:e] for s, e in group.bounds]
-        return kcenter_select(group, "kcenter", masks, n, rng, self.prune)
+        self.last_timing_ = {}
+        t0 = time.perf_counter()
+        picks = kcenter_select(group, "kcenter", masks, n, rng, self.prune, self.last_timing_)
+        self.last_timing_["total_s"] = time.perf_counter() - t0
+        return picks
 
     def stats(self) -> List[dict]:
         """Per-shard counters of the cached state (distance evaluations, centres)."""
@@ -585,13 +600,12 @@ def _embed_rows(features, rows: np.ndarray, probs, model, chunk: int, start: int
                 f"badge: probabilities {p.shape} / hidden activations {h.shape} for {len(r)} rows; "
                 f"expected ({len(r)}, C) and ({len(r)}, H)"
             )
-        for what, arr in (("class probabilities", p), ("hidden activations", h)):
-            ok = np.isfinite(arr).all(axis=1)
-            if not ok.all():
-                raise BadInputError(
-                    f"badge: non-finite {what} at pool row {start + int(r[np.flatnonzero(~ok)[0]])}; "
-                    f"clean or re-extract those features"
-                )
+        ok = np.isfinite(p).all(axis=1)
+        if not ok.all():
+            raise BadInputError(
+                f"badge: non-finite class probabilities at pool row {start + int(r[np.flatnonzero(~ok)[0]])}; "
+                f"clean or re-extract those features"
+            )
         if E is None:
             E = np.empty((len(rows), p.shape[1]), dtype=np.float32)
             Hh = np.empty((len(rows), h.shape[1]), dtype=np.float32)
@@ -643,6 +657,9 @@ class GradEmbShard:
         self.chunk_rows = int(chunk_rows)
         self.dense_fraction = float(dense_fraction)
         self.hn = np.sqrt(_row_sqnorms(self.H))
+        if not np.isfinite(self.hn).all():
+            bad = self.start + int(self.rows[_first_bad_row(self.hn)])
+            raise BadInputError(f"badge: non-finite hidden activations (or features) at pool row {bad}; clean or re-extract those features")
         self.a = _row_sqnorms(self.E) * self.hn**2
         self.gn = np.sqrt(self.a)
         self.use_class_bound = 4 * self.E.shape[1] <= self.H.shape[1]
@@ -856,6 +873,7 @@ class BadgeSampling(_ShardedMixin, Strategy):
         self._local = None
         self._shards = None
         self.last_stats_: List[dict] = []
+        self.last_timing_: dict = {}
 
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
         if self.first not in FIRST_CENTRE:
@@ -877,9 +895,12 @@ class BadgeSampling(_ShardedMixin, Strategy):
             probs = pool.probs[s:e] if pool.probs is not None else None
             model = pool.model if (pool.probs is None or hasattr(pool.model, "hidden_activations")) else None
             args.append((pool.labeled_mask[s:e], probs, model, chunk))
+        t0 = time.perf_counter()
         group.build("badge", GradEmbShard, args)
+        t1 = time.perf_counter()
         try:
             picks, self.last_stats_ = kmeanspp_select(group, "badge", n, rng, self.first)
+            self.last_timing_ = {"embed_s": t1 - t0, "select_s": time.perf_counter() - t1}
         finally:
             # The embeddings belong to this round's model: free them now.
             group.drop("badge")
