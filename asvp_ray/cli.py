@@ -299,7 +299,7 @@ def tune_cmd(
     cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves."),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (for proxy.device: cuda)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's progress table."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's detailed output."),
 ) -> None:
     """Run a Ray Tune study whose trials are asvp-ray runs (resumes an interrupted study).
 
@@ -307,16 +307,20 @@ def tune_cmd(
     reports its proxy test accuracy per round. Writes OUT/results.csv, OUT/best_config.yaml
     (accepted by `asvp-ray run`) and OUT/curves.png.
     """
+    from asvp_ray.config import load_config
     from asvp_ray.features.extract import unwrap_error
     from asvp_ray.ray_utils import init_ray
-    from asvp_ray.tune import run_study
+    from asvp_ray.tune import check_settings, parse_space, run_study
 
     _setup_logging(None, verbose)
     try:
+        settings = dict(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
+                        max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+        check_settings(**settings)  # every user error before Ray starts
+        cfg = load_config(str(config), set_)
+        sp = parse_space(str(space), base=cfg)
         init_ray(address)
-        res = run_study(str(config), str(space), out, overrides=set_, num_samples=num_samples, scheduler=scheduler,
-                        grace_period=grace_period, max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
-                        gpus_per_trial=gpus_per_trial, verbose=2 if verbose else 1)
+        res = run_study(cfg, sp, out, verbose=2 if verbose else 1, **settings)
     except Exception as e:  # noqa: BLE001 - show the user-facing cause
         inner = unwrap_error(e)
         if isinstance(inner, AsvpError):

@@ -214,3 +214,64 @@ def test_set_key_creates_sections_without_touching_the_input():
     out = set_key(base, "proxy.hidden", 64)
     assert out == {"proxy": {"lr": 0.1, "hidden": 64}} and base == {"proxy": {"lr": 0.1}}
     assert yaml.safe_load(yaml.safe_dump(set_key({}, "a.b.c", [1, 2]))) == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_round_metrics_reported_to_tune_are_numbers_with_the_final_accuracy_on_the_last_round():
+    from asvp_ray.tune.study import _metrics
+
+    rec = {"round": 2, "n_labeled": 120, "selected_by": "margin", "refreshed": False, "proxy_test_accuracy": 0.31,
+           "proxy_train_accuracy": None, "seconds": {"select": 0.1, "label": 0.0}, "alignment": {"logme": -0.5}}
+    m = _metrics(rec, {"test_accuracy": 0.62, "training_method": "ft"})
+    assert m == {"round": 2, "n_labeled": 120, "refreshed": 0, "proxy_test_accuracy": 0.31, "seconds/select": 0.1,
+                 "seconds/label": 0.0, "alignment/logme": -0.5, "final_test_accuracy": 0.62}
+    assert "final_test_accuracy" not in _metrics(rec, None)
+
+
+class _FakeResult:
+    def __init__(self, path, config, error=None):
+        self.path, self.config, self.error = str(path), config, error
+
+
+def _fake_run(out: Path, trial: str, accs, final=None, status="finished", schedule=(40, 40, 40)):
+    run = out / "runs" / trial
+    run.mkdir(parents=True)
+    rounds = [{"round": i, "n_labeled": 40 * (i + 1), "proxy_test_accuracy": a} for i, a in enumerate(accs)]
+    summary = {"status": status, "schedule": list(schedule), "rounds": rounds}
+    if final is not None:
+        summary["final"] = {"test_accuracy": final}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_results_rank_finished_trials_by_final_accuracy_and_write_table_best_config_and_curves(tmp_path):
+    from asvp_ray.tune.study import write_results
+
+    sp = parse_space({"strategy": {"grid": ["margin", "entropy", "least_confidence"]}})
+    base = load_config(str(SMOKE)).model_dump(mode="json")
+    _fake_run(tmp_path, "t1", [0.2, 0.3, 0.5], final=0.60)   # best last proxy accuracy, worse final model
+    _fake_run(tmp_path, "t2", [0.2, 0.3, 0.4], final=0.70)   # the best final model
+    _fake_run(tmp_path, "t3", [0.2], status="running")        # stopped by ASHA after one round
+    grid = [_FakeResult(tmp_path / "tune" / t, {"strategy": s})
+            for t, s in (("t1", "margin"), ("t2", "entropy"), ("t3", "least_confidence"))]
+    res = write_results(tmp_path, grid, sp, base)
+    assert [r["trial"] for r in res.rows] == ["t2", "t1", "t3"]
+    assert [r["status"] for r in res.rows] == ["finished", "finished", "stopped"]
+    assert res.best["trial"] == "t2" and not res.interrupted
+    assert "final_test_accuracy" in res.table.splitlines()[0]
+    assert _rows(tmp_path)[0]["final_test_accuracy"] == "0.7"
+    best = load_config(str(res.best_config))
+    assert best.strategy == "entropy" and best.feature_cache == str(tmp_path / "feature_cache")
+    assert "ranked by final test accuracy" in res.best_config.read_text().splitlines()[0]
+    assert res.curves_png.stat().st_size > 10_000
+
+
+def test_cli_tune_refuses_a_bad_space_before_starting_anything(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("strategy: {gird: [margin, entropy]}\n")
+    out = tmp_path / "study"
+    r = subprocess.run(CLI + ["tune", str(SMOKE), "--space", str(space), "--out", str(out)], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    assert "unknown distribution 'gird'. Did you mean 'grid'?" in r.stderr
+    assert not out.exists()
+    r = subprocess.run(CLI + ["tune", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "--space" in r.stdout and "--scheduler" in r.stdout

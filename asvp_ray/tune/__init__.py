@@ -6,6 +6,6 @@ proxy test accuracy, resume with ``Tuner.restore``) and writes the results table
 config and a plot of the learning curves.
 """
 from asvp_ray.tune.space import DISTRIBUTIONS, Param, SearchSpace, parse_space
-from asvp_ray.tune.study import StudyResult, run_study
+from asvp_ray.tune.study import StudyResult, check_settings, run_study
 
-__all__ = ["DISTRIBUTIONS", "Param", "SearchSpace", "StudyResult", "parse_space", "run_study"]
+__all__ = ["DISTRIBUTIONS", "Param", "SearchSpace", "StudyResult", "check_settings", "parse_space", "run_study"]

@@ -241,6 +241,26 @@ def _max_rounds(base: Config, space: SearchSpace) -> int:
 
 
 # ---------------------------------------------------------------------------------- the study
+def check_settings(*, num_samples: int = 1, scheduler: str = "fifo", grace_period: int = 1,
+                   max_concurrent: Optional[int] = None, cpus_per_trial: float = 1.0,
+                   gpus_per_trial: float = 0.0) -> None:
+    """Check a study's settings (``run_study``'s keyword arguments) before anything starts.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be at least 1 (got {num_samples})")
+    if grace_period < 1:
+        raise ConfigError(f"grace_period must be at least 1 round (got {grace_period})")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be at least 1 (got {max_concurrent})")
+    if cpus_per_trial < 0 or gpus_per_trial < 0 or (cpus_per_trial == 0 and gpus_per_trial == 0):
+        raise ConfigError("a trial must reserve some resource: set cpus_per_trial > 0 (e.g. 0.5 or 1)")
+
+
 def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str, Path, Dict[str, Any], SearchSpace],
               out: Union[str, Path], *, overrides: Sequence[str] = (), num_samples: int = 1,
               scheduler: str = "fifo", grace_period: int = 1, reduction_factor: float = 2.0,
@@ -273,17 +293,8 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if num_samples < 1:
-        raise ConfigError(f"num_samples must be at least 1 (got {num_samples})")
-    if grace_period < 1:
-        raise ConfigError(f"grace_period must be at least 1 round (got {grace_period})")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise ConfigError(f"max_concurrent must be at least 1 (got {max_concurrent})")
-    if cpus_per_trial <= 0 and gpus_per_trial <= 0:
-        raise ConfigError("a trial must reserve some resource: set cpus_per_trial > 0 (e.g. 0.5 or 1)")
-
+    check_settings(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
+                   max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
     out = Path(out).resolve()
     base_cfg = _base_config(config, overrides)
     if base_cfg.data.test is None:
@@ -345,11 +356,16 @@ def _saved_statuses(exp_path: Path) -> Dict[str, str]:
     keeps the unfinished ones RUNNING, PENDING or PAUSED."""
     from ray.tune import ExperimentAnalysis
 
+    if not exp_path.is_dir():
+        return {}
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # trials that never started have no results yet: expected
     try:
         return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_path)).trials}
+    except Exception as e:  # noqa: BLE001 - no saved state: the statuses come from the run directories
+        log.warning("could not read Tune's saved state in %s (%s); trial statuses come from their runs", exp_path, e)
+        return {}
     finally:
         quiet.setLevel(level)
 
