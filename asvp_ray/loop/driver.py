@@ -88,6 +88,7 @@ class Driver:
             raise ConfigError(f"budget.schedule {schedule} buys {sum(schedule)} labels but the pool holds "
                               f"{len(self.pool)} images; shorten the schedule or use a larger pool")
         self.strategy = STRATEGIES.create(self.cfg.strategy)
+        self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
         self.oracle = ORACLES.create("simulated", source=self.pool) if self.cfg.oracle == "simulated" else None
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
@@ -129,7 +130,6 @@ class Driver:
 
     # ------------------------------------------------------------------ set-up and resume
     def _check_config_matches(self) -> None:
-        new_text = dump_config(self.cfg)
         if self.rd.config_path.is_file():
             import yaml
 
@@ -139,7 +139,6 @@ class Driver:
             if diff:
                 raise RunDirError(f"{self.rd.path} holds a run made with a different config (differs in: "
                                   f"{', '.join(diff)}); resume it with the same config, or use a new --out")
-        self.rd.write_config(new_text)
 
     def prepare(self) -> Dict[str, Any]:
         """Extract features v0 if needed, load state, roll back uncommitted rows, rebuild the proxy."""
