@@ -1,0 +1,597 @@
+"""Distributed fine-tuning on the labelled set with Ray Train (DDP): linear probe, FT, LP-FT.
+
+Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers, NCCL with bf16 autocast
+on GPU workers. The labelled set is small next to the pool, so the driver decodes it once
+(through the source's Ray Dataset) and hands it to the workers through the object store;
+training then needs no Ray Data read tasks, which on a small machine would have no CPU left
+once the workers take theirs.
+
+Failure and restart: every ``checkpoint_every`` epochs (and after the last) rank 0 reports a
+Ray Train checkpoint holding the model, optimizer, scheduler, epoch, history and the best model
+so far. When a worker dies, Ray Train restarts the worker group (``FailureConfig.max_failures``)
+and the train function resumes from the latest registered checkpoint at the next epoch. The
+run's name is a fingerprint of its inputs, so re-running the same call after the driver itself
+died also resumes from the stored checkpoints.
+
+The kept model (last, or best by eval accuracy) is written as one ``.pt`` file that
+``create_backbone(spec, checkpoint=path)`` loads (it reads the ``backbone`` key); its ``head``
+key scores the pool through ``predict_proba``.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
+from asvp_ray.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("linear_probe", "ft", "lpft")
+MODEL_FILE = "model.pt"
+_STATE_FILE = "state.pt"
+_EVAL_BATCH = 256
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning job produced.
+
+    Attributes:
+        checkpoint: path of the kept model file (``backbone``, ``head``, ``num_classes``, ``spec``,
+            ``method``, ``epochs`` ...); loads with ``create_backbone(spec, checkpoint=...)``.
+        test_accuracy: accuracy of the kept model on the eval set, when one was given.
+        seconds: wall seconds of the whole call (decode, training, checkpoint copy).
+        history: one dict per epoch (epoch, phase, lr, train_loss, train_accuracy,
+            eval_accuracy, seconds, train_seconds, images (all ranks), images_per_s (all ranks),
+            param_checksums: (sum, sum of squares) of the parameters on each rank).
+        worker_nodes: Ray node id of each rank (of the attempt that finished).
+        method: linear_probe, ft or lpft.
+        kept_epoch: the epoch (0-based) whose weights were kept.
+        resumed_from: the epochs at which the worker group resumed from a checkpoint after a
+            failure (empty when nothing failed).
+    """
+
+    checkpoint: str
+    test_accuracy: Optional[float]
+    seconds: float
+    history: List[Dict[str, Any]]
+    worker_nodes: List[str]
+    method: str = "ft"
+    kept_epoch: int = -1
+    resumed_from: List[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- model
+class Classifier(nn.Module):
+    """A pooled-feature backbone and a linear head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """Width of the backbone's pooled features (timm's ``head_hidden_size`` where the model has
+    a pre-logits layer, else ``num_features``)."""
+    width = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", None)
+    if not width:
+        raise ConfigError(f"backbone {type(backbone).__name__} does not say its feature width "
+                          "(num_features); use a timm model")
+    return int(width)
+
+
+def build_classifier(spec: BackboneSpec, num_classes: int, init_checkpoint: Optional[str] = None,
+                     seed: int = 0) -> Classifier:
+    """The backbone (``create_backbone``) plus a new ``nn.Linear`` head seeded by ``seed``.
+
+    Only the backbone comes from ``init_checkpoint``; the head always starts fresh.
+    """
+    backbone = create_backbone(spec, init_checkpoint)
+    gen = torch.Generator().manual_seed(int(seed))
+    head = nn.Linear(feature_width(backbone), int(num_classes))
+    bound = 1.0 / math.sqrt(head.in_features)  # nn.Linear's own init, from a private generator
+    with torch.no_grad():
+        head.weight.uniform_(-bound, bound, generator=gen)
+        head.bias.uniform_(-bound, bound, generator=gen)
+    return Classifier(backbone, head)
+
+
+# --------------------------------------------------------------------------- data
+class _Indices(torch.utils.data.Dataset):
+    """Positions 0..n-1; the collate function turns a list of them into a batch."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return int(i)
+
+
+class _TrainCollate:
+    """Positions -> (images float (B,3,S,S), labels int64 (B,)).
+
+    With augmentation: timm's training transform (random resized crop, horizontal flip,
+    normalise) per image, grayscale turned into RGB first. Without: the eval ``Preprocessor``.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, dcfg: Dict[str, Any], augment: bool,
+                 crop_scale: Tuple[float, float]):
+        self.images = images
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
+        self.augment = augment
+        self.pre = Preprocessor(dcfg)
+        self.transform = None
+        if augment:
+            import timm.data
+
+            self.transform = timm.data.create_transform(
+                input_size=dcfg["input_size"], is_training=True, scale=tuple(crop_scale), hflip=0.5,
+                color_jitter=None, auto_augment=None, interpolation=dcfg.get("interpolation", "bilinear"),
+                mean=dcfg["mean"], std=dcfg["std"])
+
+    def __call__(self, idx: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        y = self.labels[idx]
+        if self.transform is None:
+            return self.pre(self.images[idx]), y
+        from PIL import Image
+
+        x = torch.stack([self.transform(Image.fromarray(np.asarray(self.images[i])).convert("RGB")) for i in idx])
+        return x, y
+
+
+def _decode(source, ids: np.ndarray) -> np.ndarray:
+    """Decode ``ids`` of ``source`` in the driver, in the order of ``ids``.
+
+    Returns: uint8 (N,H,W[,C]) when all images share a shape, else an object array of arrays.
+    """
+    got_ids: List[np.ndarray] = []
+    images: List[np.ndarray] = []
+    for batch in source.to_dataset(ids=ids).iter_batches(batch_size=None, batch_format="numpy"):
+        got_ids.append(np.asarray(batch["id"], dtype=np.int64))
+        images.extend(list(batch["image"]))
+    got = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
+    if len(got) != len(ids):
+        raise BadInputError(f"the source returned {len(got)} images for {len(ids)} ids; some ids are missing")
+    order = np.argsort(got, kind="stable")
+    pos = order[np.minimum(np.searchsorted(got[order], ids), len(got) - 1)]
+    if not np.array_equal(got[pos], ids):
+        raise BadInputError(f"the source returned other ids than asked for, e.g. {ids[got[pos] != ids][:5].tolist()}")
+    picked = [images[p] for p in pos]
+    if picked and all(im.shape == picked[0].shape for im in picked):
+        return np.stack(picked).astype(np.uint8, copy=False)
+    out = np.empty(len(picked), dtype=object)
+    out[:] = picked
+    return out
+
+
+def _check_labels(labels, n: int, num_classes: int, what: str) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise BadInputError(f"{what}: {y.shape[0] if y.ndim else 0} labels for {n} ids; give one label per id")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadInputError(f"{what}: labels must be integer class indices, got dtype {y.dtype}")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise BadInputError(f"{what}: labels {np.unique(y[bad])[:10].tolist()} are outside 0..{num_classes - 1}; "
+                            f"fix the labels or num_classes ({num_classes})")
+    return y.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- training pieces
+def _milestones(epochs: int) -> List[int]:
+    """Epochs (within a phase) after which the lr is multiplied by 0.1: 60% and 80%."""
+    return sorted({max(1, int(round(0.6 * epochs))), max(1, int(round(0.8 * epochs)))})
+
+
+def _optimizer(model: Classifier, phase: str, cfg: TrainConfig, phase_epochs: int):
+    """SGD with momentum and the MultiStep schedule for one phase; freezes what the phase keeps fixed."""
+    if phase == "lp":
+        model.backbone.requires_grad_(False)
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.lp_lr}]
+    else:
+        model.backbone.requires_grad_(True)
+        groups = [{"params": list(model.backbone.parameters()), "lr": cfg.backbone_lr},
+                  {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
+    model.head.requires_grad_(True)
+    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestones(phase_epochs), gamma=0.1)
+    return opt, sched
+
+
+def _set_mode(model: Classifier, phase: str, freeze_bn: bool = False) -> None:
+    model.train()
+    if phase == "lp":
+        model.backbone.eval()  # a linear probe reads fixed features: BatchNorm statistics stay put
+    elif freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()  # running statistics fixed; the affine weights still train
+
+
+def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: bool) -> Dict[str, torch.Tensor]:
+    """One pass over ``loader``; returns summed loss, correct and seen counts (device tensors)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocessor, device: torch.device,
+              amp: bool, rank: int = 0, world: int = 1) -> Tuple[int, int]:
+    """(correct, total) on this rank's share of the eval set (every ``world``-th image)."""
+    was_training = model.training
+    model.eval()
+    idx = np.arange(rank, len(labels), world)
+    correct = 0
+    for s in range(0, len(idx), _EVAL_BATCH):
+        b = idx[s:s + _EVAL_BATCH]
+        x = pre(images[b]).to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).float().argmax(1).cpu().numpy()
+        correct += int((pred == labels[b]).sum())
+    model.train(was_training)
+    return correct, len(idx)
+
+
+def _checksum(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """(sum, sum of squares) of every parameter, in float64: equal on every DDP rank."""
+    s = torch.zeros(2, dtype=torch.float64, device=device)
+    for p in model.parameters():
+        d = p.detach().double()
+        s[0] += d.sum()
+        s[1] += (d * d).sum()
+    return s
+
+
+def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the worker
+def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Ray Train's per-worker function: build, resume, train the phases, checkpoint, report."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config["torch_threads"]))
+    cfg = TrainConfig(**config["cfg"])
+    spec = BackboneSpec(**config["spec"])
+    method, num_classes = config["method"], int(config["num_classes"])
+    data = ray.get(config["data"])
+    device = ray.train.torch.get_device()
+    amp = bool(cfg.amp and device.type == "cuda")
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+
+    model = build_classifier(spec, num_classes, config["init_checkpoint"], seed=cfg.seed)
+    dcfg = data_config(spec, model.backbone)
+    lp_epochs, ft_epochs = cfg.epochs_of(method)
+    total = lp_epochs + ft_epochs
+
+    start, history, resumes, best, state = 0, [], [], None, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+        model.backbone.load_state_dict(state["backbone"])
+        model.head.load_state_dict(state["head"])
+        start = int(state["epoch"]) + 1
+        history, best = list(state["history"]), state["best"]
+        resumes = list(state["resumes"]) + [start]
+        if rank == 0:
+            log.warning("fine-tuning resumes at epoch %d from its checkpoint", start)
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if distributed:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node)
+
+    # Augmentation (timm draws crops from Python's random) and shuffling: seeded per rank and attempt.
+    aug_seed = cfg.seed * 7919 + rank + 1000 * len(resumes)
+    random.seed(aug_seed)
+    np.random.seed(aug_seed % 2**32)
+    torch.manual_seed(aug_seed)
+    collate = _TrainCollate(data["train_images"], data["train_labels"], dcfg, cfg.augment, cfg.crop_scale)
+    loader = torch.utils.data.DataLoader(_Indices(len(data["train_labels"])), batch_size=cfg.batch_size,
+                                         shuffle=True, collate_fn=collate, num_workers=cfg.loader_workers,
+                                         drop_last=False, pin_memory=device.type == "cuda")
+    loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler when world > 1
+    eval_pre = Preprocessor(dcfg)
+    has_eval = data.get("eval_labels") is not None
+
+    net, phase, opt, sched = None, None, None, None
+    for epoch in range(start, total):
+        ep_phase = "lp" if epoch < lp_epochs else "ft"
+        if ep_phase != phase:
+            # A new phase changes which parameters train, and DDP registers its gradient hooks
+            # at construction, so the model is wrapped again (the old wrapper is dropped first).
+            net = None
+            gc.collect()
+            phase = ep_phase
+            opt, sched = _optimizer(model, phase, cfg, lp_epochs if phase == "lp" else ft_epochs)
+            net = ray.train.torch.prepare_model(model)
+            if state is not None and state["phase"] == phase and int(state["epoch"]) + 1 == epoch:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch + 100_003 * cfg.seed)
+        _set_mode(model, phase, cfg.freeze_bn)
+        lr = float(opt.param_groups[-1]["lr"])
+        t0 = time.perf_counter()
+        sums = _train_epoch(net, loader, opt, device, amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        sched.step()
+        if distributed:
+            for b in model.buffers():  # BatchNorm statistics: every rank keeps rank 0's
+                dist.broadcast(b, 0)
+        counts = torch.stack([sums["loss_sum"], sums["correct"].double(), sums["seen"].double()])
+        if has_eval:
+            c, t = _evaluate(model, data["eval_images"], data["eval_labels"], eval_pre, device, amp, rank, world)
+            counts = torch.cat([counts, torch.tensor([c, t], dtype=torch.float64, device=device)])
+        check = _checksum(model, device)
+        if distributed:
+            dist.all_reduce(counts)
+            gathered = [torch.zeros_like(check) for _ in range(world)]
+            dist.all_gather(gathered, check)
+        else:
+            gathered = [check]
+        counts = counts.cpu().tolist()
+        seen = max(counts[2], 1.0)
+        metrics = {
+            "epoch": epoch, "phase": phase, "lr": lr,
+            "train_loss": counts[0] / seen, "train_accuracy": counts[1] / seen,
+            "eval_accuracy": counts[3] / max(counts[4], 1.0) if has_eval else None,
+            "seconds": round(time.perf_counter() - t0, 4), "train_seconds": round(train_s, 4),
+            "images": int(counts[2]), "images_per_s": counts[2] / max(train_s, 1e-9),
+            "param_checksums": [g.cpu().tolist() for g in gathered],
+        }
+        history.append(metrics)
+        if cfg.keep == "best" and rank == 0:
+            score = metrics["eval_accuracy"] if has_eval else metrics["train_accuracy"]
+            if best is None or score > best["score"]:
+                best = {"epoch": epoch, "score": score, "backbone": _cpu_state(model.backbone),
+                        "head": _cpu_state(model.head)}
+        last = epoch == total - 1
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0 and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+                torch.save({"backbone": _cpu_state(model.backbone), "head": _cpu_state(model.head),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "phase": phase,
+                            "epoch": epoch, "history": history, "resumes": resumes, "best": best},
+                           os.path.join(d, _STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            report = {k: v for k, v in metrics.items() if k != "param_checksums" and v is not None}
+            ray.train.report(report, checkpoint=checkpoint)
+        hook = config.get("on_epoch_end")
+        if hook is not None:
+            hook(epoch, rank)
+    if rank != 0:
+        return None
+    return {"history": history, "resumes": resumes, "worker_nodes": nodes}
+
+
+# --------------------------------------------------------------------------- the driver
+def _fingerprint(**parts) -> str:
+    h = hashlib.sha256()
+    for k in sorted(parts):
+        v = parts[k]
+        h.update(k.encode())
+        h.update(v.tobytes() if isinstance(v, np.ndarray) else json.dumps(v, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: TrainConfig,
+             out_dir: Union[str, Path], *, method: str = "ft", init_checkpoint: Optional[str] = None,
+             eval_source=None, eval_ids=None, eval_labels=None,
+             on_epoch_end: Optional[Callable[[int, int], None]] = None) -> FinetuneResult:
+    """Fine-tune backbone + linear head on a labelled set with Ray Train and keep one model file.
+
+    Args:
+        source: the ``PoolSource`` holding the labelled images.
+        ids: int64 ids of the labelled images, shape (N,).
+        labels: int class indices aligned to ``ids``, shape (N,); None: ``source.label_of(ids)``.
+        num_classes: C, the head's width.
+        spec: the backbone.
+        cfg: the training settings.
+        out_dir: where the kept model (``model.pt``) and, while running, Ray Train's checkpoints go.
+            Must be on storage every node can reach when the cluster has several nodes.
+        method: ``linear_probe`` (frozen backbone, train the head), ``ft`` (full fine-tuning) or
+            ``lpft`` (linear probe, then full fine-tuning from that head).
+        init_checkpoint: backbone weights to start from (default: ``spec.weights``); the head
+            always starts fresh.
+        eval_source, eval_ids, eval_labels: an optional held-out set, evaluated after every epoch
+            (``eval_ids`` default: all of ``eval_source``; ``eval_labels`` default: its labels).
+        on_epoch_end: called as ``fn(epoch, rank)`` in every worker after each epoch's report
+            (for fault-injection tests and custom logging); must be picklable.
+
+    Returns:
+        a ``FinetuneResult``.
+
+    Raises:
+        ConfigError: an unknown method, a phase with no epochs, or more GPUs/CPUs than the cluster has.
+        BadInputError: labels that do not fit the ids or ``num_classes``; unreadable images.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from asvp_ray.features.extract import unwrap_error
+
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ConfigError(f"unknown fine-tuning method {method!r}; use one of {', '.join(METHODS)}")
+    if int(num_classes) < 2:
+        raise BadInputError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    lp_epochs, ft_epochs = cfg.epochs_of(method)
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise BadInputError("finetune needs a non-empty 1-D array of labelled ids")
+    if len(np.unique(ids)) != len(ids):
+        raise BadInputError("finetune: the labelled ids hold duplicates; pass each id once")
+    y = _check_labels(source.label_of(ids) if labels is None else labels, len(ids), num_classes, "labelled set")
+    plan = cfg.plan()
+    create_backbone(spec, init_checkpoint)  # fails fast on a bad model name or weights file
+
+    data: Dict[str, Any] = {"train_images": _decode(source, ids), "train_labels": y}
+    ev_ids = None
+    if eval_source is not None:
+        ev_ids = eval_source.ids if eval_ids is None else np.asarray(eval_ids, dtype=np.int64)
+        ev_y = eval_source.label_of(ev_ids) if eval_labels is None else eval_labels
+        data["eval_images"] = _decode(eval_source, ev_ids)
+        data["eval_labels"] = _check_labels(ev_y, len(ev_ids), num_classes, "eval set")
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"finetune-{method}-" + _fingerprint(
+        method=method, cfg=cfg.model_dump(mode="json"), spec=asdict(spec), num_classes=int(num_classes), ids=ids,
+        labels=y, init=init_checkpoint, eval=ev_ids if ev_ids is not None else [])
+    config = {"cfg": cfg.model_dump(mode="json"), "spec": asdict(spec), "method": method,
+              "num_classes": int(num_classes), "init_checkpoint": init_checkpoint, "data": ray.put(data),
+              "torch_threads": plan.torch_threads, "on_epoch_end": on_epoch_end}
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=plan.resources_per_worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - show the asvp-ray error inside Ray's wrapper
+        inner = unwrap_error(e)
+        if inner is not e and isinstance(inner, AsvpError):
+            raise inner from None
+        raise
+    if result.checkpoint is None:  # pragma: no cover - the last epoch always checkpoints
+        raise RuntimeError(f"fine-tuning {name} finished without a checkpoint; see {out / 'ray'}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+    ret = result.return_value or {}
+    history = ret.get("history") or state["history"]
+    kept = state["best"] if cfg.keep == "best" and state.get("best") else {
+        "epoch": state["epoch"], "backbone": state["backbone"], "head": state["head"]}
+    kept_epoch = int(kept["epoch"])
+    total = lp_epochs + ft_epochs
+    final = {"backbone": kept["backbone"], "head": kept["head"], "num_classes": int(num_classes),
+             "spec": asdict(spec), "method": method, "epochs": total, "epoch": kept_epoch,
+             "lp_epochs": lp_epochs, "ft_epochs": ft_epochs}
+    path = out / MODEL_FILE
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(final, tmp)
+    os.replace(tmp, path)  # a reader never sees half a file
+    shutil.rmtree(out / "ray" / name, ignore_errors=True)
+    row = next((h for h in history if h["epoch"] == kept_epoch), {})
+    return FinetuneResult(
+        checkpoint=str(path), test_accuracy=row.get("eval_accuracy"), seconds=round(time.perf_counter() - t0, 3),
+        history=history, worker_nodes=list(ret.get("worker_nodes") or []), method=method, kept_epoch=kept_epoch,
+        resumed_from=list(ret.get("resumes") or state.get("resumes") or []))
+
+
+def load_head(checkpoint: str) -> nn.Linear:
+    """The linear head stored in a ``finetune`` model file.
+
+    Raises:
+        BadInputError: the file is missing, unreadable, or holds no head.
+    """
+    if not os.path.isfile(checkpoint):
+        raise BadInputError(f"checkpoint {checkpoint!r} does not exist; pass the model file finetune wrote")
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BadInputError(f"checkpoint {checkpoint}: cannot be read by torch.load ({e})") from None
+    head = obj.get("head") if isinstance(obj, dict) else None
+    if not isinstance(head, dict) or "weight" not in head or "bias" not in head:
+        raise BadInputError(f"checkpoint {checkpoint} holds no classifier head; class probabilities need a "
+                            "model file written by asvp_ray.train.finetune")
+    w = head["weight"]
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    lin.load_state_dict(head)
+    return lin.eval()
+
+
+def predict_proba(source, ids, checkpoint: str, spec: BackboneSpec, extract_cfg, *, skip_unreadable: bool = False,
+                  return_features: bool = False):
+    """Class probabilities of ``ids`` from a fine-tuned backbone + head, through the Ray Data
+    actor pool used for feature extraction (standard AL scores the pool this way).
+
+    Args:
+        source: a ``PoolSource``.
+        ids: ids to score (None: the whole source).
+        checkpoint: a model file written by ``finetune``.
+        spec: the backbone spec the model was trained with.
+        extract_cfg: an ``ExtractConfig`` (actor pool sizing, batch size, device).
+        skip_unreadable: leave unreadable images out instead of failing.
+        return_features: also return the pooled features.
+
+    Returns:
+        (ids int64 (N,) ascending, probs float32 (N, C)), plus features float32 (N, D) when
+        ``return_features``.
+
+    Raises:
+        BadInputError: the checkpoint has no head; an unreadable image (unless skipped).
+    """
+    from asvp_ray.features.extract import extract
+
+    load_head(checkpoint)  # fails fast, before any Ray work
+    all_ids, all_p, all_f = [], [], []
+    for b_ids, feats, _skipped, probs in extract(source, spec, extract_cfg, ids=ids, checkpoint=checkpoint,
+                                                 skip_unreadable=skip_unreadable, with_head=True):
+        all_ids.append(b_ids)
+        all_p.append(probs)
+        if return_features:
+            all_f.append(feats)
+    if not all_ids:
+        empty = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+        return empty + ((np.zeros((0, 0), np.float32),) if return_features else ())
+    out_ids = np.concatenate(all_ids)
+    order = np.argsort(out_ids, kind="stable")
+    res = (out_ids[order], np.concatenate(all_p)[order])
+    if return_features:
+        res = res + (np.concatenate(all_f)[order],)
+    return res
