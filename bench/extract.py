@@ -46,17 +46,22 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List
 
-import numpy as np
+# Python puts this script's folder first on sys.path; a sibling bench script named like a stdlib
+# module (e.g. bench/select.py) would then shadow it. Drop the folder, add the repository root.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 
 def machine_cpus() -> int:
@@ -245,7 +250,23 @@ def main(argv=None) -> int:
     ap.add_argument("--actor-threads", type=int, default=None,
                     help="ExtractConfig.torch_threads: torch threads per actor (default: auto, CPUs / actors)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--omp-wait-policy", choices=["unset", "passive", "active"], default="unset",
+                    help="set OMP_WAIT_POLICY for both sides (the Ray workers inherit it) before torch loads. "
+                         "On a machine shared with other jobs, libgomp's default spin-waiting makes a multi-thread "
+                         "loop on the main thread collapse (every barrier waits for a descheduled thread) while "
+                         "the Ray actor, whose model runs on a second thread, spins little -- the comparison "
+                         "then measures spinning, not Ray; 'passive' levels it (default: %(default)s)")
+    ap.add_argument("--worker-niceness", type=int, default=None,
+                    help="RAY_worker_niceness for the local Ray instance (Ray's default runs workers, hence the "
+                         "extraction actor, at nice 15, so other jobs on a shared machine outrank it while the plain "
+                         "loop runs at the shell's nice; 0 puts both on an equal footing)")
     args = ap.parse_args(argv)
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
+    if args.omp_wait_policy != "unset":
+        if "torch" in sys.modules:
+            print("warning: torch already imported, --omp-wait-policy has no effect here", file=sys.stderr)
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
 
     import ray
     import torch
@@ -279,8 +300,11 @@ def main(argv=None) -> int:
     print(f"model {spec.name} weights={spec.weights} image_size={spec.image_size} crop_pct={spec.crop_pct}; "
           f"{n:,} images, batch {args.batch_size}")
     print(f"actor plan: {plan}")
-    print(f"plain loop: 1 process, DataLoader num_workers=0, torch threads {plain_threads}")
-    print(f"init_ray: {t_init:.2f} s (once, excluded)")
+    print(f"plain loop: 1 process (nice {os.nice(0)}), DataLoader num_workers=0, torch threads {plain_threads}; "
+          f"Ray workers at nice {os.environ.get('RAY_worker_niceness', '15 (Ray default)')}")
+    print(f"init_ray: {t_init:.2f} s (once, excluded); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    load0 = os.getloadavg()[0]
+    print(f"load average at start: {load0:.1f} on {cpus} CPUs")
 
     def plain():
         return run_plain(spec, source.images_path, n, args.batch_size)
@@ -327,6 +351,10 @@ def main(argv=None) -> int:
           f"{ratio('e2e', 1):.2f}x median")
     print(f"model-call ratio ray/plain (compute only): {ratio('compute', 0):.2f}x best, {ratio('compute', 1):.2f}x median")
     print(f"steady-state ratio ray/plain: {ratio('steady', 0):.2f}x best, {ratio('steady', 1):.2f}x median")
+    load1 = os.getloadavg()[0]
+    if max(load0, load1) > cpus:
+        print(f"note: load average {load0:.1f} -> {load1:.1f} on {cpus} CPUs: other jobs share this machine, figures "
+              "are noisy (see --omp-wait-policy)")
     r = ratio("steady", 0)
     print(f"ratio ray/plain: {r:.2f}x (goal >= 0.90)  [steady state, best of {args.repeat}]"
           f"{'' if r >= 0.9 else '  BELOW GOAL'}")
