@@ -43,6 +43,8 @@ Usage::
     .venv/bin/python bench/extract.py                      # 10,000 images, lite0 at 32 px, batch 256
     .venv/bin/python bench/extract.py --images 2000 --repeat 2
     .venv/bin/python bench/extract.py --actor-threads 1    # try other actor sizing
+    # on a machine shared with other jobs: level the OpenMP spinning and the Ray worker nice level
+    .venv/bin/python bench/extract.py --omp-wait-policy passive --worker-niceness 0
 """
 from __future__ import annotations
 
