@@ -13,16 +13,21 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
-import statistics
+import os
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
+# This folder holds bench/select.py, which would shadow the standard library's `select` module
+# (imported by subprocess, torch, ...): drop the folder from the path, add the repository root.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from asvp_ray.proxy.mlp import MLPProxy  # noqa: E402
 
