@@ -300,6 +300,8 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     method, num_classes = config["method"], int(config["num_classes"])
     data = ray.get(config["data"])
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     amp = bool(cfg.amp and device.type == "cuda")
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
 
