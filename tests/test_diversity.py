@@ -388,11 +388,15 @@ class TestProbCover(FeatureContract):
     def test_ivf_graph(self):
         X = random_pool(600, 6, 0, seed=1, clustered=True).features
         exact = delta_graph(X, 0.8, "exact")
-        full = delta_graph(X, 0.8, "ivf", nlist=8, nprobe=8)  # every cell searched: exact
+        # Every cell a ball can reach is searched (no row truncated): the exact graph, while
+        # skipping the cells beyond delta of the bisectors.
+        full = delta_graph(X, 0.8, "ivf", nlist=16, nprobe=1000)
+        assert full.stats["truncated_rows"] == 0 and full.stats["mean_probes"] < full.stats["nlist"]
         np.testing.assert_array_equal(full.indptr, exact.indptr)
         np.testing.assert_array_equal(full.indices, exact.indices)
         approx = delta_graph(X, 0.8, "ivf", nlist=16, nprobe=2)
-        assert 0.5 < graph_recall(approx, exact) <= 1.0 and graph_recall(exact, exact) == 1.0
+        assert approx.stats["truncated_rows"] > 0
+        assert 0.5 < graph_recall(approx, exact) < 1.0 and graph_recall(exact, exact) == 1.0
         assert approx.stats["pairs_computed"] < exact.stats["pairs_computed"]
         # Symmetric, self-loops included.
         A = approx.to_scipy()

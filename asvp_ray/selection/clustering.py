@@ -336,6 +336,23 @@ class DeltaGraph:
         )
 
 
+def _train_cells(train: np.ndarray, k: int, seed: int, use_gpu: bool) -> np.ndarray:
+    """k-means centroids of ``train`` (float32 (k, D)); faiss when installed."""
+    k = max(1, min(k, len(train)))
+    if k == 1:
+        return train.mean(axis=0, keepdims=True)
+    if _have_faiss():
+        import faiss
+
+        km = faiss.Kmeans(train.shape[1], k, niter=10, seed=int(seed) % (2**31), verbose=False, gpu=bool(use_gpu),
+                          max_points_per_centroid=64, min_points_per_centroid=1)
+        km.train(_as_f32(train))
+        return km.centroids
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=1, max_iter=10, random_state=seed).fit(train).cluster_centers_
+
+
 def _row_norm_stats(X: np.ndarray, normalize: bool, chunk: int = ROW_CHUNK) -> np.ndarray:
     """Squared norms (raw) or inverse norms (normalised rows), float32 (N,)."""
     N = len(X)
@@ -378,9 +395,11 @@ def _csr_from_pairs(rows: List[np.ndarray], cols: List[np.ndarray], N: int) -> T
     """Symmetric CSR (self-loops added, duplicates removed) from directed pairs."""
     from scipy import sparse
 
-    ar = np.arange(N, dtype=np.int64)
+    ar = np.arange(N, dtype=np.int32)
     r = np.concatenate(rows + cols + [ar])
     c = np.concatenate(cols + rows + [ar])
+    rows.clear()
+    cols.clear()
     m = sparse.coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(N, N)).tocsr()
     m.sum_duplicates()
     m.sort_indices()
@@ -402,9 +421,12 @@ def delta_graph(
     Args:
         X: float (N, D) features.
         delta: ball radius.
-        method: "exact" (blocked brute force, N^2 D work) or "ivf" (each row searched in the
-            ``nprobe`` k-means cells nearest to it; distances of found pairs are exact, a pair
-            is found when either end searches the other's cell).
+        method: "exact" (blocked brute force, N^2 D work) or "ivf": k-means cells; a row is
+            searched in every cell its delta-ball can reach (the cell's half-space beyond the
+            bisector with the row's own centroid is nearer than delta), at most ``nprobe`` of
+            them, nearest first. Exact when no row needs more than ``nprobe`` cells
+            (``stats["truncated_rows"] == 0``); distances of found pairs are always exact,
+            and a pair is found when either end searches the other's cell.
         normalize: L2-normalise rows first (ProbCover works on unit-length embeddings).
         nlist: IVF cells; None means ``clip(sqrt(N), 16, 4096)``.
         nprobe: cells searched per row.
@@ -433,53 +455,79 @@ def delta_graph(
                 c1 = min(c0 + ROW_CHUNK, N)
                 i, j = _ball_hits(q, xs[a:b], _prep(X[c0:c1], xs[c0:c1], normalize), xs[c0:c1], normalize, r2)
                 keep = (j + c0) > (i + a)
-                rows.append((i[keep] + a).astype(np.int64))
-                cols.append((j[keep] + c0).astype(np.int64))
+                rows.append((i[keep] + a).astype(np.int32))
+                cols.append((j[keep] + c0).astype(np.int32))
         stats["pairs_computed"] = N * (N + 1) // 2
     elif method == "ivf":
         nlist = int(nlist or int(np.clip(np.sqrt(N), 16, 4096)))
         nlist = max(1, min(nlist, N))
-        nprobe = max(1, min(int(nprobe), nlist))
         # Cells: k-means on (normalised) rows.
         n_train = min(N, nlist * 64)
         pick = np.sort(np.random.default_rng(seed).choice(N, size=n_train, replace=False))
         train = _as_f32(X[pick])
         if normalize:
             train *= xs[pick][:, None]
-        if nlist == 1:
-            cent = train.mean(axis=0, keepdims=True)
-        elif _have_faiss():
-            import faiss
-
-            km = faiss.Kmeans(train.shape[1], nlist, niter=10, seed=int(seed) % (2**31), verbose=False,
-                              gpu=bool(use_gpu), max_points_per_centroid=64, min_points_per_centroid=1)
-            km.train(train)
-            cent = km.centroids
-        else:
-            from sklearn.cluster import KMeans
-
-            cent = KMeans(n_clusters=nlist, n_init=1, max_iter=10, random_state=seed).fit(train).cluster_centers_
-        cent = _as_f32(cent)
+        cent = _as_f32(_train_cells(train, nlist, seed, use_gpu))
+        # k-means in high dimension leaves a few giant cells (and hubs that many rows probe):
+        # split the cells holding more than twice the mean share of the sample, twice over.
+        for _ in range(2):
+            d = train @ cent.T
+            d *= -2.0
+            d += _row_sqnorms(cent).astype(np.float32)[None, :]
+            own_t = np.argmin(d, axis=1)
+            sizes = np.bincount(own_t, minlength=len(cent))
+            mean = len(train) / len(cent)
+            big = np.flatnonzero(sizes > 2.0 * mean)
+            if not len(big):
+                break
+            parts = [cent[sizes <= 2.0 * mean]]
+            for c in big:
+                parts.append(_as_f32(_train_cells(train[own_t == c], int(np.ceil(sizes[c] / mean)), seed, use_gpu)))
+            cent = np.concatenate(parts)
+        nlist = len(cent)
+        nprobe = max(1, min(int(nprobe), nlist))
         del train
         cs = _row_sqnorms(cent).astype(np.float32)
-        # nprobe nearest cells of every row; the nearest one is its own cell.
-        probe = np.empty((N, nprobe), dtype=np.int32)
+        # Half the distance between two centroids: a row's delta-ball can reach cell c only if
+        # the row lies within delta of the bisector between its own centroid and c's.
+        cc = cs[:, None] + cs[None, :] - 2.0 * (cent @ cent.T)
+        two_cdist = 2.0 * np.sqrt(np.maximum(cc, 0.0))
+        reach = np.float32(delta) * np.float32(1.0 + 1e-4) + np.float32(1e-6)
+        probe = np.full((N, nprobe), -1, dtype=np.int32)
+        truncated = 0
+        probes = 0
         for s in range(0, N, ROW_CHUNK):
-            xb = _as_f32(X[s : s + ROW_CHUNK])
+            xb = _prep(X[s : s + ROW_CHUNK], xs[s : s + ROW_CHUNK], normalize)
+            m = len(xb)
             d = xb @ cent.T
-            d *= (-2.0 * xs[s : s + ROW_CHUNK, None]) if normalize else -2.0
-            d += cs[None, :]
+            d *= -2.0
+            d += cs[None, :]  # ||x - mu||^2 - ||x||^2
+            own = np.argmin(d, axis=1)
+            r = np.arange(m)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gap = (d - d[r, own][:, None]) / two_cdist[own]
+            ok = gap < reach
+            ok[r, own] = True
+            n_ok = ok.sum(axis=1)
+            truncated += int((n_ok > nprobe).sum())
+            probes += int(np.minimum(n_ok, nprobe).sum())
+            d[~ok] = np.inf
+            d[r, own] = -np.inf  # the own cell first
             if nprobe < nlist:
                 part = np.argpartition(d, nprobe - 1, axis=1)[:, :nprobe]
             else:
                 part = np.broadcast_to(np.arange(nlist), d.shape).copy()
             dd = np.take_along_axis(d, part, axis=1)
-            probe[s : s + len(xb)] = np.take_along_axis(part, np.argsort(dd, axis=1, kind="stable"), axis=1)
+            order = np.argsort(dd, axis=1, kind="stable")
+            part = np.take_along_axis(part, order, axis=1)
+            part[np.take_along_axis(dd, order, axis=1) == np.inf] = -1
+            probe[s : s + m] = part
         own = probe[:, 0].astype(np.int64)
         m_order = np.argsort(own, kind="stable")
         m_bounds = np.searchsorted(own[m_order], np.arange(nlist + 1))
         flat = probe.reshape(-1).astype(np.int64)
         q_order = np.argsort(flat, kind="stable")
+        q_order = q_order[flat[q_order] >= 0]
         q_rows = q_order // nprobe
         q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
         del probe, flat, q_order
@@ -496,10 +544,13 @@ def delta_graph(
                 i, j = _ball_hits(_prep(X[qa], xs[qa], normalize), xs[qa], xm, xs[mem], normalize, r2)
                 src, dst = qa[i], mem[j]
                 keep = src != dst
-                rows.append(src[keep])
-                cols.append(dst[keep])
+                rows.append(src[keep].astype(np.int32))
+                cols.append(dst[keep].astype(np.int32))
             pairs += len(qry) * len(mem)
-        stats.update(nlist=nlist, nprobe=nprobe, pairs_computed=int(pairs))
+        # Rows whose ball may reach more than nprobe cells lose the farthest ones: the graph
+        # is exact when none is truncated.
+        stats.update(nlist=nlist, nprobe=nprobe, pairs_computed=int(pairs), truncated_rows=truncated,
+                     mean_probes=probes / max(N, 1))
     else:
         raise ConfigError(f"probcover: graph method {method!r} is not one of exact, ivf")
     indptr, indices = _csr_from_pairs(rows, cols, N)
