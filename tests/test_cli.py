@@ -52,3 +52,17 @@ def test_extract_command_writes_a_version(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "features" / "v0" / "meta.json").read_text())
     assert meta["rows"] == 64 and meta["test_source"] is None
+
+
+@pytest.mark.slow
+def test_standard_smoke_run_through_the_cli(tmp_path):
+    out = tmp_path / "standard"
+    r = run_cli("run", str(SMOKE), "--out", str(out), "--set", "method=standard", "--set", "budget.schedule=[40,40]",
+                "--set", "train.epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "final model: ft" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "standard" and s["status"] == "finished"
+    assert s["rounds"][1]["seconds"]["finetune"] > 0 and s["rounds"][1]["seconds"]["score_pool"] > 0
+    assert 0.0 <= s["final"]["test_accuracy"] <= 1.0
+    assert s["cost"]["compute_seconds"]["finetune"]["cpu"] > 0
