@@ -574,14 +574,22 @@ def gradient_embedding_parts(probs: np.ndarray) -> np.ndarray:
     return e
 
 
-def _embed_rows(features, rows: np.ndarray, probs, model, chunk: int, start: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(E, H) of the local rows ``rows``: float32 (m, C) and (m, H)."""
+def _embed_rows(features, mask: np.ndarray, probs, model, chunk: int, start: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(E, H) of the unlabelled rows (``~mask``), in position order: float32 (m, C), (m, H).
+
+    The model runs on contiguous row blocks (labelled rows included, then dropped), so no
+    block of features is gathered.
+    """
     E = Hh = None
     use_model_hidden = model is not None and hasattr(model, "hidden_activations")
-    for a in range(0, len(rows), chunk):
-        r = rows[a : a + chunk]
-        contiguous = len(r) and r[-1] - r[0] == len(r) - 1
-        sl = slice(int(r[0]), int(r[-1]) + 1) if contiguous else r
+    n_rows = len(mask)
+    m = int(n_rows - np.count_nonzero(mask))
+    at = 0
+    for s in range(0, n_rows, chunk):
+        sl = slice(s, min(s + chunk, n_rows))
+        keep = ~mask[sl]
+        if not keep.any():
+            continue
         xb = features[sl] if features.shape[1] else None
         if probs is not None:
             p = np.asarray(probs[sl])
@@ -591,26 +599,32 @@ def _embed_rows(features, rows: np.ndarray, probs, model, chunk: int, start: int
         else:
             p = model.predict_proba(xb)
             h = model.hidden_activations(xb) if use_model_hidden else xb
-        p = np.asarray(p)
         if h is None:
             raise BadInputError("badge needs PoolView.features (or a model with hidden_activations)")
+        p = np.asarray(p)
         h = np.asarray(h)
-        if p.ndim != 2 or p.shape[0] != len(r) or h.ndim != 2 or h.shape[0] != len(r):
+        b = sl.stop - sl.start
+        if p.ndim != 2 or p.shape[0] != b or h.ndim != 2 or h.shape[0] != b:
             raise BadInputError(
-                f"badge: probabilities {p.shape} / hidden activations {h.shape} for {len(r)} rows; "
-                f"expected ({len(r)}, C) and ({len(r)}, H)"
+                f"badge: probabilities {p.shape} / hidden activations {h.shape} for {b} rows; "
+                f"expected ({b}, C) and ({b}, H)"
             )
+        all_kept = bool(keep.all())
+        if not all_kept:
+            p, h = p[keep], h[keep]
         ok = np.isfinite(p).all(axis=1)
         if not ok.all():
+            rows = np.flatnonzero(keep)
             raise BadInputError(
-                f"badge: non-finite class probabilities at pool row {start + int(r[np.flatnonzero(~ok)[0]])}; "
+                f"badge: non-finite class probabilities at pool row {start + s + int(rows[np.flatnonzero(~ok)[0]])}; "
                 f"clean or re-extract those features"
             )
         if E is None:
-            E = np.empty((len(rows), p.shape[1]), dtype=np.float32)
-            Hh = np.empty((len(rows), h.shape[1]), dtype=np.float32)
-        E[a : a + len(r)] = gradient_embedding_parts(p)
-        Hh[a : a + len(r)] = h
+            E = np.empty((m, p.shape[1]), dtype=np.float32)
+            Hh = np.empty((m, h.shape[1]), dtype=np.float32)
+        E[at : at + len(p)] = gradient_embedding_parts(p)
+        Hh[at : at + len(p)] = h
+        at += len(p)
     if E is None:
         E = np.empty((0, 1), np.float32)
         Hh = np.empty((0, max(features.shape[1], 1)), np.float32)
@@ -626,6 +640,9 @@ class GradEmbShard:
     the rows the bound cannot rule out (confident rows of other classes never pass). With
     many classes (C > H / 4) the cheaper norm bound ``(||g_i|| - ||g_c||)^2`` is used.
 
+    The bound needs only the (N x C) product and three per-row numbers; the row's slack
+    ``D^2_i - ||g_i||^2`` is kept up to date with D^2, so the test is one multiply-add per row.
+
     Args:
         features: (m, D) rows of the shard.
         start: pool position of the shard's first row.
@@ -635,8 +652,7 @@ class GradEmbShard:
             ``embed_and_proba``; without hidden activations the features are h.
         chunk_rows: rows per embedding / distance chunk.
         block: rows per block of the D^2 weight sums.
-        dense_fraction: above this fraction of candidate rows, contiguous passes replace the
-            gather of candidate rows.
+        dense_fraction: above this fraction of candidate rows, a chunk is read whole.
     """
 
     def __init__(
@@ -651,38 +667,45 @@ class GradEmbShard:
         dense_fraction: float = 0.5,
     ):
         self.start = int(start)
-        self.rows = np.flatnonzero(~np.asarray(mask, dtype=bool)).astype(np.int64)
-        self.E, self.H = _embed_rows(features, self.rows, probs, model, chunk_rows, self.start)
+        mask = np.asarray(mask, dtype=bool)
+        self.rows = np.flatnonzero(~mask).astype(np.int64)
+        E, H = _embed_rows(features, mask, probs, model, chunk_rows, self.start)
         self.mu = len(self.rows)
-        self.chunk_rows = int(chunk_rows)
+        self.B = int(block)
+        self.chunk = max(self.B, int(chunk_rows) - int(chunk_rows) % self.B)
         self.dense_fraction = float(dense_fraction)
-        self.hn = np.sqrt(_row_sqnorms(self.H))
-        if not np.isfinite(self.hn).all():
-            bad = self.start + int(self.rows[_first_bad_row(self.hn)])
-            raise BadInputError(f"badge: non-finite hidden activations (or features) at pool row {bad}; clean or re-extract those features")
-        self.a = _row_sqnorms(self.E) * self.hn**2
-        self.gn = np.sqrt(self.a)
-        self.use_class_bound = 4 * self.E.shape[1] <= self.H.shape[1]
+        self.E, self.H = E, H
+        hn = np.sqrt(_row_sqnorms(H))
+        if not np.isfinite(hn).all():
+            bad = self.start + int(self.rows[_first_bad_row(hn)])
+            raise BadInputError(
+                f"badge: non-finite hidden activations (or features) at pool row {bad}; clean or re-extract those features"
+            )
+        self.a = _row_sqnorms(E) * hn**2  # ||g||^2
+        self.hn2 = 2.0 * (1.0 + 1e-5) * hn  # loosened by 1e-5 against float32 rounding
+        self.gn2 = 2.0 * (1.0 + 1e-5) * np.sqrt(self.a)
+        self.use_class_bound = 4 * E.shape[1] <= H.shape[1]
+        self.slack = -self.a  # D^2 - ||g||^2
         self.valid = np.ones(self.mu, dtype=bool)
         self.n_valid = self.mu
-        self.B = int(block)
         self.nb = max(1, -(-self.mu // self.B))
-        self.W = np.zeros(self.nb * self.B, dtype=np.float64)
-        self.D2 = self.W[: self.mu]  # min squared distance; 0 for taken rows (a view of W)
+        self.W = np.zeros(self.nb * self.B, dtype=np.float64)  # D^2, padded to whole blocks
+        self.D2 = self.W[: self.mu]  # min squared distance to the centres; 0 for taken rows
         self.bsum = np.zeros(self.nb, dtype=np.float64)
         self.k = 0
         #: full distance evaluations (rows x centres), for benchmarks.
         self.dist_evals = 0
 
     # ------------------------------------------------------------------ weights
-    def _update_blocks(self, changed: np.ndarray) -> None:
-        if len(changed) == 0:
-            return
+    def _set_d2(self, u: np.ndarray, d: np.ndarray) -> None:
+        """Set D^2 of rows u and refresh the touched block sums."""
+        self.D2[u] = d
+        self.slack[u] = d - self.a[u]
         Wb = self.W.reshape(self.nb, self.B)
-        if len(changed) * 4 > self.nb:
+        if len(u) * 4 > self.nb:
             self.bsum = Wb.sum(axis=1)
         else:
-            blocks = np.unique(changed // self.B)
+            blocks = np.unique(u // self.B)
             self.bsum[blocks] = Wb[blocks].sum(axis=1)
 
     def total(self) -> float:
@@ -692,15 +715,14 @@ class GradEmbShard:
     def valid_count(self) -> int:
         return self.n_valid
 
-    def take(self, local: int) -> Tuple[int, np.ndarray, np.ndarray, float]:
-        """Remove a row from the candidates; returns (pool position, e, h, ||g||^2)."""
-        local = int(local)
-        if self.valid[local]:
-            self.valid[local] = False
+    def take(self, u: int) -> Tuple[int, np.ndarray, np.ndarray, float]:
+        """Remove row ``u`` from the candidates; returns (pool position, e, h, ||g||^2)."""
+        u = int(u)
+        if self.valid[u]:
+            self.valid[u] = False
             self.n_valid -= 1
-            self.D2[local] = 0.0
-            self._update_blocks(np.array([local]))
-        return self.start + int(self.rows[local]), self.E[local].copy(), self.H[local].copy(), float(self.a[local])
+            self._set_d2(np.array([u]), np.zeros(1))
+        return self.start + int(self.rows[u]), self.E[u].copy(), self.H[u].copy(), float(self.a[u])
 
     def take_nth(self, r: int):
         """Take the r-th valid row (position order)."""
@@ -711,8 +733,8 @@ class GradEmbShard:
         if self.n_valid == 0:
             return -np.inf, -1
         a = np.where(self.valid, self.a, -np.inf)
-        i = int(np.argmax(a))
-        return float(a[i]), self.start + int(self.rows[i])
+        u = int(np.argmax(a))
+        return float(a[u]), self.start + int(self.rows[u])
 
     def take_pos(self, gpos: int):
         """Take the row at pool position ``gpos``."""
@@ -731,6 +753,16 @@ class GradEmbShard:
             i = int(np.flatnonzero(w > 0)[-1])
         return self.take(b * self.B + i)
 
+    # ------------------------------------------------------------------ distances
+    def _dist(self, sl_or_idx, ee: np.ndarray, h: np.ndarray, a: float) -> np.ndarray:
+        d = ee.astype(np.float64)
+        d *= self.H[sl_or_idx] @ h
+        d *= -2.0
+        d += self.a[sl_or_idx]
+        d += a
+        np.maximum(d, 0.0, out=d)
+        return d
+
     def add_centre(self, e: np.ndarray, h: np.ndarray, a: float) -> float:
         """Add a centre and lower D^2 exactly; returns the shard's total D^2 weight.
 
@@ -740,51 +772,48 @@ class GradEmbShard:
         e = np.asarray(e, dtype=np.float32)
         h = np.asarray(h, dtype=np.float32)
         a = float(a)
-        first = self.k == 0
-        hc = float(np.sqrt(_row_sqnorms(h[None])[0]))
-        # Bound factor, loosened by 1e-5 relative against float32 rounding of the products.
-        scale = -2.0 * (hc if self.use_class_bound else np.sqrt(a)) * (1.0 + 1e-5)
-        cr = self.chunk_rows - self.chunk_rows % self.B if self.chunk_rows >= self.B else self.B
-        for s in range(0, self.mu, cr):
-            e_ = min(s + cr, self.mu)
-            ee = (self.E[s:e_] @ e).astype(np.float64)
-            D2 = self.D2[s:e_]
-            if first:
-                rows = None
+        if self.k == 0:
+            d = np.empty(self.mu, dtype=np.float64)
+            for s in range(0, self.mu, self.chunk):
+                sl = slice(s, min(s + self.chunk, self.mu))
+                d[sl] = self._dist(sl, self.E[sl] @ e, h, a)
+            self.dist_evals += self.mu
+            d[~self.valid] = 0.0
+            self._set_d2(np.arange(self.mu), d)
+            self.k = 1
+            return self.total()
+        hc = np.float32(np.sqrt(_row_sqnorms(h[None])[0]))
+        gc = np.float32(np.sqrt(a))
+        buf = np.empty(min(self.chunk, self.mu), dtype=np.float64)
+        moved_j, moved_d = [], []
+        for s in range(0, self.mu, self.chunk):
+            e_ = min(s + self.chunk, self.mu)
+            ee = self.E[s:e_] @ e
+            # Row i can move only if ||g_i||^2 + ||g_c||^2 - 2 |e_i.e_c| ||h_i|| ||h_c|| < D^2_i,
+            # i.e. 2 |e_i.e_c| ||h_i|| ||h_c|| + (D^2_i - ||g_i||^2) > ||g_c||^2.
+            lb = buf[: e_ - s]
+            if self.use_class_bound:
+                t = np.abs(ee)
+                t *= hc
+                np.multiply(t, self.hn2[s:e_], out=lb)
             else:
-                if self.use_class_bound:
-                    lb = np.abs(ee)
-                    lb *= self.hn[s:e_]
-                    lb *= scale
-                else:
-                    lb = self.gn[s:e_] * scale
-                lb += self.a[s:e_]
-                lb += a
-                rows = np.flatnonzero(lb < D2)
-                if len(rows) == 0:
-                    continue
-                if len(rows) > self.dense_fraction * (e_ - s):
-                    rows = None
-            if rows is None:
-                d = ee
-                d *= self.H[s:e_] @ h
+                np.multiply(self.gn2[s:e_], gc, out=lb)
+            lb += self.slack[s:e_]
+            cand = np.flatnonzero(lb > a)
+            if len(cand) == 0:
+                continue
+            if len(cand) > self.dense_fraction * (e_ - s):
+                d = self._dist(slice(s, e_), ee, h, a)[cand]  # contiguous beats a large gather
                 self.dist_evals += e_ - s
             else:
-                d = ee[rows]
-                d *= self.H[s + rows] @ h
-                self.dist_evals += len(rows)
-            d *= -2.0
-            d += self.a[s:e_] if rows is None else self.a[s + rows]
-            d += a
-            np.maximum(d, 0.0, out=d)
-            if first:
-                D2[:] = np.where(self.valid[s:e_], d, 0.0)
-            elif rows is None:
-                np.minimum(D2, d, out=D2)
-            else:
-                D2[rows] = np.minimum(D2[rows], d)
-            b0, b1 = s // self.B, -(-e_ // self.B)
-            self.bsum[b0:b1] = self.W[b0 * self.B : b1 * self.B].reshape(-1, self.B).sum(axis=1)
+                d = self._dist(s + cand, ee[cand], h, a)
+                self.dist_evals += len(cand)
+            sel = np.flatnonzero(d < self.D2[s + cand])
+            if len(sel):
+                moved_j.append(s + cand[sel])
+                moved_d.append(d[sel])
+        if moved_j:
+            self._set_d2(np.concatenate(moved_j), np.concatenate(moved_d))
         self.k += 1
         return self.total()
 
