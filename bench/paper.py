@@ -14,6 +14,7 @@ stopped. Output::
     OUT/logs/<run>.log         its console output
     OUT/aggregate.md|.csv      mean +- std over seeds per (method, policy, strategy)
     OUT/per_run.csv            one row per run
+    OUT/aggregate_*.png        by method: accuracy against labels, and against sampling time
     OUT/report/                `asvp-ray report` on every run: table and plots
 
 Columns (seconds are wall seconds on this machine):
@@ -391,6 +392,8 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
             + "\n\nAlignment monitor (ASVP runs):\n\n" + "\n".join(monitor) + "\n")
     (out / "aggregate.md").write_text(text)
     print(text)
+    plots = plot_aggregate(list(zip([spec for spec, _ in done], summaries)), rows, agg, out)
+    print("plots by method: " + ", ".join(str(p) for p in plots))
     if report:
         exe = Path(sys.executable).with_name("asvp-ray")
         cmd = [str(exe) if exe.exists() else "asvp-ray", "report", *[str(d) for _, d in done],
@@ -399,6 +402,56 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
         print(f"report ({'ok' if rc == 0 else f'exit {rc}'}): {out / 'report'} (table.md, accuracy_vs_labels.png, "
               "accuracy_vs_cost.png, time_per_phase.png)")
     return text
+
+
+def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
+    """Two plots by method (mean and std over seeds), readable with any number of runs:
+    proxy and final accuracy against labels, and final accuracy against sampling seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    order = [a["group"] for a in agg]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for g in order:
+        curves = [[r.get("proxy_test_accuracy") for r in s.get("rounds") or []]
+                  for spec, s in runs_and_summaries if spec.group == g]
+        labels = [r["n_labeled"] for r in next(s for spec, s in runs_and_summaries if spec.group == g)["rounds"]]
+        arr = np.array([c for c in curves if len(c) == len(labels)], dtype=float)
+        m, sd = arr.mean(0), arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(len(labels))
+        line, = ax.plot(labels, m, marker="o", ms=3, label=f"{g} proxy")
+        ax.fill_between(labels, m - sd, m + sd, color=line.get_color(), alpha=0.12)
+        fin = [r["final_acc"] for r in rows if r["group"] == g and r["final_acc"] is not None]
+        if fin:
+            ax.errorbar([labels[-1] + 15 * (order.index(g) + 1)], [np.mean(fin)],
+                        yerr=[np.std(fin, ddof=1) if len(fin) > 1 else 0], fmt="*", ms=11, capsize=3,
+                        color=line.get_color(), label=f"{g} final model")
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title("Proxy accuracy per round (lines) and final model (stars)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    p1 = out / "aggregate_accuracy_vs_labels.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for a in agg:
+        (xm, xs), (ym, ys) = a["sampling_s"], a["final_acc"]
+        ax.errorbar([xm], [ym], xerr=[xs], yerr=[ys], fmt="o", ms=7, capsize=3, label=a["group"])
+    ax.set_xlabel("sampling wall seconds (rounds + features v0; not the final training)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("Final accuracy against sampling time (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p2 = out / "aggregate_accuracy_vs_sampling.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
 
 
 def _seeds(text: str) -> List[int]:
