@@ -153,6 +153,19 @@ def test_method_beats_the_untrained_head(ray_local, fm, tmp_path, method, spec, 
         assert acc == pytest.approx(res.test_accuracy, abs=0.011)
 
 
+def test_eval_every_skips_epochs_but_never_the_last(ray_local, fm, tmp_path):
+    """eval_every=2 over 3 epochs evaluates after epochs 1 and 2 (the last) only; keep=best chooses
+    among those, and the reported test accuracy is the kept epoch's."""
+    pool, test = fm
+    cfg = TrainConfig(batch_size=32, epochs=3, eval_every=2, keep="best", augment=False)
+    res = finetune(pool, pool.ids[:96], None, 10, SPEC, cfg, tmp_path, method="ft", eval_source=test)
+    evaluated = [h["epoch"] for h in res.history if h.get("eval_accuracy") is not None]
+    assert evaluated == [1, 2], res.history
+    assert res.kept_epoch in (1, 2)
+    assert res.test_accuracy == res.history[res.kept_epoch]["eval_accuracy"]
+    assert res.test_accuracy == max(res.history[e]["eval_accuracy"] for e in evaluated)
+
+
 # --------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_two_ddp_workers_train_one_model(ray_local, fm, tmp_path):

@@ -161,6 +161,13 @@ def test_config_errors_name_the_key_and_fix(overrides, match):
         load_config(str(SMOKE), overrides)
 
 
+@pytest.mark.parametrize("name", ["smoke.yaml", "fashion_mnist.yaml", "../bench/paper_fashion_mnist.yaml"])
+def test_shipped_configs_load(name):
+    """The configs users start from (and `make demo` runs) are valid as shipped."""
+    cfg = load_config(str(SMOKE.parent / name))
+    assert cfg.budget.schedule and cfg.data.pool is not None
+
+
 def test_config_roundtrip_and_missing_file(tmp_path):
     from asvp_ray.config import dump_config
 

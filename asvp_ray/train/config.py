@@ -62,6 +62,10 @@ class TrainConfig(BaseModel):
     loader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes per training worker")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every this many epochs (and the last one)")
+    eval_every: NonNegativeInt = Field(
+        1, description="evaluate the held-out set every this many epochs and always after the last one "
+                       "(0: only after the last; each pass over a large test set can cost more than a "
+                       "training epoch); keep=best chooses among the evaluated epochs")
     keep: Literal["best", "last"] = Field(
         "last", description="the model kept: the last epoch's, or the best by eval accuracy (train accuracy "
                             "when no eval set is given)")

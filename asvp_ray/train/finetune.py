@@ -370,7 +370,9 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             for b in model.buffers():  # BatchNorm statistics: every rank keeps rank 0's
                 dist.broadcast(b, 0)
         counts = torch.stack([sums["loss_sum"], sums["correct"].double(), sums["seen"].double()])
-        if has_eval:
+        last = epoch == total - 1
+        eval_now = has_eval and (last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0))
+        if eval_now:
             c, t = _evaluate(model, data["eval_images"], data["eval_labels"], eval_pre, device, amp, rank, world)
             counts = torch.cat([counts, torch.tensor([c, t], dtype=torch.float64, device=device)])
         check = _checksum(model, device)
@@ -385,18 +387,17 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         metrics = {
             "epoch": epoch, "phase": phase, "lr": lr,
             "train_loss": counts[0] / seen, "train_accuracy": counts[1] / seen,
-            "eval_accuracy": counts[3] / max(counts[4], 1.0) if has_eval else None,
+            "eval_accuracy": counts[3] / max(counts[4], 1.0) if eval_now else None,
             "seconds": round(time.perf_counter() - t0, 4), "train_seconds": round(train_s, 4),
             "images": int(counts[2]), "images_per_s": counts[2] / max(train_s, 1e-9),
             "param_checksums": [g.cpu().tolist() for g in gathered],
         }
         history.append(metrics)
-        if cfg.keep == "best" and rank == 0:
+        if cfg.keep == "best" and rank == 0 and (eval_now or not has_eval):
             score = metrics["eval_accuracy"] if has_eval else metrics["train_accuracy"]
             if best is None or score > best["score"]:
                 best = {"epoch": epoch, "score": score, "backbone": _cpu_state(model.backbone),
                         "head": _cpu_state(model.head)}
-        last = epoch == total - 1
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
@@ -444,7 +445,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
             ``lpft`` (linear probe, then full fine-tuning from that head).
         init_checkpoint: backbone weights to start from (default: ``spec.weights``); the head
             always starts fresh.
-        eval_source, eval_ids, eval_labels: an optional held-out set, evaluated after every epoch
+        eval_source, eval_ids, eval_labels: an optional held-out set, evaluated after the last epoch
+            and every ``cfg.eval_every`` epochs
             (``eval_ids`` default: all of ``eval_source``; ``eval_labels`` default: its labels).
         on_epoch_end: called as ``fn(epoch, rank)`` in every worker after each epoch's report
             (for fault-injection tests and custom logging); must be picklable.
