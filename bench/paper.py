@@ -389,7 +389,8 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
         monitor.append(f"| {spec.name} | {'; '.join(cells)} | {accs} |")
     text = (markdown(agg) + f"\nFeatures v0 (pool + test) extracted once in {v0[0]:.0f}s, charged to every proxy "
             "method's sampling_s.\n\nClaim check:\n" + claim_check(rows) + "\nPer run:\n\n" + "\n".join(per_run)
-            + "\n\nAlignment monitor (ASVP runs):\n\n" + "\n".join(monitor) + "\n")
+            + "\n\nAlignment monitor (ASVP runs):\n\n" + "\n".join(monitor) + "\n"
+            + "\n" + threshold_replay(list(zip([spec for spec, _ in done], summaries))))
     (out / "aggregate.md").write_text(text)
     print(text)
     plots = plot_aggregate(list(zip([spec for spec, _ in done], summaries)), rows, agg, out)
@@ -402,6 +403,44 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
         print(f"report ({'ok' if rc == 0 else f'exit {rc}'}): {out / 'report'} (table.md, accuracy_vs_labels.png, "
               "accuracy_vs_cost.png, time_per_phase.png)")
     return text
+
+
+REPLAY_THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
+
+
+def threshold_replay(runs_and_summaries, score: str = "logme") -> str:
+    """Where ``score_drop`` with other thresholds would have refreshed first, replayed from the
+    scores the ASVP runs recorded on the pre-trained features (v0) up to their first refresh
+    (after it the v0 scores are no longer measured, so a later trigger shows as "> N")."""
+    lines = [f"Threshold replay ({score} on features v0, drop since round 0; the first label count where "
+             "score_drop would refresh):", "",
+             "| seed (longest v0 series) | v0 " + score + " per round (labels: score) | "
+             + " | ".join(f"t={t:g}" for t in REPLAY_THRESHOLDS) + " |",
+             "|---|---|" + "---|" * len(REPLAY_THRESHOLDS)]
+    longest: Dict[int, Tuple[str, list]] = {}  # ASVP runs of one seed share v0 until a refresh
+    for spec, s in runs_and_summaries:
+        if spec.method != "asvp":
+            continue
+        series = []
+        for r in s.get("rounds") or []:
+            a = (r.get("alignment") or {}).get(score)
+            if r.get("feature_version", 0) != 0 and not r.get("refreshed") or a is None:
+                break
+            series.append((int(r["n_labeled"]), float(a)))
+            if r.get("refreshed"):
+                break
+        if series and len(series) > len(longest.get(spec.seed, ("", []))[1]):
+            longest[spec.seed] = (spec.name, series)
+    for seed in sorted(longest):
+        name, series = longest[seed]
+        ref = series[0][1]
+        cells = []
+        for t in REPLAY_THRESHOLDS:
+            hit = next((n for n, a in series[1:] if ref - a > t), None)
+            cells.append(str(hit) if hit is not None else f"> {series[-1][0]}")
+        lines.append(f"| seed {seed} ({name}) | " + ", ".join(f"{n}: {a:.3f}" for n, a in series) + " | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
