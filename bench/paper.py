@@ -387,13 +387,14 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
             cells.append(cell)
         accs = ", ".join(f"{r.get('proxy_test_accuracy') or 0:.3f}" for r in sm.get("rounds") or [])
         monitor.append(f"| {spec.name} | {'; '.join(cells)} | {accs} |")
+    pairs = [(spec, sm) for (spec, _), sm in zip(done, summaries)]
     text = (markdown(agg) + f"\nFeatures v0 (pool + test) extracted once in {v0[0]:.0f}s, charged to every proxy "
             "method's sampling_s.\n\nClaim check:\n" + claim_check(rows) + "\nPer run:\n\n" + "\n".join(per_run)
             + "\n\nAlignment monitor (ASVP runs):\n\n" + "\n".join(monitor) + "\n"
-            + "\n" + threshold_replay(list(zip([spec for spec, _ in done], summaries))))
+            + "\n" + threshold_replay(pairs))
     (out / "aggregate.md").write_text(text)
     print(text)
-    plots = plot_aggregate(list(zip([spec for spec, _ in done], summaries)), rows, agg, out)
+    plots = plot_aggregate(pairs, rows, agg, out)
     print("plots by method: " + ", ".join(str(p) for p in plots))
     if report:
         exe = Path(sys.executable).with_name("asvp-ray")
