@@ -516,7 +516,8 @@ class Driver:
             out["done"] = True
             return out
         batch = self.select_batch()
-        files = write_queries(self.rd, batch["round"], batch["ids"], self.pool.paths(batch["ids"]), self.classes)
+        files = write_queries(self.rd, batch["round"], batch["ids"], self.pool, self.classes,
+                             local_files_root=self.cfg.label.local_files_root)
         self.open_round = {"round": batch["round"], "ids": batch["ids"].tolist(), "selected_by": batch["selected_by"],
                            "seconds": batch["seconds"], "extra": batch["extra"]}
         self._commit()
