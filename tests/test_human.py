@@ -210,3 +210,37 @@ def test_label_studio_exports_are_read_through_asvp_id(human_run, tmp_path):
     assert rec["label_agreement"] == "last"
     assert [(i["format"], i["imported"], i["agreement"]) for i in rec["label_imports"]] == [
         ("labelstudio-csv", 8, "error"), ("labelstudio-json_min", 22, "last")]
+
+
+def test_task_links_are_url_encoded_files_or_uris(tmp_path):
+    """Image files are linked as URL-encoded local-files URLs relative to label.local_files_root;
+    URIs stay as they are; an image outside the root is refused, naming the setting."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from asvp_ray.data.sources import ImageFolderSource, ManifestSource
+    from asvp_ray.errors import BadInputError
+    from asvp_ray.loop.human import write_queries
+    from tests.conftest import write_images
+
+    folder = tmp_path / "imgs"
+    names = ["a#1.png", "b&c+d e.png", "plain.png"]
+    for p, name in zip(write_images(folder, 3), names):
+        p.rename(folder / name)
+    src = ImageFolderSource(str(folder))
+    rd = RunDir(tmp_path / "run")
+    write_queries(rd, 0, src.ids, src, ["x", "y"], local_files_root=str(tmp_path))
+    tasks = json.loads((tmp_path / "run" / "queries" / "round-0.labelstudio.json").read_text())
+    got = {}
+    for t in tasks:
+        url = t["data"]["image"]
+        assert url.startswith("/data/local-files/?d=imgs/") and "#" not in url and "&" not in url.split("?d=")[1]
+        got[parse_qs(urlsplit(url).query)["d"][0]] = t["data"]["asvp_id"]
+    assert sorted(got) == sorted(f"imgs/{n}" for n in names)
+    assert not (tmp_path / "run" / "queries" / "round-0").exists()  # files are linked, not copied
+    with pytest.raises(BadInputError, match="label.local_files_root"):
+        write_queries(rd, 0, src.ids, src, ["x", "y"], local_files_root=str(tmp_path / "elsewhere"))
+    (tmp_path / "m.csv").write_text("id,path\n7,s3://bucket/a b.png\n")
+    man = ManifestSource(str(tmp_path / "m.csv"))
+    write_queries(rd, 1, man.ids, man, ["x"])
+    tasks = json.loads((tmp_path / "run" / "queries" / "round-1.labelstudio.json").read_text())
+    assert tasks[0]["data"]["image"] == "s3://bucket/a b.png"
