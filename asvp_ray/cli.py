@@ -198,11 +198,25 @@ def select(
     Writes DIR/queries/round-K.csv (id, path), round-K.labelstudio.json (Label Studio tasks),
     labelstudio-config.xml and, for sources whose images are not files (Fashion-MNIST), the
     images as queries/round-K/ID.png. With --labelstudio URL --project NAME the project is
-    created (or its config updated) and the round's tasks are imported through the API.
+    created (or its config updated) and the round's tasks are imported through the API; while
+    a round is open with pending ids, --labelstudio pushes that round again (tasks already in the
+    project are skipped) instead of refusing.
     """
+    from asvp_ray.loop.human import pending_ids
+    from asvp_ray.loop.rundir import RunDir
+
     _setup_logging(None)
     try:
         _check_ls(labelstudio, project)
+        rd = RunDir(run_dir)
+        state = rd.read_state() if rd.state_path.is_file() else None
+        if labelstudio and not close and state and state.get("open_round") and len(pending_ids(rd, state)):
+            r = state["open_round"]["round"]  # (re)push the open round: tasks already there are skipped
+            typer.echo(f"round {r} is open with {len(pending_ids(rd, state))} pending id(s); pushing its tasks")
+            q = rd.path / "queries"
+            _push(run_dir, [q / f"round-{r}.csv", q / f"round-{r}.labelstudio.json", q / "labelstudio-config.xml"],
+                  labelstudio, project)
+            return
         with closing(_driver_for(run_dir, address=address, need_ray=False)) as d:
             d.prepare()
             res = d.human_select(close=close)

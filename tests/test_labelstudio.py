@@ -67,11 +67,10 @@ def test_round_trip_through_a_real_label_studio(ls, request, tmp_path):
     t = tasks[0]
     img = ls["http"].get(ls["url"] + t["data"]["image"])
     assert img.status_code == 200 and img.content == (out / "queries" / "round-0" / f"{t['data']['asvp_id']}.png").read_bytes()
-    # pushing again changes nothing
-    from asvp_ray.loop.labelstudio import push_round
-
-    files = [out / "queries" / n for n in ("round-0.csv", "round-0.labelstudio.json", "labelstudio-config.xml")]
-    assert push_round(ls["url"], PROJECT, files, [str(out / "queries")])["imported"] == 0
+    # pushing the open round again changes nothing
+    code, text = cli("select", out, "--labelstudio", ls["url"], "--project", PROJECT)
+    assert code == 0 and "round 0 is open with 12 pending" in text and "imported 0 task(s), 12 already there" in text
+    assert len(_tasks(ls, pid)) == 12
     # annotate 10 of 12 (one twice, in agreement); Label Studio's task ids differ from the pool ids
     assert any(t["id"] != t["data"]["asvp_id"] for t in tasks)
     done = tasks[:10]
