@@ -26,6 +26,12 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """A feature cache shared by the test session's human-labelled runs: v0 is extracted once."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -31,10 +31,10 @@ def queried(out, k):
 
 
 @pytest.fixture
-def human_run(ray_local, tmp_path):
+def human_run(ray_local, tmp_path, feature_cache):
     out = tmp_path / "hitl"
     code, text = cli("init", SMOKE, "--out", out, "--set", "budget.schedule=[30,20,20]",
-                     "--set", "final.training_method=none")
+                     "--set", "final.training_method=none", "--set", f"feature_cache={feature_cache}")
     assert code == 0, text
     return out
 

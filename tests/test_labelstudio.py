@@ -48,10 +48,12 @@ def _export(ls, pid, fmt, path):
 
 def test_round_trip_through_a_real_label_studio(ls, request, tmp_path):
     request.getfixturevalue("ray_local")  # after the server fixture, so a missing Label Studio skips at once
+    cache = request.getfixturevalue("feature_cache")
     t0 = time.monotonic()
     out = ls["root"] / "run"  # under LOCAL_FILES_DOCUMENT_ROOT, so the server can show the PNGs
     code, text = cli("init", SMOKE, "--out", out, "--set", "budget.schedule=[12,8]", "--set",
-                     "final.training_method=none", "--set", f"label.local_files_root={ls['root']}")
+                     "final.training_method=none", "--set", f"label.local_files_root={ls['root']}",
+                     "--set", f"feature_cache={cache}")
     assert code == 0, text
     t_init = time.monotonic() - t0
     # round 0 pushed through the API: project, config, tasks, a Local Files storage
