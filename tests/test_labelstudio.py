@@ -46,7 +46,7 @@ def _export(ls, pid, fmt, path):
     return path
 
 
-def test_round_trip_through_a_real_label_studio(ls, request, tmp_path):
+def test_round_trip_through_a_real_label_studio(ls, request, tmp_path, monkeypatch):
     request.getfixturevalue("ray_local")  # after the server fixture, so a missing Label Studio skips at once
     cache = request.getfixturevalue("feature_cache")
     t0 = time.monotonic()
@@ -116,6 +116,14 @@ def test_round_trip_through_a_real_label_studio(ls, request, tmp_path):
     lab = RunDir(out).read_labeled()
     expect = {**{i: TRUTH[i] for i in ids0 + ids1}, odd["data"]["asvp_id"]: CLASSES.index(wrong)}
     assert len(lab["id"]) == 20 and {int(i): int(v) for i, v in zip(lab["id"], lab["label"])} == expect
+    # a personal access token (JWT refresh token) works as well as the legacy one
+    pat = ls["http"].post(ls["url"] + "/api/token/").json()["token"]
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", pat)
+    code, text = cli("label", out, "--labelstudio", ls["url"], "--project", PROJECT, "--agreement", "last")
+    assert code == 0 and "imported 0 label(s)" in text and "20 already stored" in text, text
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "wrong-token-123")
+    code, text = cli("label", out, "--labelstudio", ls["url"], "--project", PROJECT)
+    assert code == 2 and "refused the token" in text and "LABEL_STUDIO_API_KEY" in text
     code, text = cli("select", out, "--close")
     assert code == 0 and "all rounds are done" in text
     import json
