@@ -14,8 +14,9 @@ import pytest
 import test_strategies
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.selection import STRATEGIES, PoolView
-from asvp_ray.selection.clustering import delta_graph, graph_recall, knn_mean_sqdist
-from asvp_ray.selection.diversity import gradient_embedding_parts, gradient_embedding_sqdist
+from asvp_ray.selection._graph import delta_graph, graph_recall
+from asvp_ray.selection.typiclust import knn_mean_sqdist
+from asvp_ray.selection.badge import gradient_embedding_parts, gradient_embedding_sqdist
 from asvp_ray.selection.sharded import ShardedStrategy, resolve_execution, shard_bounds
 from test_strategies import N_POOL, StrategyContract, pool_ids
 
