@@ -372,7 +372,7 @@ class Driver:
 
     def _standard_scores(self, seconds: Dict[str, float]) -> Dict[str, Any]:
         """Standard AL: fine-tune on the labelled set, then score the whole pool with backbone + head."""
-        from asvp_ray.train.finetune import predict_proba
+        from asvp_ray.features.extract import predict_proba
 
         r = self.next_round
         with self._timed(seconds, "finetune", **self._train_resources()):
