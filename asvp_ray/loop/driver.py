@@ -94,7 +94,7 @@ class Driver:
         self.strategy = STRATEGIES.create(self.cfg.strategy)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
-        self.oracle = ORACLES.create("simulated", source=self.pool) if self.cfg.oracle == "simulated" else None
+        self.oracle = ORACLES.create(self.cfg.oracle, source=self.pool)  # None: human labellers
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
         self.proxy: Optional[MLPProxy] = None
         self.method = METHODS.create(self.cfg.method, driver=self)
