@@ -49,8 +49,11 @@ def test_rounds_follow_the_schedule_and_the_run_dir_contract(tmp_path, features_
     assert [r["selected_by"] for r in rounds] == ["random", "margin", "margin", "margin"]
     for r in rounds:
         assert r["feature_version"] == 0 and r["refreshed"] is False
-        assert 0.0 <= r["proxy_test_accuracy"] <= 1.0
+        # The proxy learns (chance is 0.1 on 10 classes). Measured on these settings, seeds 0-2:
+        # 0.44-0.585 per round, 0.625-0.635 at 90 labels; a proxy that fits nothing sits near 0.1.
+        assert r["proxy_test_accuracy"] >= 0.3, r
         assert {"select", "label", "proxy_train"} <= set(r["seconds"])
+    assert rounds[-1]["proxy_test_accuracy"] >= 0.5
     lab = pq.read_table(out / "labeled.parquet")
     assert lab.column_names == ["id", "label", "round"]
     ids = lab.column("id").to_numpy()

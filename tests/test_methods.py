@@ -54,7 +54,9 @@ def test_asvp_every_round_refreshes_features_and_trains_ft(tmp_path, features_v0
     assert meta2["splits"]["test"]["rows"] == 200
     fin = summary["final"]
     assert fin["training_method"] == "ft" and "refreshed" in fin["reason"]
-    assert 0.0 <= fin["test_accuracy"] <= 1.0
+    # 2 epochs from random weights on 80 images train nothing worth a threshold; the figure must
+    # still be an accuracy over the 200 test images, not a batch average or a train figure.
+    assert fin["test_accuracy"] * 200 == pytest.approx(round(fin["test_accuracy"] * 200), abs=1e-6)
     assert (out / "checkpoints" / "final").is_dir()
 
 
@@ -75,7 +77,10 @@ def test_standard_fine_tunes_and_scores_the_pool_each_round(tmp_path, features_v
     r0, r1 = summary["rounds"]
     assert "finetune" not in r0["seconds"]  # round 0 is random
     assert r1["seconds"]["finetune"] > 0 and r1["seconds"]["score_pool"] > 0
-    assert 0.0 <= r1["finetune_test_accuracy"] <= 1.0
+    acc = r1["finetune_test_accuracy"]  # 2 epochs from random weights: an accuracy over the 200 test images
+    assert acc * 200 == pytest.approx(round(acc * 200), abs=1e-6)
+    # the proxy still learns: measured 0.415-0.62 with these settings (seeds 0-2); chance is 0.1
+    assert all(r["proxy_test_accuracy"] >= 0.3 for r in summary["rounds"])
     assert summary["final"]["training_method"] == "ft"
     assert not any(r["refreshed"] for r in summary["rounds"])
 
@@ -83,6 +88,8 @@ def test_standard_fine_tunes_and_scores_the_pool_each_round(tmp_path, features_v
 def test_ledger_sums_and_prices(tmp_path, features_v0):
     summary, _, _ = run(tmp_path, features_v0, ["final.training_method=none", "cost.per_label=0.5",
                                                 "cost.per_cpu_hour=3.6"])
+    # the proxy learns: measured 0.415-0.62 per round with these settings (seeds 0-2); chance is 0.1
+    assert all(r["proxy_test_accuracy"] >= 0.3 for r in summary["rounds"])
     cost = summary["cost"]
     assert cost["labels"] == 80
     phases = cost["compute_seconds"]

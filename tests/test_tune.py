@@ -160,7 +160,9 @@ def test_study_of_four_trials_end_to_end_interrupted_and_resumed(tmp_path):
     finished = [row for row in rows if row["status"] == "finished"]
     assert all(row["rounds"] == "3" and row["n_labeled"] == "120" for row in finished)
     assert all(0 < int(row["rounds"]) < 3 for row in rows if row["status"] == "stopped")  # by ASHA
-    assert all(0.0 <= float(row["proxy_test_accuracy"]) <= 1.0 for row in rows)
+    # the proxy learns (chance 0.1): the weakest corner of the space (hidden 32, lr 0.02, 10 epochs)
+    # measured 0.33-0.53 per round over seeds 0-2
+    assert all(float(row["proxy_test_accuracy"]) >= 0.25 for row in rows)
     assert rows[0]["status"] == "finished"  # best first
     assert float(rows[0]["proxy_test_accuracy"]) == max(float(x["proxy_test_accuracy"]) for x in finished)
 
