@@ -105,7 +105,7 @@ def run(
     import ray
 
     from asvp_ray.config import load_config
-    from asvp_ray.loop.driver import driver_actor
+    from asvp_ray.loop.actor import driver_actor
     from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
 
     _setup_logging(None, verbose)

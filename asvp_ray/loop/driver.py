@@ -1,4 +1,4 @@
-"""The driver: owns one run's state and runs its rounds. ``driver_actor`` runs it as a Ray actor.
+"""The driver: owns one run's state and runs its rounds. ``loop.actor.driver_actor`` runs it as a Ray actor.
 
 State it owns: the labelled set (id, label, round labelled), the current feature version, the
 proxy, the strategy, and the per-round random generators (``default_rng([seed, round])``, so a
@@ -7,49 +7,34 @@ resumed run draws exactly what an uninterrupted one would). The CLI only talks t
 It keeps the round loop (select -> label -> method hook -> proxy -> evaluate -> commit), the commit
 point (``state.json``, written last) and the cost ledger. What differs between methods is in
 :mod:`asvp_ray.loop.methods`; feature versions in :mod:`asvp_ray.loop.versions`; the human
-round in :mod:`asvp_ray.loop.human_round`.
+round in :mod:`asvp_ray.loop.human_round`; the config check and loading the committed state on
+resume in :mod:`asvp_ray.loop.resume`.
 """
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from asvp_ray._faults import fault_env, fault_point
+from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
-from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.methods import METHODS
 from asvp_ray.loop.oracle import ORACLES
+from asvp_ray.loop.resume import attach_run_log, check_config_matches, detach_run_log, load_state, open_data
 from asvp_ray.loop.rundir import RunDir
+from asvp_ray.loop.training import finetune_labeled, final_method, run_final, train_resources
 from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.ray_utils import quiet_ray_data
 from asvp_ray.selection import STRATEGIES, PoolView
 
 log = logging.getLogger("asvp_ray.driver")
-
-# Config sections that may change between a run and its resume (they do not change results).
-RESUMABLE_CHANGES = ("extract",)
-
-
-def config_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        key = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, key + ".")
-        elif a != b:
-            out.append(key)
-    return out
 
 
 class Driver:
@@ -67,30 +52,16 @@ class Driver:
             self._setup()
         except BaseException:
             if hasattr(self, "_log_handler"):
-                logging.getLogger("asvp_ray").removeHandler(self._log_handler)
-                self._log_handler.close()
+                detach_run_log(self._log_handler)
             self.rd.unlock()
             raise
 
     def _setup(self) -> None:
-        self._log_handler = logging.FileHandler(self.rd.log_path)
-        self._log_handler.setLevel(logging.INFO)
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("asvp_ray").addHandler(self._log_handler)
-        logging.getLogger("asvp_ray").setLevel(logging.INFO)
+        self._log_handler = attach_run_log(self.rd)
         self._progress: Dict[str, Any] = {"phase": "starting"}
         quiet_ray_data()
-        self._check_config_matches()
-        self.pool = build_source(self.cfg.data.pool, self.cfg.data.classes)
-        self.test = build_source(self.cfg.data.test, self.cfg.data.classes) if self.cfg.data.test else None
-        classes = self.cfg.data.classes or self.pool.classes
-        if not classes:
-            raise ConfigError("the pool has no class names; list them in data.classes")
-        self.classes: List[str] = list(classes)
-        schedule = self.cfg.budget.schedule
-        if sum(schedule) > len(self.pool):
-            raise ConfigError(f"budget.schedule {schedule} buys {sum(schedule)} labels but the pool holds "
-                              f"{len(self.pool)} images; shorten the schedule or use a larger pool")
+        check_config_matches(self.rd, self.cfg)
+        self.pool, self.test, self.classes = open_data(self.cfg)
         self.strategy = STRATEGIES.create(self.cfg.strategy)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
@@ -114,67 +85,15 @@ class Driver:
         return CostLedger.from_json(data, c.per_label, c.per_cpu_hour, c.per_gpu_hour, before_round=before_round)
 
     # ------------------------------------------------------------------ set-up and resume
-    def _check_config_matches(self) -> None:
-        if self.rd.config_path.is_file():
-            import yaml
-
-            old = yaml.safe_load(self.rd.config_path.read_text()) or {}
-            diff = [k for k in config_differences(old, self.cfg.model_dump(mode="json"))
-                    if not k.startswith(RESUMABLE_CHANGES)]
-            if diff:
-                raise RunDirError(f"{self.rd.path} holds a run made with a different config (differs in: "
-                                  f"{', '.join(diff)}); resume it with the same config, or use a new --out")
-
     def prepare(self) -> Dict[str, Any]:
-        """Extract features v0 if needed, load state, roll back uncommitted rows, rebuild the proxy."""
-        state = self.rd.read_state()
-        self.next_round = int(state["next_round"]) if state else 0
-        self.final_done = bool(state and state.get("final_done"))
-        self.open_round = state.get("open_round") if state else None
-        extract_s = self.versions.open(int(state["feature_version"]) if state else None)
-        lab = self.rd.read_labeled()
-        keep = lab["round"] < self.next_round
-        if self.open_round is not None:  # labels imported for the round awaiting completion
-            keep |= lab["round"] == self.open_round["round"]
-        if not keep.all():
-            log.warning("rolling back %d label(s) of round(s) %s that were not committed", int((~keep).sum()),
-                        sorted(set(lab["round"][~keep].tolist())))
-        self.labeled = {k: v[keep] for k, v in lab.items()}
-        self.summary = self.rd.read_summary() or self._new_summary()
-        self.summary["rounds"] = [r for r in self.summary.get("rounds", []) if r["round"] < self.next_round]
-        if not self.final_done:
-            self.summary.pop("final", None)
-        # entries of uncommitted work are dropped; a committed final model keeps its own
-        self.ledger = self._new_ledger(self.summary.get("ledger"),
-                                       before_round=None if self.final_done else self.next_round)
-        self.ledger.add_labels(len(self.labeled["id"]))
-        if extract_s:
-            self.ledger.add("extract", extract_s, **self.versions.extract_resources())
-        self.history = self._rebuild_history()
+        """Extract features v0 if needed, load state, roll back uncommitted rows (see
+        :func:`asvp_ray.loop.resume.load_state`), rebuild the proxy."""
+        load_state(self)
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
         self.summary["status"] = "finished" if self.finished else "running"
         self._commit()
         return self.status()
-
-    def _new_summary(self) -> Dict[str, Any]:
-        return {
-            "name": self.cfg.name, "method": self.cfg.method, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
-            "pool_size": len(self.pool), "test_size": len(self.test) if self.test is not None else 0,
-            "num_classes": len(self.classes), "classes": self.classes, "schedule": list(self.cfg.budget.schedule),
-            "backbone": self.cfg.backbone.name, "feature_versions": self.versions.describe(),
-            "status": "running", "rounds": [],
-        }
-
-    def _rebuild_history(self):
-        from asvp_ray.alignment import History, RoundState
-
-        h = History()
-        for rec in self.summary.get("rounds", []):
-            h.append(RoundState(round=rec["round"], n_labeled=rec["n_labeled"], scores=rec.get("alignment") or {},
-                                refreshed=bool(rec.get("refreshed")),
-                                refreshed_scores=rec.get("alignment_after_refresh")))
-        return h
 
     def _set_progress(self, progress: Dict[str, Any]) -> None:
         self._progress = progress
@@ -195,11 +114,7 @@ class Driver:
 
     def final_method(self) -> str:
         """The final training method and (via ``final_reason``) why, following ASVP.md."""
-        m = self.cfg.final.training_method
-        if m != "auto":
-            self.final_reason = f"final.training_method={m} (configured)"
-            return m
-        m, self.final_reason = self.method.auto_final()
+        m, self.final_reason = final_method(self.cfg, self.method)
         return m
 
     def _proxy_for_round(self, r: int) -> MLPProxy:
@@ -228,22 +143,11 @@ class Driver:
             self.ledger.add(ledger_phase or phase, dt, cpus=cpus, gpus=gpus, round=self.next_round)
 
     def _train_resources(self) -> Dict[str, float]:
-        plan = self.cfg.train.plan()
-        return {"cpus": plan.num_workers * plan.resources_per_worker.get("CPU", 0.0),
-                "gpus": plan.num_workers * plan.resources_per_worker.get("GPU", 0.0)}
+        return train_resources(self.cfg.train)
 
     def _finetune(self, method: str, tag: str, evaluate: bool):
-        """Fine-tune the backbone on the labelled set with Ray Train; returns the FinetuneResult."""
-        from asvp_ray.train.finetune import finetune
-
-        kwargs: Dict[str, Any] = {}
-        if evaluate and self.test is not None:
-            kwargs = dict(eval_source=self.test, eval_ids=self.test.ids, eval_labels=self.test.labels)
-        res = finetune(self.pool, self.labeled["id"], self.labeled["label"], len(self.classes), self.spec,
-                       self.cfg.train, self.rd.path / "checkpoints" / tag, method=method, **kwargs)
-        log.info("fine-tune %s (%s) on %d labels: %.1fs, checkpoint %s, test accuracy %s", tag, method,
-                 len(self.labeled["id"]), res.seconds, res.checkpoint, res.test_accuracy)
-        return res
+        """Fine-tune on the labelled set (see :func:`asvp_ray.loop.training.finetune_labeled`)."""
+        return finetune_labeled(self, method, tag, evaluate)
 
     def pool_view(self) -> PoolView:
         mask = np.isin(self.ids, self.labeled["id"], assume_unique=True)
@@ -334,20 +238,8 @@ class Driver:
         return human_select(self, close=close)
 
     def run_final(self) -> Optional[Dict[str, Any]]:
-        """Train the final model on the final labelled set and evaluate it on the test set."""
-        method = self.final_method()
-        if method == "none" or self.final_done:
-            return self.summary.get("final")
-        seconds: Dict[str, float] = {}
-        with self._timed(seconds, "final_train", **self._train_resources()):
-            res = self._finetune(method, "final", evaluate=self.test is not None)
-        self.summary["final"] = {"training_method": method, "reason": self.final_reason,
-                                 "test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint),
-                                 "seconds": round(seconds["final_train"], 3), "n_labeled": int(len(self.labeled["id"]))}
-        self.final_done = True
-        self._commit()
-        log.info("final model (%s: %s): test accuracy %s", method, self.final_reason, res.test_accuracy)
-        return self.summary["final"]
+        """Train and evaluate the final model (see :func:`asvp_ray.loop.training.run_final`)."""
+        return run_final(self)
 
     def _commit(self) -> None:
         """Write labelled set and summary, then state.json last (the commit point)."""
@@ -384,22 +276,6 @@ class Driver:
         return self.summary
 
     def close(self) -> None:
-        logging.getLogger("asvp_ray").removeHandler(self._log_handler)
-        self._log_handler.close()
+        detach_run_log(self._log_handler)
         self.rd.unlock()
 
-
-def driver_actor(config: Config, out: str):
-    """Start the driver as a Ray actor pinned to this node (the head, for a submitted job).
-
-    It asks for no CPU so that it never competes with extraction actors or training workers.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = ray.get_runtime_context().get_node_id()
-    Actor = ray.remote(Driver)
-    env = fault_env()
-    return Actor.options(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env} if env else None,
-                         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-                         ).remote(config.model_dump(mode="json"), str(Path(out).resolve()))

@@ -184,7 +184,7 @@ def _base_config(config: Union[str, Path, Config, Dict[str, Any]], overrides: Se
 
 def _check_study(out: Path, meta: Dict[str, Any]) -> bool:
     """Write ``study.yaml``, or check that an existing one matches. Returns True when it existed."""
-    from asvp_ray.loop.driver import config_differences
+    from asvp_ray.loop.resume import config_differences
     from asvp_ray.features.store import atomic_write_bytes
 
     path = out / "study.yaml"

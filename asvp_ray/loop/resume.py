@@ -1,0 +1,126 @@
+"""Opening a run directory, new or resumed: its run log, the config check, the data sources and
+the budget check (before anything is written), and loading the committed state into a driver.
+
+``state.json`` is the commit point (written last by ``Driver._commit``). On resume everything
+after it is rolled back: labels of uncommitted rounds, their summary records and their cost
+ledger entries; the alignment history is rebuilt from the committed round records.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+from asvp_ray.data.sources import build_source
+from asvp_ray.errors import ConfigError, RunDirError
+
+log = logging.getLogger("asvp_ray.driver")
+
+# Config sections that may change between a run and its resume (they do not change results).
+RESUMABLE_CHANGES = ("extract",)
+
+
+def attach_run_log(rd) -> logging.Handler:
+    """Send the ``asvp_ray`` loggers' INFO records to the run's ``run.log`` too."""
+    handler = logging.FileHandler(rd.log_path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("asvp_ray").addHandler(handler)
+    logging.getLogger("asvp_ray").setLevel(logging.INFO)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler) -> None:
+    logging.getLogger("asvp_ray").removeHandler(handler)
+    handler.close()
+
+
+def open_data(cfg) -> Tuple[Any, Optional[Any], List[str]]:
+    """``(pool, test or None, class names)`` of the config, checked against the budget."""
+    pool = build_source(cfg.data.pool, cfg.data.classes)
+    test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
+    classes = cfg.data.classes or pool.classes
+    if not classes:
+        raise ConfigError("the pool has no class names; list them in data.classes")
+    schedule = cfg.budget.schedule
+    if sum(schedule) > len(pool):
+        raise ConfigError(f"budget.schedule {schedule} buys {sum(schedule)} labels but the pool holds "
+                          f"{len(pool)} images; shorten the schedule or use a larger pool")
+    return pool, test, list(classes)
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def check_config_matches(rd, cfg) -> None:
+    """Refuse to resume ``rd`` with a config that differs from its ``config.yaml`` (other than
+    :data:`RESUMABLE_CHANGES`)."""
+    if rd.config_path.is_file():
+        import yaml
+
+        old = yaml.safe_load(rd.config_path.read_text()) or {}
+        diff = [k for k in config_differences(old, cfg.model_dump(mode="json"))
+                if not k.startswith(RESUMABLE_CHANGES)]
+        if diff:
+            raise RunDirError(f"{rd.path} holds a run made with a different config (differs in: "
+                              f"{', '.join(diff)}); resume it with the same config, or use a new --out")
+
+
+def load_state(d) -> None:
+    """Open the feature version (extracting v0 if needed) and load the committed state of the run
+    directory into the driver ``d``: round counters, labelled set, summary, ledger, history."""
+    state = d.rd.read_state()
+    d.next_round = int(state["next_round"]) if state else 0
+    d.final_done = bool(state and state.get("final_done"))
+    d.open_round = state.get("open_round") if state else None
+    extract_s = d.versions.open(int(state["feature_version"]) if state else None)
+    lab = d.rd.read_labeled()
+    keep = lab["round"] < d.next_round
+    if d.open_round is not None:  # labels imported for the round awaiting completion
+        keep |= lab["round"] == d.open_round["round"]
+    if not keep.all():
+        log.warning("rolling back %d label(s) of round(s) %s that were not committed", int((~keep).sum()),
+                    sorted(set(lab["round"][~keep].tolist())))
+    d.labeled = {k: v[keep] for k, v in lab.items()}
+    d.summary = d.rd.read_summary() or new_summary(d)
+    d.summary["rounds"] = [r for r in d.summary.get("rounds", []) if r["round"] < d.next_round]
+    if not d.final_done:
+        d.summary.pop("final", None)
+    # entries of uncommitted work are dropped; a committed final model keeps its own
+    d.ledger = d._new_ledger(d.summary.get("ledger"), before_round=None if d.final_done else d.next_round)
+    d.ledger.add_labels(len(d.labeled["id"]))
+    if extract_s:
+        d.ledger.add("extract", extract_s, **d.versions.extract_resources())
+    d.history = rebuild_history(d.summary)
+
+
+def new_summary(d) -> Dict[str, Any]:
+    """The summary of a run that has not committed anything yet."""
+    return {
+        "name": d.cfg.name, "method": d.cfg.method, "strategy": d.cfg.strategy, "seed": d.cfg.seed,
+        "pool_size": len(d.pool), "test_size": len(d.test) if d.test is not None else 0,
+        "num_classes": len(d.classes), "classes": d.classes, "schedule": list(d.cfg.budget.schedule),
+        "backbone": d.cfg.backbone.name, "feature_versions": d.versions.describe(),
+        "status": "running", "rounds": [],
+    }
+
+
+def rebuild_history(summary: Dict[str, Any]):
+    """The alignment monitor's history from the committed round records."""
+    from asvp_ray.alignment import History, RoundState
+
+    h = History()
+    for rec in summary.get("rounds", []):
+        h.append(RoundState(round=rec["round"], n_labeled=rec["n_labeled"], scores=rec.get("alignment") or {},
+                            refreshed=bool(rec.get("refreshed")),
+                            refreshed_scores=rec.get("alignment_after_refresh")))
+    return h

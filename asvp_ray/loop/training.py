@@ -1,0 +1,54 @@
+"""Fine-tuning from the driver with Ray Train: the labelled set's fine-tunes (feature refresh,
+standard AL, probes) and the final model trained after the last round."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+log = logging.getLogger("asvp_ray.driver")
+
+
+def train_resources(train_cfg) -> Dict[str, float]:
+    """CPUs and GPUs a fine-tune holds (for the cost ledger)."""
+    plan = train_cfg.plan()
+    return {"cpus": plan.num_workers * plan.resources_per_worker.get("CPU", 0.0),
+            "gpus": plan.num_workers * plan.resources_per_worker.get("GPU", 0.0)}
+
+
+def finetune_labeled(d, method: str, tag: str, evaluate: bool):
+    """Fine-tune the backbone on the driver's labelled set with Ray Train; returns the FinetuneResult."""
+    from asvp_ray.train.finetune import finetune
+
+    kwargs: Dict[str, Any] = {}
+    if evaluate and d.test is not None:
+        kwargs = dict(eval_source=d.test, eval_ids=d.test.ids, eval_labels=d.test.labels)
+    res = finetune(d.pool, d.labeled["id"], d.labeled["label"], len(d.classes), d.spec,
+                   d.cfg.train, d.rd.path / "checkpoints" / tag, method=method, **kwargs)
+    log.info("fine-tune %s (%s) on %d labels: %.1fs, checkpoint %s, test accuracy %s", tag, method,
+             len(d.labeled["id"]), res.seconds, res.checkpoint, res.test_accuracy)
+    return res
+
+
+def final_method(cfg, method) -> Tuple[str, str]:
+    """``(final training method, why)``, following ASVP.md (``auto``: ``method.auto_final()``)."""
+    m = cfg.final.training_method
+    if m != "auto":
+        return m, f"final.training_method={m} (configured)"
+    return method.auto_final()
+
+
+def run_final(d) -> Optional[Dict[str, Any]]:
+    """Train the final model on the driver's final labelled set, evaluate it on the test set, commit."""
+    method = d.final_method()
+    if method == "none" or d.final_done:
+        return d.summary.get("final")
+    seconds: Dict[str, float] = {}
+    with d._timed(seconds, "final_train", **d._train_resources()):
+        res = d._finetune(method, "final", evaluate=d.test is not None)
+    d.summary["final"] = {"training_method": method, "reason": d.final_reason,
+                          "test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint),
+                          "seconds": round(seconds["final_train"], 3), "n_labeled": int(len(d.labeled["id"]))}
+    d.final_done = True
+    d._commit()
+    log.info("final model (%s: %s): test accuracy %s", method, d.final_reason, res.test_accuracy)
+    return d.summary["final"]
