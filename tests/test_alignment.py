@@ -90,6 +90,39 @@ def naive_ped_step(z, labels, dt=0.1, nsigma=0.6, constant=1.0):
     return out
 
 
+def released_ped(f, y, reference, dt=0.1, nsigma=0.6, constant=1.0, exit_ratio=0.5, max_steps=6):
+    """PED as the authors' released code runs it (ASVP.md), written plainly with loops:
+    class means and radii recomputed from the moved samples every step; a step's movement is
+    the L1 norm of the per-class moves (each class once); a step whose movement is at most
+    exit_ratio x the first step's is computed and thrown away, and the loop ends."""
+    mean = reference.mean(0)
+    std = np.maximum(reference.std(0), 1e-3)
+    z = (np.asarray(f, dtype=np.float64) - mean) / std
+    classes = list(np.unique(y))
+    first = None
+    for _ in range(max_steps):
+        mu = {c: z[y == c].mean(0) for c in classes}
+        rad = {c: np.sqrt(z[y == c].var(0).sum()) for c in classes}
+        moves = {}
+        for i in classes:
+            move = np.zeros(z.shape[1])
+            for j in classes:
+                dist = np.linalg.norm(mu[i] - mu[j])
+                if i == j or dist == 0:
+                    continue
+                overlap = max(nsigma * (rad[i] + rad[j]) - dist, 0.0)
+                move += min(0.5 * dt * dt * constant * overlap, overlap) * (mu[i] - mu[j]) / dist
+            moves[i] = move
+        movement = sum(np.abs(moves[c]).sum() for c in classes)
+        if first is None:
+            first = movement
+        elif movement <= exit_ratio * first:
+            break
+        for c in classes:
+            z[y == c] += moves[c]
+    return z * std + mean
+
+
 def hist(*rows):
     """History from (round, n_labeled, logme[, refreshed[, refreshed_logme]]) tuples."""
     h = History()
@@ -247,14 +280,71 @@ def test_ped_respects_exit_ratio():
     rng = np.random.default_rng(15)
     f, y = blobs(rng, 40, [[0.0, 0.0], [0.2, 0.0]])
     # With 0.5 dt^2 a = 0.18 each step closes 36% of a two-class overlap, so the movement
-    # falls geometrically (1, 0.64, 0.41, ...): exit_ratio=0.5 stops after step 3.
+    # falls geometrically (1, 0.64, 0.41, ...): the third step falls to exit_ratio=0.5 of the
+    # first and is discarded, so two steps are applied.
     result = ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.5, max_steps=20)
     moves = result.movements
-    assert result.steps == 3
-    assert all(m > 0.5 * moves[0] for m in moves[1:-1])
-    assert moves[-1] <= 0.5 * moves[0]
-    # A stricter ratio needs more steps.
-    assert ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.1, max_steps=20).steps == 7
+    assert result.steps == 2
+    assert moves[1] > 0.5 * moves[0]
+    assert result.discarded is not None and result.discarded <= 0.5 * moves[0]
+    assert result.discarded == pytest.approx(moves[0] * 0.64**2, rel=0.05)
+    # the discarded step is not applied: the same as stopping after two steps
+    np.testing.assert_array_equal(result.features, ped_move(f, y, dt=0.6, exit_ratio=0.0, max_steps=2))
+    # A stricter ratio needs more steps (0.64^6 > 0.1 >= 0.64^7).
+    assert ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.1, max_steps=20).steps == 6
+
+
+def test_ped_exit_rule_matches_released_algorithm_overlapping_classes_dt_035():
+    # Four overlapping classes, PED standardised by a separate pool: at dt 0.35 the fourth
+    # step's movement falls below half the first's, so the released code discards it.
+    rng = np.random.default_rng(0)
+    f, y = blobs(rng, 40, [[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.7, 0.0], [0.4, 0.5, 0.3]])
+    pool = rng.normal(size=(300, 3)) * 1.5
+    result = ped_trace(f, y, reference=pool, dt=0.35)
+    assert result.steps == 3 and result.discarded is not None  # the exit rule fired
+    assert result.discarded <= 0.5 * result.movements[0] < result.movements[-1]
+    expected = released_ped(f, y, pool, dt=0.35)
+    np.testing.assert_allclose(result.features, expected, atol=1e-12)
+    # one step more (the discarded one applied) is a visibly different answer
+    assert np.abs(ped_move(f, y, reference=pool, dt=0.35, exit_ratio=0.0, max_steps=4) - expected).max() > 0.01
+    assert logme_ped(f, y, reference=pool, dt=0.35) == pytest.approx(logme(expected, y), abs=1e-12)
+
+
+def test_ped_exit_rule_matches_released_algorithm_unequal_class_sizes_dt_025():
+    # Five classes of 13 to 137 samples: movement counts each class once, so the small class
+    # weighs as much as the big ones; a per-sample sum would stop one step later here.
+    rng = np.random.default_rng(268)
+    c, d = int(rng.integers(3, 6)), int(rng.integers(2, 6))
+    sizes = rng.integers(5, 150, size=c)
+    centres = rng.normal(size=(c, d)) * rng.uniform(0.3, 2.5)
+    spread = rng.uniform(0.3, 1.5)
+    y = np.concatenate([np.full(k, i) for i, k in enumerate(sizes)])
+    f = centres[y] + spread * rng.normal(size=(y.size, d))
+    assert sizes.max() > 5 * sizes.min()
+    y = y * 3 + 7  # labels need not be 0..C-1
+    result = ped_trace(f, y, dt=0.25)
+    assert result.steps < 6 and result.discarded is not None
+    expected = released_ped(f, y, f, dt=0.25)
+    np.testing.assert_allclose(result.features, expected, atol=1e-12)
+    # the per-sample-weighted movement (each sample's displacement) would have kept going
+    assert np.abs(ped_move(f, y, dt=0.25, exit_ratio=0.0, max_steps=6) - expected).max() > 0.05
+    assert logme_ped(f, y, dt=0.25) == pytest.approx(logme(expected, y), abs=1e-12)
+
+
+def test_ped_default_parameters_match_released_algorithm_and_coinciding_means():
+    rng = np.random.default_rng(19)
+    f, y = blobs(rng, 30, rng.normal(size=(5, 8)) * 0.7)
+    pool = rng.normal(size=(400, 8))
+    np.testing.assert_allclose(ped_move(f, y, reference=pool), released_ped(f, y, pool), atol=1e-12)
+    # N < D, as early labelled sets are
+    g, z = blobs(rng, 4, rng.normal(size=(3, 40)) * 0.5)
+    np.testing.assert_allclose(ped_move(g, z), released_ped(g, z, g), atol=1e-12)
+    # two classes with the same mean have no direction to repel in: they stay put, no NaN
+    h = np.vstack([f[y == 0], f[y == 0] * -1 + 2 * f[y == 0].mean(0)])
+    k = np.repeat([0, 1], (y == 0).sum())
+    moved = ped_move(h, k)
+    assert np.isfinite(moved).all()
+    np.testing.assert_allclose(moved, released_ped(h, k, h), atol=1e-12)
 
 
 def test_ped_step_capped_at_overlap():
