@@ -327,7 +327,7 @@ def test_ped_exit_rule_matches_released_algorithm_unequal_class_sizes_dt_025():
     assert result.steps < 6 and result.discarded is not None
     expected = released_ped(f, y, f, dt=0.25)
     np.testing.assert_allclose(result.features, expected, atol=1e-12)
-    # the per-sample-weighted movement (each sample's displacement) would have kept going
+    # applying the discarded step too is a different answer
     assert np.abs(ped_move(f, y, dt=0.25, exit_ratio=0.0, max_steps=6) - expected).max() > 0.05
     assert logme_ped(f, y, dt=0.25) == pytest.approx(logme(expected, y), abs=1e-12)
 
@@ -459,6 +459,52 @@ def test_score_drop_baseline_is_score_after_last_refresh():
     h3 = hist((0, 100, 1.0), (1, 200, 0.8, True), (2, 300, 1.4), (3, 400, 1.2))
     assert h3.score_at_last_refresh("logme") == 1.4
     assert policy.decide(h3).refresh
+
+
+def test_score_drop_reference_options_and_the_recorded_reference():
+    # round 0 measured on 100 labels is low (noisy); the score then rises and falls again
+    rows = [(0, 100, 0.60), (1, 200, 0.90), (2, 300, 0.82), (3, 400, 0.70)]
+    first = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None)
+    best = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="best")
+    late = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="min_labels",
+                                   reference_min_labels=200)
+    decided = {}
+    for name, policy in (("first", first), ("best", best), ("min_labels", late)):
+        h = History()
+        out = []
+        for r, n, score in rows:
+            h.append(RoundState(round=r, n_labeled=n, scores={"logme": score}))
+            d = policy.decide(h)
+            out.append(d)
+            h.mark_refreshed(d.refresh, refreshed_scores={"logme": 1.0} if d.refresh else None)
+        decided[name] = out
+    # first: 0.70 is above round 0's 0.60, so it never fires
+    assert [d.refresh for d in decided["first"]] == [False] * 4
+    assert all(d.reference == {"mode": "first", "score": 0.6, "round": 0, "n_labeled": 100}
+               for d in decided["first"])
+    # best: 0.82 is 0.08 below the best 0.90 (no), 0.70 is 0.20 below it (refresh)
+    assert [d.refresh for d in decided["best"]] == [False, False, False, True]
+    assert decided["best"][3].reference == {"mode": "best", "score": 0.9, "round": 1, "n_labeled": 200}
+    assert decided["best"][3].scores["drop"] == pytest.approx(0.2)
+    assert "best reference: at round 1 (200 labels; never refreshed)" in decided["best"][3].reason
+    # min_labels 200: no reference at 100 labels, then round 1's 0.90
+    assert decided["min_labels"][0].reference is None and "no reference yet" in decided["min_labels"][0].reason
+    assert [d.refresh for d in decided["min_labels"]] == [False, False, False, True]
+    assert decided["min_labels"][2].reference["round"] == 1
+
+
+def test_score_drop_best_reference_restarts_after_a_refresh():
+    policy = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="best")
+    # refreshed to 1.5; the later 1.7 becomes the reference on the new features, round 1's 2.0
+    # on the old features never counts
+    h = hist((0, 100, 2.0), (1, 200, 1.0, True, 1.5), (2, 300, 1.7), (3, 400, 1.55))
+    d = policy.decide(h)
+    assert d.refresh and d.reference == {"mode": "best", "score": 1.7, "round": 2, "n_labeled": 300}
+    late = REFRESH_POLICIES.create("score_drop", threshold=0.1, reference="min_labels", reference_min_labels=350)
+    d = late.decide(hist((0, 100, 2.0), (1, 200, 1.0, True, 1.5), (2, 300, 1.7), (3, 400, 1.55)))
+    assert not d.refresh and d.reference["round"] == 3  # the first score with >= 350 labels: itself
+    with pytest.raises(ConfigError, match="reference='last'.*first, best, min_labels"):
+        REFRESH_POLICIES.create("score_drop", reference="last")
 
 
 def test_score_drop_blocked_by_min_new_labels():

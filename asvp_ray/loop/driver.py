@@ -116,7 +116,8 @@ class Driver:
             kwargs = {"at": list(rc.at)}
         elif rc.policy == "score_drop":
             kwargs = {"score": rc.score, "threshold": rc.threshold, "min_new_labels": rc.min_new_labels,
-                      "max_refreshes": rc.max_refreshes}
+                      "max_refreshes": rc.max_refreshes, "reference": rc.reference,
+                      "reference_min_labels": rc.reference_min_labels}
         elif rc.policy == "probe":
             kwargs = {"score": rc.score, "margin": rc.margin, "max_refreshes": rc.max_refreshes}
         if rc.policy in ("score_drop", "probe") and rc.score not in self.cfg.monitor.scores:
@@ -435,7 +436,8 @@ class Driver:
             self.history.append(RoundState(round=r, n_labeled=int(len(self.labeled["id"])), scores=scores))
             probe = self._probe_fn(seconds) if getattr(self.policy, "requires_probe", False) else None
             decision = self.policy.decide(self.history, probe=probe)
-            extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
+            extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores,
+                          "decision_reference": decision.reference})
             log.info("round %d alignment %s -> %s", r, scores, decision.reason)
             if decision.refresh:
                 extra["refresh"] = self._refresh(seconds)
