@@ -48,6 +48,11 @@ def config_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "
     return out
 
 
+def _device_seconds(wall: float, resources: Dict[str, float]) -> Dict[str, float]:
+    return {"wall_s": round(wall, 4), "cpu_s": round(wall * resources.get("cpus", 1.0), 4),
+            "gpu_s": round(wall * resources.get("gpus", 0.0), 4)}
+
+
 class Driver:
     """Runs the rounds of one active-learning experiment in a run directory.
 
@@ -96,6 +101,7 @@ class Driver:
         self.policy = self._make_policy()
         self.ledger = self._new_ledger()
         self.history = None
+        self._probe_result = None  # the probe's fine-tune of this round, reused by its refresh
         self.final_done = False
         self.open_round: Optional[Dict[str, Any]] = None  # human oracle: the round awaiting labels
         self.feature_version: Optional[int] = None
@@ -157,9 +163,7 @@ class Driver:
         if self.feature_version is None:
             self.feature_version = 0
             if 0 not in store.versions():
-                t0 = time.perf_counter()
-                self._extract_v0_or_reuse()
-                self._pending_extract = time.perf_counter() - t0
+                self._pending_extract = self._extract_v0_or_reuse()
         for v in store.versions():
             if v > self.feature_version:  # written by a refresh that never committed
                 log.warning("removing feature version v%d: its refresh was not committed", v)
@@ -181,9 +185,8 @@ class Driver:
         self.ledger = self._new_ledger(self.summary.get("ledger"),
                                        before_round=None if self.final_done else self.next_round)
         self.ledger.add_labels(len(self.labeled["id"]))
-        if getattr(self, "_pending_extract", None):
-            self.ledger.add("extract", self._pending_extract, **self._extract_resources())
-            self._pending_extract = None
+        self._charge_v0(getattr(self, "_pending_extract", None))
+        self._pending_extract = None
         self.history = self._rebuild_history()
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
@@ -206,7 +209,7 @@ class Driver:
         for v in store.versions():
             m = store.meta(v)
             out.append({"version": v, "rows": m["rows"], "dim": m["dim"], "weights": m["weights"],
-                        "seconds": m.get("seconds"), "path": str(store.path(v))})
+                        "seconds": m.get("seconds"), "cost": m.get("cost"), "path": str(store.path(v))})
         return out
 
     def _cache_inputs(self) -> Dict[str, Any]:
@@ -216,32 +219,69 @@ class Driver:
                 "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
                 "skip_unreadable": self.cfg.data.skip_unreadable}
 
-    def _extract_v0_or_reuse(self) -> None:
-        """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
+    # ---- feature versions and what they cost (issue 18); kept together so they move as one
+    def _extract_v0_or_reuse(self) -> Dict[str, Any]:
+        """Features v0: from the shared feature cache when it has them, else extracted (and cached).
+
+        Returns:
+            what to charge: ``{"cached": False, "wall_s", "resources"}`` for an extraction run
+            here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
+        """
         from asvp_ray.features.store import FeatureStore, cache_key, link_version
 
+        t0 = time.perf_counter()
         if not self.cfg.feature_cache:
-            return self._extract(0)
+            self._extract(0)
+            return {"cached": False, "wall_s": time.perf_counter() - t0, "resources": self._extract_resources()}
         key = cache_key(self._cache_inputs())
         cache = FeatureStore(Path(self.cfg.feature_cache) / key)
         if 0 not in cache.versions():
             log.info("feature cache %s has no features for this backbone and data; extracting", cache.root)
             self._extract(0)
-            try:
-                link_version(self.rd.store.path(0), cache, 0)
+            res = self._extract_resources()
+            wall = time.perf_counter() - t0
+            cost = dict(self.rd.store.meta(0).get("cost") or {}, phase="extract", resources=res,
+                        **_device_seconds(wall, res), charged_by=str(self.rd.path))
+            try:  # the cache's copy records what this run is charged, so runs reusing it pay the same
+                link_version(self.rd.store.path(0), cache, 0, meta_update={"cost": cost})
             except OSError as e:  # another run cached it first: theirs is identical
                 log.info("feature cache not updated (%s)", e)
-        else:
-            log.info("reusing features v0 from the feature cache %s", cache.path(0))
-            link_version(cache.path(0), self.rd.store, 0)
+            return {"cached": False, "wall_s": wall, "resources": res}
+        log.info("reusing features v0 from the feature cache %s", cache.path(0))
+        link_version(cache.path(0), self.rd.store, 0)
+        cost = self.rd.store.meta(0).get("cost")
+        return {"cached": True, "cost": cost, "spent_s": time.perf_counter() - t0, "source": str(cache.path(0))}
 
-    def _extract(self, version: int, checkpoint: Optional[str] = None) -> None:
+    def _charge_v0(self, pending: Optional[Dict[str, Any]]) -> None:
+        """Charge features v0 to the ledger: what this process spent extracting them, or, for a
+        version made elsewhere (the feature cache, or an earlier process on this run directory
+        that stopped before committing its charge), what meta.json says it cost."""
+        if pending is not None and not pending["cached"]:
+            self.ledger.add("extract", pending["wall_s"], **pending["resources"])
+            return
+        if pending is not None:
+            if not pending["cost"]:
+                log.warning("features v0 from %s record no cost (made before costs were recorded); this run is "
+                            "charged 0 s for them", pending["source"])
+            self.ledger.add_version("extract", pending["cost"], pending["spent_s"], version=0,
+                                    source=pending["source"])
+            return
+        if not self.ledger.has("extract") and 0 in self.rd.store.versions():
+            meta = self.rd.store.meta(0)
+            self.ledger.add_version("extract", meta.get("cost"), 0.0, version=0,
+                                    source=str(self.rd.store.path(0)))
+
+    def _extract(self, version: int, checkpoint: Optional[str] = None, phase: str = "extract",
+                 finetune_cost: Optional[Dict[str, Any]] = None) -> None:
         self._progress = {"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))}
         log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
                  len(self.test) if self.test is not None else 0, self.spec.name)
+        cost: Dict[str, Any] = {"phase": phase, "resources": self._extract_resources()}
+        if finetune_cost:
+            cost["finetune"] = finetune_cost
         meta = extract_to_store(self.rd.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path)})
+                                extra_meta={"run": str(self.rd.path), "cost": cost})
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def _extract_resources(self) -> Dict[str, float]:
@@ -358,18 +398,35 @@ class Driver:
         return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
                                                                     scores=tuple(m.scores)).items()}
 
-    def _refresh(self, seconds: Dict[str, float]) -> Dict[str, Any]:
-        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it."""
+    def _refresh(self, seconds: Dict[str, float], reuse=None) -> Dict[str, Any]:
+        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it.
+
+        Args:
+            reuse: a FinetuneResult of the same recipe on the same labelled set (the probe's):
+                its checkpoint is used and no second fine-tune runs.
+        """
         new_v = self.feature_version + 1
         res_t = self._train_resources()
-        with self._timed(seconds, "refresh_finetune", **res_t):
-            res = self._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        out: Dict[str, Any] = {"version": new_v}
+        if reuse is not None:
+            res = reuse
+            seconds["refresh_finetune"] = 0.0
+            self.ledger.add("refresh_finetune", 0.0, round=self.next_round, reused=str(res.checkpoint))
+            out["finetune_reused"] = str(res.checkpoint)
+            log.info("refresh v%d reuses the probe's fine-tuned checkpoint %s (no second fine-tune)", new_v,
+                     res.checkpoint)
+        else:
+            with self._timed(seconds, "refresh_finetune", **res_t):
+                res = self._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        ft_cost = {"wall_s": round(float(getattr(res, "seconds", 0.0) or 0.0), 3), **res_t,
+                   "checkpoint": str(res.checkpoint)}
         with self._timed(seconds, "refresh_extract", **self._extract_resources()):
-            self._extract(new_v, checkpoint=res.checkpoint)
+            self._extract(new_v, checkpoint=res.checkpoint, phase="refresh_extract", finetune_cost=ft_cost)
         self.feature_version = new_v
         self._load_features()
-        return {"version": new_v, "checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
-                "extract_seconds": seconds["refresh_extract"]}
+        out.update({"checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
+                    "extract_seconds": seconds["refresh_extract"]})
+        return out
 
     def _standard_scores(self, seconds: Dict[str, float]) -> Dict[str, Any]:
         """Standard AL: fine-tune on the labelled set, then score the whole pool with backbone + head."""
@@ -435,12 +492,13 @@ class Driver:
                 scores = self._monitor()
             self.history.append(RoundState(round=r, n_labeled=int(len(self.labeled["id"])), scores=scores))
             probe = self._probe_fn(seconds) if getattr(self.policy, "requires_probe", False) else None
+            self._probe_result = None
             decision = self.policy.decide(self.history, probe=probe)
             extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores,
                           "decision_reference": decision.reference})
             log.info("round %d alignment %s -> %s", r, scores, decision.reason)
             if decision.refresh:
-                extra["refresh"] = self._refresh(seconds)
+                extra["refresh"] = self._refresh(seconds, reuse=self._probe_result)
                 with self._timed(seconds, "monitor"):
                     after = self._monitor()
                 extra["alignment_after_refresh"] = after
@@ -535,7 +593,9 @@ class Driver:
             from asvp_ray.features.extract import extract
 
             with self._timed(seconds, "probe", **self._train_resources()):
+                # the refresh recipe on the same labelled set: a refresh decided now reuses it
                 res = self._finetune("ft", f"probe-r{self.next_round}", evaluate=False)
+                self._probe_result = res
                 chunks = list(extract(self.pool, self.spec, self.cfg.extract, ids=self.labeled["id"],
                                       checkpoint=res.checkpoint))
             ids = np.concatenate([c[0] for c in chunks])
