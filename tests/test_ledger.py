@@ -115,3 +115,20 @@ def test_probe_triggered_refresh_runs_exactly_one_fine_tune(cache_runs):
     assert meta1["cost"]["phase"] == "refresh_extract" and meta1["cost"]["wall_s"] > 0
     assert meta1["cost"]["finetune"]["checkpoint"] == rec["refresh"]["checkpoint"]
     assert rec["decision_reference"]["mode"] == "current"
+
+
+def test_a_run_begun_before_the_reference_keys_existed_still_resumes(tmp_path):
+    import yaml
+
+    from asvp_ray.config import dump_config
+    from asvp_ray.errors import RunDirError
+
+    cfg = load_config(str(SMOKE), SMALL)
+    old = yaml.safe_load(dump_config(cfg))
+    for k in ("reference", "reference_min_labels"):
+        del old["refresh"][k]  # what config.yaml held before refresh.reference existed
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    Driver(cfg, str(tmp_path / "run")).close()  # same config: accepted
+    with pytest.raises(RunDirError, match=r"differs in: refresh.reference\)"):
+        Driver(load_config(str(SMOKE), SMALL + ["refresh.reference=best"]), str(tmp_path / "run"))

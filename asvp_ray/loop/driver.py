@@ -141,6 +141,10 @@ class Driver:
             import yaml
 
             old = yaml.safe_load(self.rd.config_path.read_text()) or {}
+            try:  # keys added since the run began compare as their defaults
+                old = load_config(raw=old).model_dump(mode="json")
+            except ConfigError:
+                pass
             diff = [k for k in config_differences(old, self.cfg.model_dump(mode="json"))
                     if not k.startswith(RESUMABLE_CHANGES)]
             if diff:
