@@ -25,8 +25,8 @@ Columns (seconds are wall seconds on this machine):
   training, selection, alignment monitor, probes, refreshes) plus the feature versions the run
   used, cached or not: the ledger charges a run that takes features v0 from the shared feature
   cache what their extraction cost (``summary.json`` → ``cost``; for runs made before the
-  ledger did that, the one v0 extraction of the benchmark is added). The final training is not
-  sampling;
+  ledger did that, the one v0 extraction of the benchmark is added). Standard AL is not charged
+  features v0: it samples without them. The final training is not sampling;
 - ``spent_s``: the same phases as the run's process actually ran them (a cached v0 counts
   the seconds spent linking it); equal to ``sampling_s`` for the run that extracted v0;
 - ``eval_in_sampling_s``: of ``sampling_s``, the seconds standard AL's per-round fine-tunes
@@ -264,9 +264,13 @@ def run_row(spec: RunSpec, s: dict, v0: Tuple[float, float], log_path: Path) -> 
     final_wall = (phases.get("final_train") or {}).get("wall", 0.0)
     final_cpu = (phases.get("final_train") or {}).get("cpu", 0.0)
     if "spent_wall_seconds_total" in cost:  # the ledger charges cached feature versions itself
-        sampling = sum(v["wall"] for k, v in phases.items() if k != "final_train")
-        spent = sum(v["spent_wall"] for k, v in phases.items() if k != "final_train")
-        cpu_s = float(cost.get("cpu_seconds_total", 0.0))
+        # standard AL samples without features v0 (the driver extracts them only for the proxy
+        # accuracy it reports), so they are not charged to it, as in the older rows
+        skip = ("final_train", "extract") if spec.method == "standard" else ("final_train",)
+        sampling = sum(v["wall"] for k, v in phases.items() if k not in skip)
+        spent = sum(v["spent_wall"] for k, v in phases.items() if k not in skip)
+        cpu_s = float(cost.get("cpu_seconds_total", 0.0)) - sum(
+            v["cpu"] for k, v in phases.items() if k in skip and k != "final_train")
     else:  # older runs: add the benchmark's one v0 extraction to every run that used v0
         uses_v0 = spec.method != "standard"
         rounds_wall = sum(v["wall"] for k, v in phases.items() if k not in ("extract", "final_train"))
