@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+from asvp_ray.config import load_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 
@@ -68,6 +69,10 @@ def check_config_matches(rd, cfg) -> None:
         import yaml
 
         old = yaml.safe_load(rd.config_path.read_text()) or {}
+        try:  # keys added since the run began compare as their defaults
+            old = load_config(raw=old).model_dump(mode="json")
+        except ConfigError:
+            pass
         diff = [k for k in config_differences(old, cfg.model_dump(mode="json"))
                 if not k.startswith(RESUMABLE_CHANGES)]
         if diff:
@@ -82,7 +87,7 @@ def load_state(d) -> None:
     d.next_round = int(state["next_round"]) if state else 0
     d.final_done = bool(state and state.get("final_done"))
     d.open_round = state.get("open_round") if state else None
-    extract_s = d.versions.open(int(state["feature_version"]) if state else None)
+    pending_v0 = d.versions.open(int(state["feature_version"]) if state else None)
     lab = d.rd.read_labeled()
     keep = lab["round"] < d.next_round
     if d.open_round is not None:  # labels imported for the round awaiting completion
@@ -98,8 +103,7 @@ def load_state(d) -> None:
     # entries of uncommitted work are dropped; a committed final model keeps its own
     d.ledger = d._new_ledger(d.summary.get("ledger"), before_round=None if d.final_done else d.next_round)
     d.ledger.add_labels(len(d.labeled["id"]))
-    if extract_s:
-        d.ledger.add("extract", extract_s, **d.versions.extract_resources())
+    d.versions.charge_v0(d.ledger, pending_v0)
     d.history = rebuild_history(d.summary)
 
 
