@@ -26,6 +26,19 @@ from asvp_ray.features.store import POOL, FeatureStore
 
 log = logging.getLogger(__name__)
 
+# Resources the extraction may use, as JSON ({"CPU": 1.5, "GPU": 0}), when the caller holds a share
+# of the cluster (a Ray Tune trial of a study) instead of all of it; unset: the whole cluster.
+BUDGET_ENV = "ASVP_RAY_EXTRACT_RESOURCES"
+
+
+def _budget() -> Optional[Dict[str, float]]:
+    raw = os.environ.get(BUDGET_ENV)
+    if not raw:
+        return None
+    import json
+
+    return {str(k): float(v) for k, v in json.loads(raw).items()}
+
 
 @dataclass(frozen=True)
 class ActorPlan:
@@ -43,7 +56,8 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
 
     Args:
         cfg: an ``ExtractConfig``.
-        resources: cluster resources (default: ``ray.cluster_resources()``).
+        resources: cluster resources (default: ``$ASVP_RAY_EXTRACT_RESOURCES`` when set, e.g. by a
+            study's trial, else ``ray.cluster_resources()``).
 
     Raises:
         ConfigError: the settings would starve the read tasks or ask for GPUs that do not exist.
@@ -51,7 +65,7 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     if resources is None:
         import ray
 
-        resources = ray.cluster_resources()
+        resources = _budget() or ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_gpus_per_actor)
