@@ -444,17 +444,32 @@ def threshold_replay(runs_and_summaries, score: str = "logme") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _group_stats(rows, key: str, order: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+    """Mean and std over seeds of ``rows[key]`` per group (groups without a value are left out)."""
+    out = {}
+    for g in order:
+        vals = [float(r[key]) for r in rows if r["group"] == g and r.get(key) is not None]
+        if vals:
+            out[g] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return out
+
+
 def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
-    """Two plots by method (mean and std over seeds), readable with any number of runs:
-    proxy and final accuracy against labels, and final accuracy against sampling seconds."""
+    """Three plots by method (mean and std over seeds), readable with any number of runs: proxy and
+    final accuracy against labels; accuracy against sampling seconds; accuracy against compute
+    dollars. Final model accuracy and proxy accuracy are always separate series (or panels), no
+    axis has an offset, and each PNG has a ``.json`` of the plotted values beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from asvp_ray.report import plain_axes, save_figure
+
     order = [a["group"] for a in agg]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    final = _group_stats(rows, "final_acc", order)
     for g in order:
         curves = [[r.get("proxy_test_accuracy") for r in s.get("rounds") or []]
                   for spec, s in runs_and_summaries if spec.group == g]
@@ -463,35 +478,44 @@ def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
         m, sd = arr.mean(0), arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(len(labels))
         line, = ax.plot(labels, m, marker="o", ms=3, label=f"{g} proxy")
         ax.fill_between(labels, m - sd, m + sd, color=line.get_color(), alpha=0.12)
-        fin = [r["final_acc"] for r in rows if r["group"] == g and r["final_acc"] is not None]
-        if fin:
-            ax.errorbar([labels[-1] + 15 * (order.index(g) + 1)], [np.mean(fin)],
-                        yerr=[np.std(fin, ddof=1) if len(fin) > 1 else 0], fmt="*", ms=11, capsize=3,
+        if g in final:
+            ax.errorbar([labels[-1]], [final[g][0]], yerr=[final[g][1]], fmt="*", ms=11, capsize=3,
                         color=line.get_color(), label=f"{g} final model")
     ax.set_xlabel("labelled images")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("Proxy accuracy per round (lines) and final model (stars)")
+    ax.set_title("Proxy accuracy per round (lines) and final model (stars, at the last round's labels)")
     ax.grid(alpha=0.3)
+    plain_axes(ax)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    p1 = out / "aggregate_accuracy_vs_labels.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
+    paths = [save_figure(fig, out / "aggregate_accuracy_vs_labels.png")]
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for a in agg:
-        (xm, xs), (ym, ys) = a["sampling_s"], a["final_acc"]
-        ax.errorbar([xm], [ym], xerr=[xs], yerr=[ys], fmt="o", ms=7, capsize=3, label=a["group"])
-    ax.set_xlabel("sampling wall seconds (rounds + features v0; not the final training)")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("Final accuracy against sampling time (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p2 = out / "aggregate_accuracy_vs_sampling.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
+    proxy = _group_stats(rows, "proxy_acc", order)
+    for key, xlabel, name, title in (
+            ("sampling_s", "sampling wall seconds (rounds + features v0; not the final training)",
+             "aggregate_accuracy_vs_sampling.png", "Accuracy against sampling time"),
+            ("compute_usd", "compute cost (US$: CPU-hours x the run's price, incl. final training)",
+             "aggregate_accuracy_vs_compute.png", "Accuracy against compute cost")):
+        xs = _group_stats(rows, key, order)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, ys, ylabel in ((axes[0], final, "final model test accuracy"),
+                               (axes[1], proxy, "last-round proxy test accuracy")):
+            for g in order:
+                if g in xs and g in ys:
+                    ax.errorbar([xs[g][0]], [ys[g][0]], xerr=[xs[g][1]], yerr=[ys[g][1]], fmt="o", ms=7,
+                                capsize=3, label=g)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            plain_axes(ax)
+            if ax.containers:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no run trained a final model", ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle(title + " (mean ± std over seeds)")
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / name))
+    return paths
 
 
 def _seeds(text: str) -> List[int]:

@@ -215,8 +215,12 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
     import ray
     from ray.data import ActorPoolStrategy
 
+    from asvp_ray.ray_utils import check_nested
+
     plan = plan_actors(cfg)
     log.info("extraction plan: %s", plan)
+    check_nested({"CPU": plan.num_actors * plan.num_cpus + 1.0, "GPU": plan.num_actors * plan.num_gpus},
+                 "the extraction actors and a read task", "extract.num_actors / extract.num_cpus_per_actor")
     ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
     ds = ds.map_batches(
         FeatureExtractor,

@@ -463,6 +463,7 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     from ray.train.torch import TorchTrainer
 
     from asvp_ray.features.extract import unwrap_error
+    from asvp_ray.ray_utils import check_nested
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -505,6 +506,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+    check_nested({r: plan.num_workers * float(plan.resources_per_worker.get(r, 0.0)) for r in ("CPU", "GPU")},
+                 "the Ray Train workers", "train.num_workers / train.cpus_per_worker / train.use_gpu")
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - show the asvp-ray error inside Ray's wrapper

@@ -9,7 +9,8 @@ Layout of a study directory ``DIR``::
     DIR/tune/                Ray Tune's experiment state (``Tuner.restore`` reads it)
     DIR/results.csv          one row per trial: status, searched values, rounds, accuracies
     DIR/best_config.yaml     the best trial's config; ``asvp-ray run`` accepts it unchanged
-    DIR/curves.png           proxy test accuracy against labels, one line per trial
+    DIR/curves.png           proxy test accuracy against labels, one line per trial; stars: final models
+    DIR/curves.json          the plotted values (read back from the figure)
 
 A trial runs a ``Driver`` in its own Ray task, round by round, and reports each round to Tune
 (``round``, ``n_labeled``, ``proxy_test_accuracy``, ...; ``final_test_accuracy`` with the last
@@ -450,10 +451,14 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _plot(rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path, keys: Sequence[str]) -> None:
+    """Proxy test accuracy per round (lines) and, for trials that trained one, the final model's test
+    accuracy (stars, at the last round's labels); ``path`` with ``.json`` holds the plotted values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from asvp_ray.report import plain_axes, save_figure
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, row in enumerate(rows):
@@ -462,22 +467,24 @@ def _plot(rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path
             continue
         xs, ys = zip(*pts)
         is_best = best is not None and row["trial"] == best["trial"]
-        label = None
+        name = row["trial"]
         if i < 12 or is_best:
-            label = row["trial"] + ": " + ", ".join(f"{k.split('.')[-1]}={_fmt(row[k])}" for k in keys)
-        ax.plot(xs, ys, marker="o", lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
-                ls="-" if row["status"] == "finished" else "--", label=label, zorder=3 if is_best else 2)
+            name += ": " + ", ".join(f"{k.split('.')[-1]}={_fmt(row[k])}" for k in keys)
+        line, = ax.plot(xs, ys, marker="o", lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
+                        ls="-" if row["status"] == "finished" else "--", label=f"{name} (proxy)",
+                        zorder=3 if is_best else 2)
         if row["final_test_accuracy"] is not None:
-            ax.scatter([xs[-1]], [row["final_test_accuracy"]], marker="*", s=120, zorder=4)
+            ax.scatter([xs[-1]], [row["final_test_accuracy"]], marker="*", s=120, zorder=4, color=line.get_color(),
+                       label=f"{row['trial']} final model")
     ax.set_xlabel("labelled images")
-    ax.set_ylabel("proxy test accuracy")
-    ax.set_title(f"{len(rows)} trials (dashed: stopped early or unfinished; stars: final model)")
+    ax.set_ylabel("test accuracy (lines: proxy per round; stars: final model)")
+    ax.set_title(f"{len(rows)} trials (dashed: stopped early or unfinished)")
     ax.grid(alpha=0.3)
+    plain_axes(ax)
     if any(r["_curve"] for r in rows):
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, restored: bool = False,
