@@ -444,11 +444,11 @@ def threshold_replay(runs_and_summaries, score: str = "logme") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _group_stats(rows, key: str, order: Sequence[str]) -> Dict[str, Tuple[float, float]]:
-    """Mean and std over seeds of ``rows[key]`` per group (groups without a value are left out)."""
+def _group_stats(pairs, order: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+    """Mean and std over seeds per group of ``(group, value)`` pairs (None values left out)."""
     out = {}
     for g in order:
-        vals = [float(r[key]) for r in rows if r["group"] == g and r.get(key) is not None]
+        vals = [float(v) for gg, v in pairs if gg == g and v is not None]
         if vals:
             out[g] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
     return out
@@ -456,9 +456,10 @@ def _group_stats(rows, key: str, order: Sequence[str]) -> Dict[str, Tuple[float,
 
 def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
     """Three plots by method (mean and std over seeds), readable with any number of runs: proxy and
-    final accuracy against labels; accuracy against sampling seconds; accuracy against compute
-    dollars. Final model accuracy and proxy accuracy are always separate series (or panels), no
-    axis has an offset, and each PNG has a ``.json`` of the plotted values beside it."""
+    final accuracy against labels; accuracy against sampling seconds; accuracy against compute (the
+    runs' own ledgers: compute dollars and CPU-hours, unrounded). Final model accuracy and proxy
+    accuracy are always separate series or panels, no axis has an offset, and each PNG has a
+    ``.json`` of the plotted values (read back from the figure) beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,8 +469,11 @@ def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
     from asvp_ray.report import plain_axes, save_figure
 
     order = [a["group"] for a in agg]
+    final = _group_stats([(spec.group, (s.get("final") or {}).get("test_accuracy")) for spec, s in runs_and_summaries],
+                         order)
+    proxy = _group_stats([(spec.group, (s.get("rounds") or [{}])[-1].get("proxy_test_accuracy"))
+                          for spec, s in runs_and_summaries], order)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    final = _group_stats(rows, "final_acc", order)
     for g in order:
         curves = [[r.get("proxy_test_accuracy") for r in s.get("rounds") or []]
                   for spec, s in runs_and_summaries if spec.group == g]
@@ -490,28 +494,36 @@ def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
     fig.tight_layout()
     paths = [save_figure(fig, out / "aggregate_accuracy_vs_labels.png")]
 
-    proxy = _group_stats(rows, "proxy_acc", order)
-    for key, xlabel, name, title in (
-            ("sampling_s", "sampling wall seconds (rounds + features v0; not the final training)",
-             "aggregate_accuracy_vs_sampling.png", "Accuracy against sampling time"),
-            ("compute_usd", "compute cost (US$: CPU-hours x the run's price, incl. final training)",
-             "aggregate_accuracy_vs_compute.png", "Accuracy against compute cost")):
-        xs = _group_stats(rows, key, order)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        for ax, ys, ylabel in ((axes[0], final, "final model test accuracy"),
-                               (axes[1], proxy, "last-round proxy test accuracy")):
-            for g in order:
-                if g in xs and g in ys:
-                    ax.errorbar([xs[g][0]], [ys[g][0]], xerr=[xs[g][1]], yerr=[ys[g][1]], fmt="o", ms=7,
-                                capsize=3, label=g)
-            ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            plain_axes(ax)
-            if ax.containers:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "no run trained a final model", ha="center", va="center", transform=ax.transAxes)
+    def cost(s, key):
+        c = s.get("cost") or {}
+        return (c.get("dollars") or {}).get("compute") if key == "usd" else (
+            c["cpu_seconds_total"] / 3600 if "cpu_seconds_total" in c else None)
+
+    sampling = _group_stats([(r["group"], r.get("sampling_s")) for r in rows], order)
+    usd = _group_stats([(spec.group, cost(s, "usd")) for spec, s in runs_and_summaries], order)
+    cpu_h = _group_stats([(spec.group, cost(s, "cpu_h")) for spec, s in runs_and_summaries], order)
+    for name, title, columns in (
+            ("aggregate_accuracy_vs_sampling.png", "Accuracy against sampling time",
+             [(sampling, "sampling wall seconds (rounds + features v0; not the final training)")]),
+            ("aggregate_accuracy_vs_compute.png", "Accuracy against compute (each run's ledger, final training included)",
+             [(usd, "compute cost (US$: CPU/GPU-hours x unit prices)"), (cpu_h, "CPU-hours")])):
+        fig, axes = plt.subplots(2, len(columns), figsize=(6 * len(columns), 8.5), squeeze=False)
+        for j, (xs, xlabel) in enumerate(columns):
+            for ax, ys, ylabel in ((axes[0][j], final, "final model test accuracy"),
+                                   (axes[1][j], proxy, "last-round proxy test accuracy")):
+                for g in order:
+                    if g in xs and g in ys:
+                        ax.errorbar([xs[g][0]], [ys[g][0]], xerr=[xs[g][1]], yerr=[ys[g][1]], fmt="o", ms=7,
+                                    capsize=3, label=g)
+                ax.set_xlabel(xlabel, fontsize=8)
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+                plain_axes(ax)
+                if ax.containers:
+                    ax.legend(fontsize=7)
+                else:
+                    ax.text(0.5, 0.5, "no run trained a final model", ha="center", va="center",
+                            transform=ax.transAxes)
         fig.suptitle(title + " (mean ± std over seeds)")
         fig.tight_layout()
         paths.append(save_figure(fig, out / name))

@@ -195,7 +195,8 @@ def _shrink_hint(need: TrialNeed, resource: str) -> str:
     hints = []
     if need.train.get(resource, 0) > 0:
         hints.append("train.num_workers" + (", train.cpus_per_worker" if resource == "CPU" else ", train.use_gpu: false"))
-        hints.append("final.training_method=none (no final model)")
+        if "final.training_method" in (need.why_train or ""):
+            hints.append("final.training_method=none (no final model)")
     if need.extract.get(resource, 0) > 0:
         hints.append("extract.num_actors / extract.num_cpus_per_actor" if resource == "CPU"
                      else "extract.device: cpu or extract.num_gpus_per_actor")

@@ -314,17 +314,8 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base = base_cfg.model_dump(mode="json")
     base.pop("feature_cache", None)
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
-    cache = out / "feature_cache"
-    runs = out / "runs"
-    for d in (out, cache, runs):
-        d.mkdir(parents=True, exist_ok=True)
-    existed = _check_study(out, {"config": base, "space": sp.to_yaml_dict()})
     base_with_constants = sp.trial_raw(base, {})
-
-    exp_path = out / EXPERIMENT
-    restoring = tune.Tuner.can_restore(str(exp_path))
-    if existed and not restoring:
-        log.info("%s holds a study that has no Tune state yet; starting it", out)
+    # What one trial needs, before anything is written: a study that cannot fit stops here.
     head = head_resources(cpus_per_trial, gpus_per_trial)
     variants = [load_config(raw=v) for v in resource_variants(base_with_constants, sp)]
     plan = plan_study(variants, sp.grid_size * num_samples, head=head, prefetched=not sp.feature_combinations()[1],
@@ -333,6 +324,16 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     if max_concurrent is not None and plan.max_concurrent < min(max_concurrent, sp.grid_size * num_samples):
         log.warning("max_concurrent=%d lowered to %d: more trials at once would wait on each other's Ray Train "
                     "workers or extraction actors", max_concurrent, plan.max_concurrent)
+    cache = out / "feature_cache"
+    runs = out / "runs"
+    for d in (out, cache, runs):
+        d.mkdir(parents=True, exist_ok=True)
+    existed = _check_study(out, {"config": base, "space": sp.to_yaml_dict()})
+
+    exp_path = out / EXPERIMENT
+    restoring = tune.Tuner.can_restore(str(exp_path))
+    if existed and not restoring:
+        log.info("%s holds a study that has no Tune state yet; starting it", out)
     prefetched = _prefetch(base_with_constants, sp, out, cache)
 
     trainable = tune.with_resources(
