@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Dict, Optional
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def quiet_ray_data() -> None:
     ctx.enable_auto_log_stats = False
 
 
-def check_nested(need: Dict[str, float], what: str, fix: str) -> None:
+def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5.0) -> None:
     """Before starting nested Ray work (a Ray Train worker group, an extraction actor pool) from this
     process: raise when it can never start, say why when it has to wait.
 
@@ -56,6 +57,8 @@ def check_nested(need: Dict[str, float], what: str, fix: str) -> None:
         need: ``{"CPU": n, "GPU": m}`` the nested work reserves.
         what: what it is, for the messages ("Ray Train workers").
         fix: the settings that shrink it.
+        grace_s: how long resources may take to come free (the previous phase releasing them)
+            before the wait is logged.
 
     Raises:
         ConfigError: it needs more than the cluster minus what this process holds.
@@ -69,18 +72,20 @@ def check_nested(need: Dict[str, float], what: str, fix: str) -> None:
     except Exception:  # noqa: BLE001 - a driver process holds nothing
         held = {}
     total = ray.cluster_resources()
-    free = ray.available_resources()
     for r, n in need.items():
-        if n <= 0:
-            continue
-        have = float(total.get(r, 0.0))
-        mine = held.get(r, 0.0)
-        if n > have - mine + 1e-9 and mine > 0:
+        have, mine = float(total.get(r, 0.0)), held.get(r, 0.0)
+        if n > 0 and mine > 0 and n > have - mine + 1e-9:
             raise ConfigError(
                 f"{what} need {n:g} {r} but the cluster has {have:g} {r} and this Ray task/actor holds {mine:g} of "
                 f"them while it waits, so they could never start; launch asvp-ray with fewer {r}s reserved (e.g. "
                 f"num_cpus=0 for a process that only drives the run, as `asvp-ray run` does) or shrink {fix}")
-        if n > float(free.get(r, 0.0)) + 1e-9:
+    free = ray.available_resources()
+    deadline = time.monotonic() + grace_s  # the previous phase's workers may still be releasing theirs
+    while time.monotonic() < deadline and any(n > float(free.get(r, 0.0)) + 1e-9 for r, n in need.items() if n > 0):
+        time.sleep(0.5)
+        free = ray.available_resources()
+    for r, n in need.items():
+        if n > 0 and n > float(free.get(r, 0.0)) + 1e-9:
             log.warning("%s need %g %s; %g of the cluster's %g are free now (%g held by this process, the rest by "
                         "other tasks, actors or jobs: see `ray status`), so they start when those free them",
-                        what, n, r, float(free.get(r, 0.0)), have, mine)
+                        what, n, r, float(free.get(r, 0.0)), float(total.get(r, 0.0)), held.get(r, 0.0))

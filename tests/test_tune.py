@@ -385,3 +385,33 @@ def test_study_concurrency_counts_each_trials_nested_work():
     p = plan_study([asvp], 4, head=head, prefetched=True, capacity={"CPU": 8, "GPU": 0})
     assert p.max_concurrent == 4 and p.extract_budget == {"CPU": 1.5, "GPU": 0.0}
     assert p.need.peak == {"CPU": 2.0, "GPU": 0.0}
+
+
+def test_nested_work_that_could_never_start_inside_a_task_holding_cpus_says_why(ray_local):
+    """`asvp-ray run` inside a Ray task or actor (or a Tune trial's placement group) that holds CPUs:
+    a Ray Train worker group or extraction pool that could only start with those CPUs is refused."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from asvp_ray.ray_utils import check_nested
+
+    def probe(n):
+        try:
+            check_nested({"CPU": n, "GPU": 0.0}, "the Ray Train workers", "train.num_workers", grace_s=0)
+            return "ok"
+        except ConfigError as e:
+            return str(e)
+
+    task = ray.remote(num_cpus=1.5)(probe)
+    assert ray.get(task.remote(0.5)) == "ok"
+    assert ray.get(task.remote(1.0)).startswith(
+        "the Ray Train workers need 1 CPU but the cluster has 2 CPU and this Ray task/actor holds 1.5 of them")
+    pg = placement_group([{"CPU": 1.5}])
+    ray.get(pg.ready())
+    try:
+        in_pg = ray.remote(num_cpus=1.5)(probe).options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
+        assert "holds 1.5 of them" in ray.get(in_pg.remote(1.0))
+    finally:
+        remove_placement_group(pg)
+    assert probe(2.0) == "ok"  # a driver process holds nothing: it may wait, never refused
