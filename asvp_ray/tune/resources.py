@@ -29,6 +29,8 @@ from asvp_ray.config import Config
 from asvp_ray.errors import ConfigError
 
 RESOURCES = ("CPU", "GPU")
+# Methods whose nested work trains/extracts is known here (``loop/methods``); others count as both.
+KNOWN_METHODS = ("svpp", "asvp", "standard")
 EPS = 1e-9
 
 
@@ -68,7 +70,9 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
 def trains(cfg: Config) -> Optional[str]:
     """Why a run starts Ray Train workers (None when it never does)."""
     why = []
-    if cfg.method == "standard":
+    if cfg.method not in KNOWN_METHODS:
+        why.append(f"method={cfg.method} may fine-tune (a method this module does not know is counted as one that does)")
+    elif cfg.method == "standard":
         why.append("method=standard fine-tunes every round")
     elif cfg.method == "asvp" and cfg.refresh.policy != "never":
         why.append(f"method=asvp with refresh.policy={cfg.refresh.policy} can fine-tune")
@@ -80,7 +84,9 @@ def trains(cfg: Config) -> Optional[str]:
 def extracts(cfg: Config, prefetched: bool) -> Optional[str]:
     """Why a run starts an extraction actor pool inside its trial (None when it never does)."""
     why = []
-    if cfg.method == "standard":
+    if cfg.method not in KNOWN_METHODS:
+        why.append(f"method={cfg.method} may extract (a method this module does not know is counted as one that does)")
+    elif cfg.method == "standard":
         why.append("method=standard scores the pool with each fine-tuned model")
     elif cfg.method == "asvp" and cfg.refresh.policy != "never":
         why.append(f"method=asvp with refresh.policy={cfg.refresh.policy} re-extracts after a refresh")
