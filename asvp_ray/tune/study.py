@@ -315,6 +315,9 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base.pop("feature_cache", None)
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
     base_with_constants = sp.trial_raw(base, {})
+    meta = {"config": base, "space": sp.to_yaml_dict()}
+    if (out / "study.yaml").is_file():
+        _check_study(out, meta)  # another study's directory: refused before Ray is asked anything
     # What one trial needs, before anything is written: a study that cannot fit stops here.
     head = head_resources(cpus_per_trial, gpus_per_trial)
     variants = [load_config(raw=v) for v in resource_variants(base_with_constants, sp)]
@@ -328,7 +331,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     runs = out / "runs"
     for d in (out, cache, runs):
         d.mkdir(parents=True, exist_ok=True)
-    existed = _check_study(out, {"config": base, "space": sp.to_yaml_dict()})
+    existed = _check_study(out, meta)
 
     exp_path = out / EXPERIMENT
     restoring = tune.Tuner.can_restore(str(exp_path))
