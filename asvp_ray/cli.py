@@ -297,7 +297,7 @@ def tune_cmd(
     grace_period: int = typer.Option(1, help="ASHA: rounds every trial runs before it can be stopped."),
     max_concurrent: Optional[int] = typer.Option(None, help="Trials running at once (default: as resources allow)."),
     cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves."),
-    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (for proxy.device: cuda)."),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (with proxy.device: auto the proxy is fitted on it)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's detailed output."),
 ) -> None:

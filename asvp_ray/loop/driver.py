@@ -217,30 +217,41 @@ class Driver:
 
     def _extract_v0_or_reuse(self) -> None:
         """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
-        from asvp_ray.features.store import FeatureStore, cache_key, link_version
+        from asvp_ray.features.extract import resolve_compute
+        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
+                                             link_version)
 
         if not self.cfg.feature_cache:
             return self._extract(0)
-        key = cache_key(self._cache_inputs())
+        compute = resolve_compute(self.cfg.extract)
+        key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
         cache = FeatureStore(Path(self.cfg.feature_cache) / key)
         if 0 not in cache.versions():
-            log.info("feature cache %s has no features for this backbone and data; extracting", cache.root)
-            self._extract(0)
+            old = legacy_cache_entries(Path(self.cfg.feature_cache))
+            if old:
+                log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
+                            "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
+                            len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
+            log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
+                     "extracting", cache.root, compute.device, compute.precision)
+            self._extract(0, compute=compute)
             try:
                 link_version(self.rd.store.path(0), cache, 0)
             except OSError as e:  # another run cached it first: theirs is identical
                 log.info("feature cache not updated (%s)", e)
         else:
-            log.info("reusing features v0 from the feature cache %s", cache.path(0))
+            check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
+            log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
+                     compute.precision)
             link_version(cache.path(0), self.rd.store, 0)
 
-    def _extract(self, version: int, checkpoint: Optional[str] = None) -> None:
+    def _extract(self, version: int, checkpoint: Optional[str] = None, compute=None) -> None:
         self._progress = {"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))}
         log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
                  len(self.test) if self.test is not None else 0, self.spec.name)
         meta = extract_to_store(self.rd.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path)})
+                                extra_meta={"run": str(self.rd.path)}, compute=compute)
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def _extract_resources(self) -> Dict[str, float]:

@@ -16,7 +16,7 @@ IVF index (k-means cells, each point searched in its ``nprobe`` nearest cells, B
 scans, made symmetric) for large ones; it is stored sparse and cached on the strategy object
 for the feature version.
 
-k-means runs on faiss (CPU here; ``use_gpu=True`` where a GPU build is installed) or on
+k-means runs on faiss (``use_gpu=True`` needs a GPU build of faiss that sees a GPU, else ConfigError) or on
 scikit-learn.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.device import require_faiss_gpu
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
 from asvp_ray.selection.diversity import _need_features, _row_sqnorms
 from asvp_ray.selection.sharded import FeatureKey
@@ -78,8 +79,13 @@ def kmeans_labels(
         use_gpu: train with faiss on the GPU(s).
         max_points_per_centroid: faiss trains on at most ``k *`` this many sampled rows.
         chunk_rows: rows assigned at once after training.
+
+    Raises:
+        ConfigError: ``use_gpu`` without a GPU build of faiss that sees a GPU.
     """
     N = len(X)
+    if use_gpu:
+        require_faiss_gpu("k-means")
     if backend == "auto":
         backend = "faiss" if _have_faiss() else "sklearn"
     if backend == "sklearn":
@@ -259,6 +265,8 @@ class TypiClustSampling(Strategy):
             raise ConfigError(f"typiclust: backend={self.backend!r} is not one of {', '.join(KMEANS_BACKENDS)}")
         if self.backend == "faiss" and not _have_faiss():
             raise ConfigError("typiclust: backend='faiss' but faiss is not installed; pip install faiss-cpu or use backend='sklearn'")
+        if self.use_gpu:
+            require_faiss_gpu("typiclust")
 
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
         self._check_params()
@@ -347,6 +355,8 @@ class DeltaGraph:
 
 def _train_cells(train: np.ndarray, k: int, seed: int, use_gpu: bool) -> np.ndarray:
     """k-means centroids of ``train`` (float32 (k, D)); faiss when installed."""
+    if use_gpu:
+        require_faiss_gpu("probcover IVF k-means")
     k = max(1, min(k, len(train)))
     if k == 1:
         return train.mean(axis=0, keepdims=True)
@@ -658,6 +668,8 @@ class ProbCoverSampling(Strategy):
         _pos_int("probcover", "exact_max_rows", self.exact_max_rows)
         _pos_int("probcover", "nlist", self.nlist, allow_none=True)
         _pos_int("probcover", "nprobe", self.nprobe)
+        if self.use_gpu:
+            require_faiss_gpu("probcover")
 
     def build_graph(self, features: np.ndarray) -> DeltaGraph:
         """The delta-ball graph of ``features`` with this strategy's settings (cached)."""
