@@ -107,14 +107,12 @@ def cuda_facts(device=None) -> Dict[str, Any]:
 
 
 def tune_for_cuda() -> None:
-    """Process-wide settings that help fixed-shape convolutional work on CUDA: cuDNN picks its
-    fastest kernels per input shape (batches here have one shape, bar the last), and TF32 matmuls
-    for the float32 parts (the head, the loss)."""
+    """Process-wide settings that help fixed-shape convolutional work on CUDA: cuDNN autotunes
+    its kernels per input shape (batches here have one shape, bar the last). TF32 is left at
+    PyTorch's defaults, so ``amp: off`` means what it means in plain PyTorch."""
     import torch
 
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 
 # --------------------------------------------------------------------------- preprocessing
