@@ -273,6 +273,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), raw: 
         raise ConfigError(_format_errors(e, origin)) from None
 
 
+def upgrade_legacy_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A run directory's ``config.yaml`` written before ``amp`` became ``auto|off|bf16|fp16``
+    (a boolean there marks such a file), in today's terms, so that resuming it with the same
+    config file is not refused: ``amp: true|false`` -> ``auto|off``, and the then-fixed
+    ``train.cpus_per_worker: 1.0`` / ``train.loader_workers: 0`` -> unset (today's defaults, which
+    resolve to the same on CPU workers, where every such run ran)."""
+    out = dict(raw)
+    train = out.get("train")
+    if not (isinstance(train, dict) and isinstance(train.get("amp"), bool)):
+        return out
+    train = dict(train)
+    train["amp"] = "auto" if train["amp"] else "off"
+    if train.get("cpus_per_worker") == 1.0:
+        train["cpus_per_worker"] = None
+    if train.get("loader_workers") == 0:
+        train["loader_workers"] = None
+    out["train"] = train
+    ext = out.get("extract")
+    if isinstance(ext, dict) and isinstance(ext.get("amp"), bool):
+        out["extract"] = {**ext, "amp": "auto" if ext["amp"] else "off"}
+    return out
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML that ``load_config`` reads back unchanged."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -398,3 +398,22 @@ def test_cuda_proxy_unpickles_in_a_process_without_cuda(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("cpu")
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), proxy.predict_proba(X), rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_directory_from_before_the_amp_choices_resumes():
+    """config.yaml written when amp was a boolean and the train resources were fixed numbers
+    still matches the same config file today (no 'differs in: train.amp' on resume)."""
+    import yaml
+
+    from asvp_ray.config import dump_config, upgrade_legacy_config
+    from asvp_ray.loop.driver import config_differences
+
+    new = yaml.safe_load(dump_config(load_config(str(SMOKE))))
+    old = json.loads(json.dumps(new))
+    old["train"].update(amp=True, cpus_per_worker=1.0, loader_workers=0)
+    old["extract"]["amp"] = True
+    assert config_differences(old, new)  # what the comparison saw before
+    assert config_differences(upgrade_legacy_config(old), new) == []
+    old["train"]["amp"] = False
+    assert config_differences(upgrade_legacy_config(old), new) == ["train.amp"]  # a real difference stays
+    assert upgrade_legacy_config(new) == new

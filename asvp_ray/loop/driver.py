@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
-from asvp_ray.config import Config, dump_config, load_config
+from asvp_ray.config import Config, dump_config, load_config, upgrade_legacy_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec
@@ -133,7 +133,7 @@ class Driver:
         if self.rd.config_path.is_file():
             import yaml
 
-            old = yaml.safe_load(self.rd.config_path.read_text()) or {}
+            old = upgrade_legacy_config(yaml.safe_load(self.rd.config_path.read_text()) or {})
             diff = [k for k in config_differences(old, self.cfg.model_dump(mode="json"))
                     if not k.startswith(RESUMABLE_CHANGES)]
             if diff:
