@@ -81,6 +81,30 @@ def choose_precision(amp: Union[str, bool], device_type: str, capability: Option
     return amp
 
 
+def usable_cuda() -> Tuple[bool, str]:
+    """Whether this process may compute on CUDA, and why not.
+
+    Inside a Ray task or actor that reserved no GPU the answer is no even when torch sees one:
+    Ray (>= 2.48) no longer hides GPUs from such workers, and using one would take memory and
+    time from the task that reserved it.
+    """
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "this process sees no CUDA device"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            in_worker = ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+            if in_worker and not ray.get_gpu_ids():
+                return False, "this Ray task or actor reserved no GPU"
+        except Exception:  # noqa: BLE001 - outside a normal Ray context: trust torch
+            pass
+    return True, ""
+
+
 def torch_dtype(precision: str):
     """The autocast dtype of a precision (None for fp32)."""
     import torch

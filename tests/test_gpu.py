@@ -132,7 +132,7 @@ def test_pickled_proxy_holds_only_cpu_tensors_and_scores_where_it_lands(ray_loca
         return p.predict_proba(X), str(p.device_), [str(t.device) for t in p._scoring_params_ if t is not None]
 
     got, dev, where = ray.get(score.remote(pickle.loads(blob), X))
-    assert dev == "cpu" and set(where) == {"cpu"}  # Ray hides the GPUs from a task that reserves none
+    assert dev == "cpu" and set(where) == {"cpu"}  # a task that reserved no GPU never computes on one
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     # set_params(device=...) after fitting moves the scoring to that device on the next use.

@@ -13,7 +13,7 @@ layer, so evaluating a chunk is one ``addmm``, an in-place ReLU and a small seco
 Crossing processes: a fitted proxy travels to Ray actors (pool shards), Tune trials and
 checkpoints by pickling. Its state is always pickled with CPU tensors, and a receiver scores on
 the device its ``device`` setting resolves to *there* (``auto``: CUDA when that process sees a
-GPU); a proxy fitted on CUDA thus works in a CPU-only shard actor, where Ray hides the GPUs.
+GPU and, inside Ray, reserved one); a proxy fitted on CUDA thus works in a CPU-only shard actor.
 """
 from __future__ import annotations
 
@@ -85,11 +85,14 @@ def batch_bounds(n: int, batch_size: int, merge_singleton: bool = True) -> List[
 
 
 def _resolve_device(device: str) -> torch.device:
+    from asvp_ray.device import usable_cuda
+
     if device == "auto":
-        if torch.cuda.is_available():
+        ok, why = usable_cuda()
+        if ok:
             _log_once(logging.INFO, f"MLPProxy device=auto: cuda ({torch.cuda.get_device_name()})")
             return torch.device("cuda")
-        _log_once(logging.INFO, "MLPProxy device=auto: cpu (this process sees no CUDA device)")
+        _log_once(logging.INFO, f"MLPProxy device=auto: cpu ({why})")
         return torch.device("cpu")
     try:
         dev = torch.device(device)
@@ -97,10 +100,13 @@ def _resolve_device(device: str) -> torch.device:
         raise ConfigError(
             f"MLPProxy device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'auto'"
         ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"MLPProxy device={device!r} but CUDA is not available here; use device='auto' or 'cpu'"
-        )
+    if dev.type == "cuda":
+        ok, why = usable_cuda()
+        if not ok:
+            raise ConfigError(
+                f"MLPProxy device={device!r} but {why}; use device='auto' or 'cpu'"
+                + (" or reserve a GPU (num_gpus=1)" if torch.cuda.is_available() else "")
+            )
     return dev
 
 
@@ -111,7 +117,7 @@ def _receiver_device(device: str) -> torch.device:
         return _resolve_device(device)
     except ConfigError:
         _log_once(logging.WARNING, f"MLPProxy fitted with device={device!r} scores on the CPU in this process, "
-                                   "which sees no CUDA device")
+                                   "which sees no CUDA device or reserved none")
         return torch.device("cpu")
 
 
