@@ -42,7 +42,7 @@ def _blobs(n=600, d=24, c=4, seed=0):
     return (centers[y] + r.normal(0, 1, (n, d))).astype(np.float32), y
 
 
-def _tensors(obj, seen=None):
+def _tensors(obj):
     """Every torch tensor reachable from a pickled state (dicts, tuples, modules)."""
     out = []
     if isinstance(obj, torch.Tensor):
@@ -305,13 +305,18 @@ def test_cuda_extraction_equals_cpu_features_within_amp_tolerance(ray_local, tmp
     assert m_gpu["capability"] == list(torch.cuda.get_device_capability())
     assert m_off["precision"] == "fp32"
     ids, f_cpu = store.read(0)
-    for version, tol in ((1, 0.03), (2, 0.005)):
+    # Tolerances from the same comparison with CPU autocast (Lite0, 32 px, 256 images): bf16
+    # relative error median 0.064 / max 0.16, fp16 0.0074 / 0.018; a wrongly normalised input
+    # gives a median of 0.74. Every image must also be nearest to its own CPU features.
+    tol = {"bf16": (0.12, 0.3), "fp16": (0.02, 0.05), "fp32": (0.005, 0.02)}
+    for version, precision in ((1, m_gpu["precision"]), (2, "fp32")):
         ids_g, f = store.read(version)
         assert np.array_equal(ids, ids_g)
         rel = np.linalg.norm(f - f_cpu, axis=1) / np.linalg.norm(f_cpu, axis=1)
-        cos = (f * f_cpu).sum(1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(f_cpu, axis=1))
-        print(f"v{version}: median relative error {np.median(rel):.2e}, max {rel.max():.2e}, min cos {cos.min():.5f}")
-        assert np.median(rel) < tol and rel.max() < 4 * tol and cos.min() > 0.99
+        nearest = ((f[:, None, :] - f_cpu[None, :, :]) ** 2).sum(-1).argmin(1)
+        print(f"v{version} ({precision}): relative error median {np.median(rel):.2e}, max {rel.max():.2e}")
+        assert np.median(rel) < tol[precision][0] and rel.max() < tol[precision][1]
+        assert np.array_equal(nearest, np.arange(len(ids)))
 
 
 def _loss(model, images, labels, spec):
