@@ -105,41 +105,38 @@ def run(
     import ray
 
     from asvp_ray.config import load_config
-    from asvp_ray.features.extract import unwrap_error
     from asvp_ray.loop.driver import driver_actor
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
 
     _setup_logging(None, verbose)
     try:
-        cfg = load_config(str(config), set_)
-        init_ray(address)
-        actor = driver_actor(cfg, str(out))
-        status = ray.get(actor.prepare.remote())
-        if status["finished"]:
+        with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
+            cfg = load_config(str(config), set_)
+            init_ray(address)
+            actor = driver_actor(cfg, str(out))
+            status = ray.get(actor.prepare.remote())
+            if status["finished"]:
+                summ = ray.get(actor.get_summary.remote())
+                last = summ["rounds"][-1] if summ["rounds"] else {}
+                typer.echo(f"run in {out} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
+                           f"last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
+                return
+            if status["next_round"] > 0:
+                typer.echo(f"resuming {out} at round {status['next_round']} ({status['n_labeled']} labels so far)")
+            for _ in range(status["next_round"], status["rounds"]):
+                rec = ray.get(actor.run_round.remote())
+                typer.echo(_round_line(rec))
+            final = ray.get(actor.run_final.remote())
+            if final:
+                typer.echo(f"final model: {final['training_method']} ({final['reason']}) -> test accuracy "
+                           f"{final['test_accuracy']:.4f} in {final['seconds']:.1f}s")
             summ = ray.get(actor.get_summary.remote())
-            last = summ["rounds"][-1] if summ["rounds"] else {}
-            typer.echo(f"run in {out} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
-                       f"last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
-            return
-        if status["next_round"] > 0:
-            typer.echo(f"resuming {out} at round {status['next_round']} ({status['n_labeled']} labels so far)")
-        for _ in range(status["next_round"], status["rounds"]):
-            rec = ray.get(actor.run_round.remote())
-            typer.echo(_round_line(rec))
-        final = ray.get(actor.run_final.remote())
-        if final:
-            typer.echo(f"final model: {final['training_method']} ({final['reason']}) -> test accuracy "
-                       f"{final['test_accuracy']:.4f} in {final['seconds']:.1f}s")
-        summ = ray.get(actor.get_summary.remote())
-        ray.get(actor.close.remote())
-        cost = summ.get("cost", {})
-        typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
-                   f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
-    except Exception as e:  # noqa: BLE001 - show the user-facing cause
-        inner = unwrap_error(e)
-        if isinstance(inner, AsvpError):
-            _fail(inner)
-        raise
+            ray.get(actor.close.remote())
+            cost = summ.get("cost", {})
+            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
+                       f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
+    except AsvpError as e:
+        _fail(e)
     typer.echo(f"done: {out}/summary.json, {out}/labeled.parquet, log in {out}/run.log")
 
 
@@ -308,24 +305,21 @@ def tune_cmd(
     (accepted by `asvp-ray run`) and OUT/curves.png.
     """
     from asvp_ray.config import load_config
-    from asvp_ray.features.extract import unwrap_error
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
     from asvp_ray.tune import check_settings, parse_space, run_study
 
     _setup_logging(None, verbose)
     try:
-        settings = dict(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
-                        max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-        check_settings(**settings)  # every user error before Ray starts
-        cfg = load_config(str(config), set_)
-        sp = parse_space(str(space), base=cfg)
-        init_ray(address)
-        res = run_study(cfg, sp, out, verbose=2 if verbose else 1, **settings)
-    except Exception as e:  # noqa: BLE001 - show the user-facing cause
-        inner = unwrap_error(e)
-        if isinstance(inner, AsvpError):
-            _fail(inner)
-        raise
+        with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
+            settings = dict(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
+                            max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+            check_settings(**settings)  # every user error before Ray starts
+            cfg = load_config(str(config), set_)
+            sp = parse_space(str(space), base=cfg)
+            init_ray(address)
+            res = run_study(cfg, sp, out, verbose=2 if verbose else 1, **settings)
+    except AsvpError as e:
+        _fail(e)
     typer.echo(res.table)
     if res.interrupted:
         typer.secho(f"study interrupted; rerun the same command to resume it ({out})", fg=typer.colors.YELLOW,

@@ -5,15 +5,22 @@ nearest valid key; a value of the wrong type names the key, the value and what w
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Type
+from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from asvp_ray.errors import ConfigError
 from asvp_ray.train.config import TrainConfig
+
+
+def _registered(registry, name: str) -> str:
+    """``name`` when ``registry`` knows it; else ConfigError listing the valid names (and the closest)."""
+    registry.get(name)
+    return name
 
 
 class _Strict(BaseModel):
@@ -23,11 +30,18 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """Where images come from (see ``asvp_ray.data.sources``)."""
 
-    kind: Literal["fashion_mnist", "image_folder", "manifest"] = "fashion_mnist"
+    kind: str = Field("fashion_mnist", description="a registered source: asvp_ray.data.sources.SOURCES")
     root: Optional[str] = Field(None, description="fashion_mnist or image_folder folder")
     path: Optional[str] = Field(None, description="manifest file (.parquet or .csv)")
     split: Literal["train", "test"] = "train"
     limit: Optional[PositiveInt] = Field(None, description="fashion_mnist: keep the first `limit` images")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v):
+        from asvp_ray.data.sources import SOURCES
+
+        return _registered(SOURCES, v)
 
 
 class DataConfig(_Strict):
@@ -107,9 +121,9 @@ class BudgetConfig(_Strict):
 class RefreshConfig(_Strict):
     """When to refresh features (asvp): a policy from ``asvp_ray.alignment.REFRESH_POLICIES``."""
 
-    policy: Literal["never", "every_round", "at_labels", "score_drop", "probe"] = "score_drop"
+    policy: str = Field("score_drop", description="a registered policy: asvp_ray.alignment.REFRESH_POLICIES")
     at: List[PositiveInt] = Field(default_factory=list, description="at_labels: label counts that trigger a refresh")
-    score: Literal["logme", "logme_ped"] = "logme"
+    score: str = Field("logme", description="score_drop/probe: a registered alignment score (ALIGNMENT_SCORES)")
     threshold: float = Field(0.05, ge=0, description="score_drop: drop of the score since the last refresh")
     margin: float = Field(0.05, description="probe: gain of fine-tuned over current features needed")
     min_new_labels: int = Field(1, ge=0, description="score_drop: labels bought since the last refresh")
@@ -121,13 +135,35 @@ class RefreshConfig(_Strict):
     def _sorted(cls, v):
         return sorted(v)
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v):
+        from asvp_ray.alignment import REFRESH_POLICIES
+
+        return _registered(REFRESH_POLICIES, v)
+
+    @field_validator("score")
+    @classmethod
+    def _known_score(cls, v):
+        from asvp_ray.alignment.ped import ALIGNMENT_SCORES
+
+        return _registered(ALIGNMENT_SCORES, v)
+
 
 class MonitorConfig(_Strict):
     """The alignment monitor: scores of the current features on the labelled set."""
 
-    scores: List[Literal["logme", "logme_ped"]] = Field(default_factory=lambda: ["logme", "logme_ped"])
+    scores: List[str] = Field(default_factory=lambda: ["logme", "logme_ped"],
+                              description="registered alignment scores (asvp_ray.alignment.ped.ALIGNMENT_SCORES)")
     max_rows: PositiveInt = Field(20000, description="labelled rows scored at most (seeded subsample)")
     reference_rows: PositiveInt = Field(20000, description="pool rows standardising PED (seeded subsample)")
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, v):
+        from asvp_ray.alignment.ped import ALIGNMENT_SCORES
+
+        return [_registered(ALIGNMENT_SCORES, name) for name in v]
 
 
 class FinalConfig(_Strict):
@@ -152,10 +188,11 @@ class Config(_Strict):
 
     name: str = "asvp-ray"
     seed: int = 0
-    method: Literal["svpp", "asvp", "standard"] = "svpp"
-    strategy: str = "margin"
-    oracle: Literal["simulated", "human"] = Field(
-        "simulated", description="simulated: the pool's ground truth; human: asvp-ray select / label rounds")
+    method: str = Field("svpp", description="a registered method: asvp_ray.loop.methods.METHODS")
+    strategy: str = Field("margin", description="a registered strategy: asvp_ray.selection.STRATEGIES")
+    oracle: str = Field(
+        "simulated", description="simulated: the pool's ground truth; human: asvp-ray select / label rounds "
+                                 "(asvp_ray.loop.oracle.ORACLES)")
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
@@ -175,8 +212,29 @@ class Config(_Strict):
     def _known_strategy(cls, v):
         from asvp_ray.selection import STRATEGIES
 
-        STRATEGIES.get(v)  # raises ConfigError with the valid names
-        return v
+        return _registered(STRATEGIES, v)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        from asvp_ray.loop.methods import METHODS
+
+        return _registered(METHODS, v)
+
+    @field_validator("oracle")
+    @classmethod
+    def _known_oracle(cls, v):
+        from asvp_ray.loop.oracle import ORACLES
+
+        return _registered(ORACLES, v)
+
+
+def model_of(annotation: Any) -> Optional[Type[BaseModel]]:
+    """The pydantic model inside a field annotation (``Optional[X]``, ``X``), if any."""
+    for a in getattr(annotation, "__args__", None) or (annotation,):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
 
 
 def _model_at(model: Type[BaseModel], loc: Sequence[Any]) -> Optional[Type[BaseModel]]:
@@ -184,12 +242,40 @@ def _model_at(model: Type[BaseModel], loc: Sequence[Any]) -> Optional[Type[BaseM
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not inner:
+        model = model_of(field.annotation)
+        if model is None:
             return None
-        model = inner[0]
     return model
+
+
+def set_key(raw: Dict[str, Any], key: Union[str, Sequence[str]], value: Any) -> Dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``key`` (``"a.b"`` or ``["a", "b"]``) set to a copy of
+    ``value``; sections are created as needed, ``raw`` is not changed."""
+    parts = key.split(".") if isinstance(key, str) else list(key)
+    out = dict(raw)
+    node = out
+    for k in parts[:-1]:
+        child = node.get(k)
+        node[k] = dict(child) if isinstance(child, dict) else {}
+        node = node[k]
+    node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Union[str, Path], what: str = "config file", example: str = "examples/smoke.yaml") -> Any:
+    """The YAML document in ``path`` ({} when empty).
+
+    Raises:
+        ConfigError: the file is missing ("``what`` ... does not exist", naming ``example``) or
+            is not valid YAML.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass a YAML file such as {example}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -230,12 +316,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     out = dict(raw)
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
-            child = node.get(k)
-            node[k] = dict(child) if isinstance(child, dict) else {}
-            node = node[k]
-        node[keys[-1]] = value
+        out = set_key(out, keys, value)
     return out
 
 
@@ -253,14 +334,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), raw: 
     data: Dict[str, Any] = dict(raw or {})
     origin = "config"
     if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} does not exist; pass a YAML file such as examples/smoke.yaml")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        origin = str(Path(path))
+        loaded = read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         data.update(loaded)

@@ -1,9 +1,11 @@
 """Connecting to Ray: a local instance on a laptop, the cluster ``ray.init`` finds elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Optional
+import re
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +44,53 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+
+
+_WRAPPED = re.compile(r"asvp_ray\.errors\.(\w+): (.+)")
+
+
+def unwrap_error(e: BaseException) -> BaseException:
+    """The user-facing asvp-ray error inside Ray's wrappers (RayTaskError, UserCodeException).
+
+    Ray re-raises a remote exception as a wrapper whose text holds the original's
+    ``asvp_ray.errors.Name: message`` line; that error is rebuilt so the user sees the message
+    (which names the item and the fix) rather than Ray's stack. Returns ``e`` itself when it
+    holds no asvp-ray error.
+    """
+    import asvp_ray.errors as errors
+
+    cur: Optional[BaseException] = e
+    for _ in range(10):
+        if cur is None:
+            break
+        if type(cur).__module__ == errors.__name__:
+            return cur
+        cur = cur.__cause__ or getattr(cur, "cause", None)
+    found = _WRAPPED.findall(str(e))
+    if found:
+        name, msg = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.AsvpError):
+            return cls(msg.strip())
+    return e
+
+
+@contextlib.contextmanager
+def asvp_errors_unwrapped() -> Iterator[None]:
+    """Re-raise an asvp-ray error that Ray wrapped (a remote task, actor, Ray Data or Ray Train
+    worker raised it) as itself, without Ray's stack; other exceptions pass unchanged.
+
+    Usage::
+
+        with asvp_errors_unwrapped():
+            result = trainer.fit()
+    """
+    from asvp_ray.errors import AsvpError
+
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - surface the user-facing cause, not Ray's wrapper
+        inner = unwrap_error(e)
+        if inner is not e and isinstance(inner, AsvpError):
+            raise inner from None
+        raise

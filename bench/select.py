@@ -56,8 +56,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asvp_ray.selection import STRATEGIES, PoolView, top_n  # noqa: E402
-from asvp_ray.selection.clustering import delta_graph, graph_recall  # noqa: E402
-from asvp_ray.selection.diversity import gradient_embedding_parts  # noqa: E402
+from asvp_ray.selection._graph import delta_graph, graph_recall  # noqa: E402
+from asvp_ray.selection.badge import gradient_embedding_parts  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -298,7 +298,7 @@ def section_coreset(args, X: np.ndarray, mask: np.ndarray, big: Optional[Tuple[n
     floor_med = float(np.median([best_of(lambda: X.max(), 1) for _ in range(21)]))
     for prune in (True, False):
         tag = "pruned" if prune else "dense"
-        from asvp_ray.selection.diversity import KCenterShard
+        from asvp_ray.selection.coreset import KCenterShard
         from asvp_ray.selection.sharded import LocalGroup, ShardHolder
 
         group = LocalGroup([ShardHolder(X, 0)])

@@ -11,21 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_strategies
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.selection import STRATEGIES, PoolView
-from asvp_ray.selection.clustering import delta_graph, graph_recall, knn_mean_sqdist
-from asvp_ray.selection.diversity import gradient_embedding_parts, gradient_embedding_sqdist
+from asvp_ray.selection._graph import delta_graph, graph_recall
+from asvp_ray.selection.typiclust import knn_mean_sqdist
+from asvp_ray.selection.badge import gradient_embedding_parts, gradient_embedding_sqdist
 from asvp_ray.selection.sharded import ShardedStrategy, resolve_execution, shard_bounds
-from test_strategies import N_POOL, StrategyContract, pool_ids
+from tests.contracts import N_POOL, StrategyContract, make_pool, pool_ids
 
 ROOT = Path(__file__).resolve().parents[1]
-_contract_make_pool = test_strategies.make_pool
 
 
 def pool_with_features(n: int = N_POOL, labeled: int = 10, seed: int = 0, chunk_size: int = 65536) -> PoolView:
     """The contract's pool plus seeded Gaussian features (8-d, no duplicate rows)."""
-    pool = _contract_make_pool(n=n, labeled=labeled, seed=seed, chunk_size=chunk_size)
+    pool = make_pool(n=n, labeled=labeled, seed=seed, chunk_size=chunk_size)
     pool.features = np.random.default_rng(100 + seed).standard_normal((n, 8)).astype(np.float32)
     return pool
 
@@ -35,15 +34,14 @@ class FeatureContract(StrategyContract):
 
     kwargs: dict = {}
 
-    @pytest.fixture(autouse=True)
-    def _pools_with_features(self, monkeypatch):
-        monkeypatch.setattr(test_strategies, "make_pool", pool_with_features)
+    def pool(self, **kwargs) -> PoolView:
+        return pool_with_features(**kwargs)
 
     def make(self):
         return STRATEGIES.create(self.name, **self.kwargs)
 
     def test_needs_features(self):
-        pool = test_strategies.make_pool()
+        pool = self.pool()
         pool.features = None
         with pytest.raises(BadInputError, match="needs PoolView.features"):
             self.make().select(pool, 3, np.random.default_rng(0))

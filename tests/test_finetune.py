@@ -22,7 +22,9 @@ from asvp_ray.data.sources import FashionMNISTSource
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.train.config import TrainConfig
-from asvp_ray.train.finetune import build_classifier, feature_width, finetune, load_head, predict_proba
+from asvp_ray.features.extract import predict_proba
+from asvp_ray.features.model_file import load_head
+from asvp_ray.train.finetune import build_classifier, feature_width, finetune
 
 SPEC = BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=1.0)
 # A linear probe needs features worth probing: random-init features let even a fitted logistic

@@ -266,7 +266,7 @@ def test_faiss_gpu_options_need_a_gpu_build():
     if ok:
         pytest.skip(f"a GPU build of faiss is installed here ({why})")
     from asvp_ray.selection import STRATEGIES, PoolView
-    from asvp_ray.selection.clustering import kmeans_labels
+    from asvp_ray.selection.typiclust import kmeans_labels
 
     X, _ = _blobs(300, 8, 3)
     with pytest.raises(ConfigError, match="k-means: use_gpu=True but .*install a GPU build of faiss"):

@@ -59,7 +59,7 @@ def test_asvp_every_round_refreshes_features_and_trains_ft(tmp_path, features_v0
 
 
 @pytest.mark.slow
-def test_asvp_at_labels_refreshes_once_then_lpft(tmp_path, features_v0):
+def test_asvp_at_labels_refreshes_once_then_ft_and_never_refreshed_means_lpft(tmp_path, features_v0):
     summary, _, _ = run(tmp_path, features_v0, ["method=asvp", "refresh.policy=at_labels", "refresh.at=[80]",
                                                 "budget.schedule=[40,40,40]", "refresh.keep_versions=1"])
     assert [r["refreshed"] for r in summary["rounds"]] == [False, True, False]

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from asvp_ray.checks import is_int
 from asvp_ray.errors import BadInputError
 
 __all__ = ["logme", "spectrum"]
@@ -87,7 +88,7 @@ def _check_labels(labels: np.ndarray, n: int, num_classes: Optional[int]) -> np.
     if (y < 0).any():
         raise BadInputError(f"labels: class ids must be >= 0, found {int(y.min())}")
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        if not is_int(num_classes):
             raise BadInputError(f"num_classes must be a positive int, got {num_classes!r}")
         if (y >= num_classes).any():
             raise BadInputError(

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from asvp_ray.alignment.logme import _check_features, _check_labels, logme
+from asvp_ray.checks import is_int, is_number
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.registry import Registry
 
@@ -58,9 +59,9 @@ class PedResult:
 
 def _check_ped_params(dt: float, nsigma: float, constant: float, exit_ratio: float, max_steps: int) -> None:
     for name, value in (("dt", dt), ("nsigma", nsigma), ("constant", constant), ("exit_ratio", exit_ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value) or value < 0:
+        if not is_number(value, minimum=0):
             raise ConfigError(f"PED {name} must be a finite number >= 0, got {value!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+    if not is_int(max_steps):
         raise ConfigError(f"PED max_steps must be an int >= 1, got {max_steps!r}")
 
 

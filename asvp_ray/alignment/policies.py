@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from asvp_ray.alignment.ped import ALIGNMENT_SCORES
+from asvp_ray.checks import is_int, is_number
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.registry import Registry
 
@@ -72,9 +73,9 @@ class RoundState:
     refreshed_scores: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+        if not is_int(self.round, minimum=0):
             raise BadInputError(f"RoundState.round must be an int >= 0, got {self.round!r}")
-        if isinstance(self.n_labeled, bool) or not isinstance(self.n_labeled, int) or self.n_labeled < 0:
+        if not is_int(self.n_labeled, minimum=0):
             raise BadInputError(
                 f"RoundState.n_labeled must be an int >= 0, got {self.n_labeled!r} (round {self.round})"
             )
@@ -270,7 +271,7 @@ def _check_score_name(policy: str, score: str) -> None:
 
 
 def _check_number(policy: str, name: str, value: float, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_number(value, minimum=0):
         raise ConfigError(f"{policy}: {name}={value!r} is invalid; {hint}")
     return float(value)
 
@@ -278,7 +279,7 @@ def _check_number(policy: str, name: str, value: float, hint: str) -> float:
 def _check_count(policy: str, name: str, value: Optional[int], allow_none: bool, hint: str) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value, minimum=0):
         raise ConfigError(f"{policy}: {name}={value!r} is invalid; {hint}")
 
 
@@ -360,7 +361,7 @@ class AtLabels(RefreshPolicy):
         if not values:
             raise ConfigError("at_labels: at=[] never fires; give label counts, e.g. at=[20000], or use policy 'never'")
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v):
                 raise ConfigError(f"at_labels: {v!r} in at={list(values)} must be a positive int label count")
         object.__setattr__(self, "at", tuple(sorted(set(values))))
 

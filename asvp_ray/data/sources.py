@@ -109,6 +109,11 @@ class FashionMNISTSource(PoolSource):
 
     kind = "fashion_mnist"
 
+    @classmethod
+    def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "FashionMNISTSource":
+        """The source a ``SourceConfig`` of this kind describes."""
+        return cls(root=cfg.root, split=cfg.split, limit=cfg.limit)
+
     def __init__(self, root: Optional[str] = None, split: str = "train", limit: Optional[int] = None):
         from asvp_ray.data import fashion_mnist as fm
 
@@ -302,6 +307,15 @@ class ImageFolderSource(_FileSource):
 
     kind = "image_folder"
 
+    @classmethod
+    def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "ImageFolderSource":
+        """The source a ``SourceConfig`` of this kind describes (it needs ``root``)."""
+        from asvp_ray.errors import ConfigError
+
+        if not cfg.root:
+            raise ConfigError("data source kind image_folder needs root: the folder of images")
+        return cls(cfg.root, classes=classes)
+
     def __init__(self, root: str, classes: Optional[List[str]] = None):
         rootp = Path(root)
         if not rootp.is_dir():
@@ -353,6 +367,15 @@ class ManifestSource(_FileSource):
     """
 
     kind = "manifest"
+
+    @classmethod
+    def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "ManifestSource":
+        """The source a ``SourceConfig`` of this kind describes (it needs ``path``)."""
+        from asvp_ray.errors import ConfigError
+
+        if not cfg.path:
+            raise ConfigError("data source kind manifest needs path: a .parquet or .csv manifest")
+        return cls(cfg.path, classes=classes)
 
     def __init__(self, path: str, classes: Optional[List[str]] = None):
         mpath = Path(path)
@@ -439,21 +462,9 @@ def _labels_from_column(raw: List[Any], classes: Optional[List[str]], origin: st
 
 
 def build_source(cfg, classes: Optional[List[str]] = None) -> PoolSource:
-    """A ``PoolSource`` from a ``SourceConfig``.
+    """A ``PoolSource`` from a ``SourceConfig``: ``SOURCES[cfg.kind].from_config(cfg, classes)``.
 
     Raises:
-        ConfigError: a key the source kind needs is missing.
+        ConfigError: an unknown kind, or a key the source kind needs is missing.
     """
-    from asvp_ray.errors import ConfigError
-
-    if cfg.kind == "fashion_mnist":
-        return FashionMNISTSource(root=cfg.root, split=cfg.split, limit=cfg.limit)
-    if cfg.kind == "image_folder":
-        if not cfg.root:
-            raise ConfigError("data source kind image_folder needs root: the folder of images")
-        return ImageFolderSource(cfg.root, classes=classes)
-    if cfg.kind == "manifest":
-        if not cfg.path:
-            raise ConfigError("data source kind manifest needs path: a .parquet or .csv manifest")
-        return ManifestSource(cfg.path, classes=classes)
-    return SOURCES.create(cfg.kind)  # pragma: no cover - config validation lists the kinds
+    return SOURCES.get(cfg.kind).from_config(cfg, classes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -28,9 +27,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
-from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
+from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
+from asvp_ray.ray_utils import asvp_errors_unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ class FeatureExtractor:
             self.pre = DevicePreprocessor(self.pre, device, channels_last=True)
         self.head = None
         if with_head:
-            from asvp_ray.train.finetune import load_head
-
             if checkpoint is None:
                 raise BadInputError("class probabilities need a fine-tuned model file (checkpoint=...) with a head")
             self.head = load_head(checkpoint).to(device)
@@ -233,34 +232,6 @@ class FeatureExtractor:
         if probs is not None:
             out["probs"] = probs
         return out
-
-
-_WRAPPED = re.compile(r"asvp_ray\.errors\.(\w+): (.+)")
-
-
-def unwrap_error(e: BaseException) -> BaseException:
-    """The user-facing asvp-ray error inside Ray's wrappers (RayTaskError, UserCodeException).
-
-    Ray re-raises a remote exception as a wrapper whose text holds the original's
-    ``asvp_ray.errors.Name: message`` line; that error is rebuilt so the user sees the message
-    (which names the item and the fix) rather than Ray's stack.
-    """
-    import asvp_ray.errors as errors
-
-    cur: Optional[BaseException] = e
-    for _ in range(10):
-        if cur is None:
-            break
-        if type(cur).__module__ == errors.__name__:
-            return cur
-        cur = cur.__cause__ or getattr(cur, "cause", None)
-    found = _WRAPPED.findall(str(e))
-    if found:
-        name, msg = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, errors.AsvpError):
-            return cls(msg.strip())
-    return e
 
 
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
@@ -310,7 +281,7 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         # Ray Data's actor pools restart a dead actor and retry its batches by default
         # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
     )
-    try:
+    with asvp_errors_unwrapped():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             b_ids = np.asarray(batch["id"], dtype=np.int64)
             errs = np.asarray(batch["error"], dtype=object)
@@ -323,11 +294,6 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
                 yield b_ids[ok], feats[ok], skipped, np.asarray(batch["probs"], dtype=np.float32)[ok]
             else:
                 yield b_ids[ok], feats[ok], skipped
-    except Exception as e:  # noqa: BLE001 - surface the user-facing cause, not Ray's wrapper
-        inner = unwrap_error(e)
-        if inner is not e:
-            raise inner from None
-        raise
 
 
 class _Progress:
@@ -407,3 +373,43 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         log.warning("skipped %d unreadable image(s); their ids are listed in %s", len(skipped),
                     store.path(version) / "meta.json")
     return store.meta(version)
+
+
+def predict_proba(source, ids, checkpoint: str, spec: BackboneSpec, extract_cfg, *, skip_unreadable: bool = False,
+                  return_features: bool = False):
+    """Class probabilities of ``ids`` from a fine-tuned backbone + head, through the Ray Data
+    actor pool used for feature extraction (standard AL scores the pool this way).
+
+    Args:
+        source: a ``PoolSource``.
+        ids: ids to score (None: the whole source).
+        checkpoint: a model file written by ``finetune``.
+        spec: the backbone spec the model was trained with.
+        extract_cfg: an ``ExtractConfig`` (actor pool sizing, batch size, device).
+        skip_unreadable: leave unreadable images out instead of failing.
+        return_features: also return the pooled features.
+
+    Returns:
+        (ids int64 (N,) ascending, probs float32 (N, C)), plus features float32 (N, D) when
+        ``return_features``.
+
+    Raises:
+        BadInputError: the checkpoint has no head; an unreadable image (unless skipped).
+    """
+    load_head(checkpoint)  # fails fast, before any Ray work
+    all_ids, all_p, all_f = [], [], []
+    for b_ids, feats, _skipped, probs in extract(source, spec, extract_cfg, ids=ids, checkpoint=checkpoint,
+                                                 skip_unreadable=skip_unreadable, with_head=True):
+        all_ids.append(b_ids)
+        all_p.append(probs)
+        if return_features:
+            all_f.append(feats)
+    if not all_ids:
+        empty = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+        return empty + ((np.zeros((0, 0), np.float32),) if return_features else ())
+    out_ids = np.concatenate(all_ids)
+    order = np.argsort(out_ids, kind="stable")
+    res = (out_ids[order], np.concatenate(all_p)[order])
+    if return_features:
+        res = res + (np.concatenate(all_f)[order],)
+    return res

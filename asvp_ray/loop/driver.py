@@ -1,16 +1,19 @@
-"""The driver: owns one run's state and runs its rounds. ``DriverActor`` is it as a Ray actor.
+"""The driver: owns one run's state and runs its rounds. ``driver_actor`` runs it as a Ray actor.
 
 State it owns: the labelled set (id, label, round labelled), the current feature version, the
 proxy, the strategy, and the per-round random generators (``default_rng([seed, round])``, so a
 resumed run draws exactly what an uninterrupted one would). The CLI only talks to it.
+
+It keeps the round loop (select -> label -> method hook -> proxy -> evaluate -> commit), the commit
+point (``state.json``, written last) and the cost ledger. What differs between methods is in
+:mod:`asvp_ray.loop.methods`; feature versions in :mod:`asvp_ray.loop.versions`; the human
+round in :mod:`asvp_ray.loop.human_round`.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -21,10 +24,11 @@ from asvp_ray.config import Config, dump_config, load_config, upgrade_legacy_con
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec
-from asvp_ray.features.extract import extract_to_store
 from asvp_ray.loop.ledger import CostLedger
+from asvp_ray.loop.methods import METHODS
 from asvp_ray.loop.oracle import ORACLES
 from asvp_ray.loop.rundir import RunDir
+from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.ray_utils import quiet_ray_data
 from asvp_ray.selection import STRATEGIES, PoolView
@@ -90,39 +94,20 @@ class Driver:
         self.strategy = STRATEGIES.create(self.cfg.strategy)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
-        self.oracle = ORACLES.create("simulated", source=self.pool) if self.cfg.oracle == "simulated" else None
+        self.oracle = ORACLES.create(self.cfg.oracle, source=self.pool)  # None: human labellers
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
         self.proxy: Optional[MLPProxy] = None
-        self.policy = self._make_policy()
+        self.method = METHODS.create(self.cfg.method, driver=self)
+        self.policy = self.method.refresh_policy()
+        self.versions = FeatureVersions(self.rd, self.cfg, self.pool, self.test, self.spec, self._set_progress)
+        self._pool_probs: Optional[np.ndarray] = None  # the method's pool probabilities this round
         self.ledger = self._new_ledger()
         self.history = None
         self.final_done = False
         self.open_round: Optional[Dict[str, Any]] = None  # human oracle: the round awaiting labels
-        self.feature_version: Optional[int] = None
         self.summary: Dict[str, Any] = {}
         self.labeled = {k: np.zeros(0, dtype=np.int64) for k in ("id", "label", "round")}
         self.next_round = 0
-
-    def _make_policy(self):
-        from asvp_ray.alignment import REFRESH_POLICIES
-
-        rc = self.cfg.refresh
-        if self.cfg.method != "asvp":
-            return REFRESH_POLICIES.create("never")
-        kwargs: Dict[str, Any] = {}
-        if rc.policy == "at_labels":
-            if not rc.at:
-                raise ConfigError("refresh.policy: at_labels needs refresh.at, e.g. refresh.at: [1000, 5000]")
-            kwargs = {"at": list(rc.at)}
-        elif rc.policy == "score_drop":
-            kwargs = {"score": rc.score, "threshold": rc.threshold, "min_new_labels": rc.min_new_labels,
-                      "max_refreshes": rc.max_refreshes}
-        elif rc.policy == "probe":
-            kwargs = {"score": rc.score, "margin": rc.margin, "max_refreshes": rc.max_refreshes}
-        if rc.policy in ("score_drop", "probe") and rc.score not in self.cfg.monitor.scores:
-            raise ConfigError(f"refresh.score {rc.score!r} is not computed by the monitor "
-                              f"(monitor.scores = {self.cfg.monitor.scores}); add it there")
-        return REFRESH_POLICIES.create(rc.policy, **kwargs)
 
     def _new_ledger(self, data: Optional[Dict[str, Any]] = None, before_round: Optional[int] = None) -> CostLedger:
         c = self.cfg.cost
@@ -142,28 +127,11 @@ class Driver:
 
     def prepare(self) -> Dict[str, Any]:
         """Extract features v0 if needed, load state, roll back uncommitted rows, rebuild the proxy."""
-        store = self.rd.store
-        gone = store.clean_partial()
-        if gone:
-            log.warning("removed half-written feature versions left by a crash: %s", gone)
         state = self.rd.read_state()
-        if state is None:
-            self.next_round, self.feature_version = 0, None
-        else:
-            self.next_round, self.feature_version = int(state["next_round"]), int(state["feature_version"])
+        self.next_round = int(state["next_round"]) if state else 0
         self.final_done = bool(state and state.get("final_done"))
         self.open_round = state.get("open_round") if state else None
-        if self.feature_version is None:
-            self.feature_version = 0
-            if 0 not in store.versions():
-                t0 = time.perf_counter()
-                self._extract_v0_or_reuse()
-                self._pending_extract = time.perf_counter() - t0
-        for v in store.versions():
-            if v > self.feature_version:  # written by a refresh that never committed
-                log.warning("removing feature version v%d: its refresh was not committed", v)
-                store.remove(v)
-        self._load_features()
+        extract_s = self.versions.open(int(state["feature_version"]) if state else None)
         lab = self.rd.read_labeled()
         keep = lab["round"] < self.next_round
         if self.open_round is not None:  # labels imported for the round awaiting completion
@@ -180,9 +148,8 @@ class Driver:
         self.ledger = self._new_ledger(self.summary.get("ledger"),
                                        before_round=None if self.final_done else self.next_round)
         self.ledger.add_labels(len(self.labeled["id"]))
-        if getattr(self, "_pending_extract", None):
-            self.ledger.add("extract", self._pending_extract, **self._extract_resources())
-            self._pending_extract = None
+        if extract_s:
+            self.ledger.add("extract", extract_s, **self.versions.extract_resources())
         self.history = self._rebuild_history()
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
@@ -195,70 +162,9 @@ class Driver:
             "name": self.cfg.name, "method": self.cfg.method, "strategy": self.cfg.strategy, "seed": self.cfg.seed,
             "pool_size": len(self.pool), "test_size": len(self.test) if self.test is not None else 0,
             "num_classes": len(self.classes), "classes": self.classes, "schedule": list(self.cfg.budget.schedule),
-            "backbone": self.cfg.backbone.name, "feature_versions": self._feature_versions(),
+            "backbone": self.cfg.backbone.name, "feature_versions": self.versions.describe(),
             "status": "running", "rounds": [],
         }
-
-    def _feature_versions(self) -> List[Dict[str, Any]]:
-        store = self.rd.store
-        out = []
-        for v in store.versions():
-            m = store.meta(v)
-            out.append({"version": v, "rows": m["rows"], "dim": m["dim"], "weights": m["weights"],
-                        "seconds": m.get("seconds"), "path": str(store.path(v))})
-        return out
-
-    def _cache_inputs(self) -> Dict[str, Any]:
-        from asvp_ray.features.backbones import create_backbone, weights_hash
-
-        return {"backbone": asdict(self.spec), "weights_hash": weights_hash(create_backbone(self.spec)),
-                "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
-                "skip_unreadable": self.cfg.data.skip_unreadable}
-
-    def _extract_v0_or_reuse(self) -> None:
-        """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
-        from asvp_ray.features.extract import resolve_compute
-        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
-                                             link_version)
-
-        if not self.cfg.feature_cache:
-            return self._extract(0)
-        compute = resolve_compute(self.cfg.extract)
-        key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
-        cache = FeatureStore(Path(self.cfg.feature_cache) / key)
-        if 0 not in cache.versions():
-            old = legacy_cache_entries(Path(self.cfg.feature_cache))
-            if old:
-                log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
-                            "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
-                            len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
-            log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
-                     "extracting", cache.root, compute.device, compute.precision)
-            self._extract(0, compute=compute)
-            try:
-                link_version(self.rd.store.path(0), cache, 0)
-            except OSError as e:  # another run cached it first: theirs is identical
-                log.info("feature cache not updated (%s)", e)
-        else:
-            check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
-            log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
-                     compute.precision)
-            link_version(cache.path(0), self.rd.store, 0)
-
-    def _extract(self, version: int, checkpoint: Optional[str] = None, compute=None) -> None:
-        self._progress = {"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))}
-        log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
-                 len(self.test) if self.test is not None else 0, self.spec.name)
-        meta = extract_to_store(self.rd.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
-                                checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path)}, compute=compute)
-        log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
-
-    def _extract_resources(self) -> Dict[str, float]:
-        from asvp_ray.features.extract import plan_actors
-
-        plan = plan_actors(self.cfg.extract)
-        return {"cpus": plan.num_actors * plan.num_cpus + 1.0, "gpus": plan.num_actors * plan.num_gpus}
 
     def _rebuild_history(self):
         from asvp_ray.alignment import History, RoundState
@@ -270,18 +176,13 @@ class Driver:
                                 refreshed_scores=rec.get("alignment_after_refresh")))
         return h
 
-    def _load_features(self) -> None:
-        store = self.rd.store
-        self.ids, self.features = store.read(self.feature_version)
-        if self.test is not None:
-            self.test_ids, self.test_features = store.read(self.feature_version, "test")
-            self.test_labels = self.test.label_of(self.test_ids)
-        meta = store.meta(self.feature_version)
-        self.skipped = {s["id"] for s in meta.get("skipped", []) if s.get("split", "pool") == "pool"}
+    def _set_progress(self, progress: Dict[str, Any]) -> None:
+        self._progress = progress
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        """Feature rows of pool ids (``self.ids`` is sorted)."""
-        return np.searchsorted(self.ids, ids)
+    # The current feature version (owned by ``self.versions``).
+    feature_version = property(lambda self: self.versions.current, doc="the current feature version")
+    ids = property(lambda self: self.versions.ids, doc="sorted pool ids, in feature-row order")
+    features = property(lambda self: self.versions.features, doc="the current pool features (N, D)")
 
     # ------------------------------------------------------------------ the rounds
     @property
@@ -298,15 +199,8 @@ class Driver:
         if m != "auto":
             self.final_reason = f"final.training_method={m} (configured)"
             return m
-        if self.cfg.method != "asvp":
-            self.final_reason = f"auto: {self.cfg.method} trains the final model with FT"
-            return "ft"
-        refreshed = any(r.get("refreshed") for r in self.summary.get("rounds", []))
-        if refreshed:
-            self.final_reason = "auto: features were refreshed, so FT (the labelled set is large enough to move them)"
-            return "ft"
-        self.final_reason = "auto: features were never refreshed, so LP-FT keeps the pre-trained information"
-        return "lpft"
+        m, self.final_reason = self.method.auto_final()
+        return m
 
     def _proxy_for_round(self, r: int) -> MLPProxy:
         p = self.cfg.proxy
@@ -315,7 +209,7 @@ class Driver:
                         seed=int(np.random.default_rng([self.cfg.seed, r, 1]).integers(2**31)))
 
     def _train_proxy(self, r: int) -> float:
-        X = self.features[self._rows(self.labeled["id"])]
+        X = self.features[self.versions.rows(self.labeled["id"])]
         self.proxy = self._proxy_for_round(r).fit(X, self.labeled["label"], num_classes=len(self.classes))
         return self.proxy.score(X, self.labeled["label"])
 
@@ -351,58 +245,13 @@ class Driver:
                  len(self.labeled["id"]), res.seconds, res.checkpoint, res.test_accuracy)
         return res
 
-    def _monitor(self) -> Dict[str, float]:
-        """Alignment scores of the current features on the labelled set (seeded subsamples)."""
-        from asvp_ray.alignment import alignment_scores
-
-        m = self.cfg.monitor
-        rng = np.random.default_rng([self.cfg.seed, self.next_round, 2])
-        take = np.arange(len(self.labeled["id"]))
-        if len(take) > m.max_rows:
-            take = np.sort(rng.choice(take, m.max_rows, replace=False))
-        feats = self.features[self._rows(self.labeled["id"][take])]
-        labels = self.labeled["label"][take]
-        ref = self.features
-        if len(ref) > m.reference_rows:
-            ref = ref[np.sort(rng.choice(len(ref), m.reference_rows, replace=False))]
-        return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
-                                                                    scores=tuple(m.scores)).items()}
-
-    def _refresh(self, seconds: Dict[str, float]) -> Dict[str, Any]:
-        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it."""
-        new_v = self.feature_version + 1
-        res_t = self._train_resources()
-        with self._timed(seconds, "refresh_finetune", **res_t):
-            res = self._finetune("ft", f"refresh-v{new_v}", evaluate=False)
-        with self._timed(seconds, "refresh_extract", **self._extract_resources()):
-            self._extract(new_v, checkpoint=res.checkpoint)
-        self.feature_version = new_v
-        self._load_features()
-        return {"version": new_v, "checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
-                "extract_seconds": seconds["refresh_extract"]}
-
-    def _standard_scores(self, seconds: Dict[str, float]) -> Dict[str, Any]:
-        """Standard AL: fine-tune on the labelled set, then score the whole pool with backbone + head."""
-        from asvp_ray.train.finetune import predict_proba
-
-        r = self.next_round
-        with self._timed(seconds, "finetune", **self._train_resources()):
-            res = self._finetune("ft", f"round-{r}", evaluate=self.test is not None)
-        with self._timed(seconds, "score_pool", **self._extract_resources()):
-            ids, probs = predict_proba(self.pool, self.ids, res.checkpoint, self.spec, self.cfg.extract)
-        order = np.argsort(ids)
-        if not np.array_equal(ids[order], self.ids):
-            raise RunDirError("standard AL scoring returned ids that do not match the feature store's pool")
-        self._standard_probs = probs[order]
-        return {"finetune_test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint)}
-
     def pool_view(self) -> PoolView:
         mask = np.isin(self.ids, self.labeled["id"], assume_unique=True)
-        probs = getattr(self, "_standard_probs", None) if self.cfg.method == "standard" else None
-        return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy, probs=probs)
+        return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy,
+                        probs=self._pool_probs)
 
     def select_batch(self) -> Dict[str, Any]:
-        """The selection half of a round: (standard: fine-tune and score the pool), then select.
+        """The selection half of a round: the method's pool probabilities (if any), then select.
 
         Returns:
             ``{"round", "ids", "selected_by", "seconds", "extra"}`` for ``complete_round``.
@@ -416,8 +265,10 @@ class Driver:
         seconds: Dict[str, float] = {}
         extra: Dict[str, Any] = {}
         first = r == 0 or self.proxy is None
-        if self.cfg.method == "standard" and not first:
-            extra.update(self._standard_scores(seconds))
+        if not first:
+            probs = self.method.pool_probs(seconds, extra)
+            if probs is not None:
+                self._pool_probs = probs
         strategy = self.cold_start if first else self.strategy
         with self._timed(seconds, "select", ledger_phase="score_select"):
             chosen = strategy.select(self.pool_view(), n, rng)
@@ -434,35 +285,16 @@ class Driver:
         }
 
     def complete_round(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """The half of a round after its labels arrived: (asvp: monitor, maybe refresh), train the
-        proxy, evaluate, record and commit. Returns the round's record."""
-        from asvp_ray.alignment import RoundState
-
+        """The half of a round after its labels arrived: the method's hook (asvp: monitor, maybe
+        refresh), train the proxy, evaluate, record and commit. Returns the round's record."""
         r, seconds, extra = batch["round"], dict(batch["seconds"]), dict(batch["extra"])
-        refreshed = False
-        if self.cfg.method == "asvp":
-            with self._timed(seconds, "monitor"):
-                scores = self._monitor()
-            self.history.append(RoundState(round=r, n_labeled=int(len(self.labeled["id"])), scores=scores))
-            probe = self._probe_fn(seconds) if getattr(self.policy, "requires_probe", False) else None
-            decision = self.policy.decide(self.history, probe=probe)
-            extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
-            log.info("round %d alignment %s -> %s", r, scores, decision.reason)
-            if decision.refresh:
-                extra["refresh"] = self._refresh(seconds)
-                with self._timed(seconds, "monitor"):
-                    after = self._monitor()
-                extra["alignment_after_refresh"] = after
-                self.history.mark_refreshed(True, refreshed_scores=after)
-                refreshed = True
-            else:
-                self.history.mark_refreshed(False)
+        refreshed = self.method.after_labels(r, seconds, extra)
         with self._timed(seconds, "proxy_train"):
             train_acc = self._train_proxy(r)
         test_acc = None
         if self.test is not None:
             with self._timed(seconds, "evaluate"):
-                test_acc = float(self.proxy.score(self.test_features, self.test_labels))
+                test_acc = float(self.proxy.score(self.versions.test_features, self.versions.test_labels))
         n_new = int((self.labeled["round"] == r).sum())
         record = {
             "round": r, "n_labeled": int(len(self.labeled["id"])), "n_selected": int(len(batch["ids"])),
@@ -477,7 +309,7 @@ class Driver:
         self.open_round = None
         self._commit()
         if refreshed:
-            self._prune_versions()
+            self.versions.prune()
         log.info("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, n_new, record["selected_by"],
                  record["n_labeled"], record["proxy_test_accuracy"])
         return record
@@ -495,77 +327,11 @@ class Driver:
         return self.complete_round(batch)
 
     def human_select(self, close: bool = False) -> Dict[str, Any]:
-        """Close the open round (if any) and open the next one for human labellers.
+        """Close the open round (if any) and open the next one for human labellers
+        (see :func:`asvp_ray.loop.human_round.human_select`)."""
+        from asvp_ray.loop.human_round import human_select
 
-        Args:
-            close: close the open round even though some of its ids are still unlabelled (they
-                return to the pool, unbought).
-
-        Returns:
-            ``{"closed": record or None, "opened": {...} or None, "done": bool}``.
-
-        Raises:
-            RunDirError: the open round still has pending ids and ``close`` is False.
-        """
-        from asvp_ray.loop.human import pending_ids, write_queries
-
-        out: Dict[str, Any] = {"closed": None, "opened": None, "done": False}
-        if self.open_round is not None:
-            r = self.open_round["round"]
-            pend = pending_ids(self.rd)
-            n_done = int((self.labeled["round"] == r).sum())
-            if len(pend) and not close:
-                raise RunDirError(
-                    f"round {r} still has {len(pend)} pending id(s) (queries/round-{r}.csv); import their labels "
-                    f"with `asvp-ray label {self.rd.path} FILE`, or pass --close to close round {r} with the "
-                    f"{n_done} label(s) it has")
-            if n_done == 0:
-                raise RunDirError(f"round {r} has no labels yet; import some with `asvp-ray label` before closing it")
-            batch = dict(self.open_round, ids=np.asarray(self.open_round["ids"], dtype=np.int64))
-            out["closed"] = self.complete_round(batch)
-        if self.rounds_done:
-            out["done"] = True
-            return out
-        batch = self.select_batch()
-        files = write_queries(self.rd, batch["round"], batch["ids"], self.pool.paths(batch["ids"]), self.classes)
-        self.open_round = {"round": batch["round"], "ids": batch["ids"].tolist(), "selected_by": batch["selected_by"],
-                           "seconds": batch["seconds"], "extra": batch["extra"]}
-        self._commit()
-        out["opened"] = {"round": batch["round"], "n": int(len(batch["ids"])), "selected_by": batch["selected_by"],
-                         "files": [str(f) for f in files]}
-        log.info("round %d opened: %d ids for labellers in %s", batch["round"], len(batch["ids"]), files[0])
-        return out
-
-    def _probe_fn(self, seconds: Dict[str, float]):
-        """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
-
-        def probe(history) -> Dict[str, float]:
-            from asvp_ray.alignment import alignment_scores
-            from asvp_ray.features.extract import extract
-
-            with self._timed(seconds, "probe", **self._train_resources()):
-                res = self._finetune("ft", f"probe-r{self.next_round}", evaluate=False)
-                chunks = list(extract(self.pool, self.spec, self.cfg.extract, ids=self.labeled["id"],
-                                      checkpoint=res.checkpoint))
-            ids = np.concatenate([c[0] for c in chunks])
-            feats = np.concatenate([c[1] for c in chunks])
-            order = np.argsort(ids)
-            lab_order = np.argsort(self.labeled["id"])
-            return alignment_scores(feats[order], self.labeled["label"][lab_order],
-                                    reference=None, scores=tuple(self.cfg.monitor.scores))
-
-        return probe
-
-    def _prune_versions(self) -> None:
-        """Keep v0, the current version and the newest ``refresh.keep_versions`` (0 = keep all);
-        called only after the state that stops referencing the others is committed."""
-        keep = self.cfg.refresh.keep_versions
-        if keep <= 0:
-            return
-        versions = [v for v in self.rd.store.versions() if v not in (0, self.feature_version)]
-        for v in versions[:-keep] if len(versions) > keep else []:
-            log.info("removing feature version v%d (refresh.keep_versions=%d)", v, keep)
-            self.rd.store.remove(v)
+        return human_select(self, close=close)
 
     def run_final(self) -> Optional[Dict[str, Any]]:
         """Train the final model on the final labelled set and evaluate it on the test set."""
@@ -586,7 +352,7 @@ class Driver:
     def _commit(self) -> None:
         """Write labelled set and summary, then state.json last (the commit point)."""
         self.rd.write_labeled(self.labeled["id"], self.labeled["label"], self.labeled["round"])
-        self.summary["feature_versions"] = self._feature_versions()
+        self.summary["feature_versions"] = self.versions.describe()
         self.summary["n_labeled"] = int(len(self.labeled["id"]))
         self.summary["status"] = "finished" if self.finished else "running"
         self.summary["cost"] = self.ledger.totals()

@@ -37,3 +37,10 @@ class SimulatedOracle(Oracle):
         labels = self._source.label_of(np.asarray(ids, dtype=np.int64))
         self.bought += len(ids)
         return labels
+
+
+@ORACLES.register("human")
+def human_oracle(source=None) -> None:
+    """Human labellers: no oracle object; labels arrive as files through ``asvp-ray label``
+    (:mod:`asvp_ray.loop.human`), one round at a time (:mod:`asvp_ray.loop.human_round`)."""
+    return None

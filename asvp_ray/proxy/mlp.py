@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from asvp_ray.checks import is_int, is_number
 from asvp_ray.errors import BadInputError, ConfigError
 
 NORMALIZE_CHOICES = ("none", "l2", "standardize")
@@ -187,18 +188,18 @@ class MLPProxy(BaseEstimator):
         def pos_int(name: str, value, allow_none: bool = False) -> None:
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_int(value):
                 raise ConfigError(f"MLPProxy {name}={value!r} must be a positive integer")
 
         pos_int("hidden", self.hidden, allow_none=True)
         pos_int("epochs", self.epochs)
         pos_int("batch_size", self.batch_size)
         pos_int("chunk_size", self.chunk_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+        if not is_int(self.seed, minimum=None):
             raise ConfigError(f"MLPProxy seed={self.seed!r} must be an integer")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+            if not is_number(value):
                 raise ConfigError(f"MLPProxy {name}={value!r} must be a finite number")
         if self.lr <= 0:
             raise ConfigError(f"MLPProxy lr={self.lr!r} must be positive")
@@ -241,7 +242,7 @@ class MLPProxy(BaseEstimator):
             )
         if num_classes is None:
             num_classes = max(int(y.max()) + 1, 1)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        if not is_int(num_classes):
             raise BadInputError(f"MLPProxy.fit: num_classes={num_classes!r} must be a positive integer")
         bad = (y < 0) | (y >= num_classes)
         if bad.any():

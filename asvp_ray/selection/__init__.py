@@ -1,8 +1,11 @@
 """Query strategies behind a registry: ``STRATEGIES.create("margin").select(pool, n, rng)``."""
 from asvp_ray.selection import uncertainty  # noqa: F401  (registers random, margin, entropy, least_confidence)
-from asvp_ray.selection import diversity  # noqa: F401  (registers coreset, badge)
-from asvp_ray.selection import clustering  # noqa: F401  (registers typiclust, probcover)
+from asvp_ray.selection import coreset  # noqa: F401  (registers coreset)
+from asvp_ray.selection import badge  # noqa: F401  (registers badge)
+from asvp_ray.selection import typiclust  # noqa: F401  (registers typiclust)
+from asvp_ray.selection import probcover  # noqa: F401  (registers probcover)
 from asvp_ray.selection import sharded  # noqa: F401  (ShardedStrategy: score strategies over Ray shards)
-from asvp_ray.selection.base import STRATEGIES, PoolView, ScoreStrategy, Strategy, top_n
+from asvp_ray.selection.base import STRATEGIES, PoolView, ScoreStrategy, Strategy, running_top_n, top_n
+from asvp_ray.selection.sharded import ExecutionOptions, ShardedStrategy
 
-__all__ = ["STRATEGIES", "PoolView", "ScoreStrategy", "Strategy", "top_n"]
+__all__ = ["STRATEGIES", "ExecutionOptions", "PoolView", "ScoreStrategy", "ShardedStrategy", "Strategy", "running_top_n", "top_n"]

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 
+from asvp_ray.checks import check_int, is_int
 from asvp_ray.errors import AsvpError, BadInputError, EmptyPoolError, PoolExhaustedError
 from asvp_ray.registry import Registry
 
@@ -69,8 +70,7 @@ class PoolView:
             self.probs = np.asarray(self.probs)
             if self.probs.ndim != 2 or self.probs.shape[0] != N:
                 raise BadInputError(f"PoolView.probs must have shape ({N}, C) like ids, got {self.probs.shape}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size < 1:
-            raise BadInputError(f"PoolView.chunk_size={self.chunk_size!r} must be a positive integer")
+        check_int("", "PoolView.chunk_size", self.chunk_size, error=BadInputError)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -154,7 +154,7 @@ class PoolView:
 
 
 def _check_n(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not is_int(n):
         raise BadInputError(f"n (samples to select) must be a positive integer, got {n!r}")
     return int(n)
 
@@ -277,24 +277,44 @@ class ScoreStrategy(Strategy):
         """
 
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
-        best_pos = np.empty(0, dtype=np.int64)
-        best_score = np.empty(0, dtype=np.float64)
-        best_ids = np.empty(0, dtype=np.int64)
-        for pos, probs in pool.iter_proba_chunks():
-            s = np.asarray(self.score(probs), dtype=np.float64)
-            if s.shape != (len(pos),):
-                raise AsvpError(f"strategy {self.name!r}: score returned shape {s.shape}, expected ({len(pos)},)")
-            if not np.isfinite(s).all():
-                row = int(pos[np.flatnonzero(~np.isfinite(s))[0]])
-                raise BadInputError(
-                    f"strategy {self.name!r}: non-finite score for pool id {int(pool.ids[row])} "
-                    f"(row {row}); its class probabilities hold NaN/inf"
-                )
-            cand_pos = np.concatenate([best_pos, pos])
-            cand_score = np.concatenate([best_score, s])
-            cand_ids = pool.ids[cand_pos]
-            keep = top_n(cand_score, cand_ids, n)
-            best_pos, best_score, best_ids = cand_pos[keep], cand_score[keep], cand_ids[keep]
+        best_pos, best_score, best_ids = running_top_n(pool, self, n)
         # Most informative first; only n items are sorted.
         order = np.lexsort((best_ids, -best_score))
         return best_pos[order]
+
+
+def running_top_n(pool: PoolView, strategy: "ScoreStrategy", n: int, row_offset: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n`` best unlabelled rows of ``pool`` by ``strategy.score``, kept chunk by chunk.
+
+    Memory stays bounded by ``chunk_size + n`` rows of scores. Used by
+    :class:`ScoreStrategy` on a whole pool and by each shard of
+    :class:`asvp_ray.selection.sharded.ShardedStrategy` on its rows.
+
+    Args:
+        row_offset: pool position of ``pool``'s first row (a shard's start), for messages.
+
+    Returns:
+        ``(positions, scores, ids)``: row positions in ``pool`` (int64), float64 scores and
+        ids of at most ``n`` rows, unordered.
+
+    Raises:
+        AsvpError: ``score`` returned the wrong shape (a bug in the strategy).
+        BadInputError: a score is NaN/inf (the probabilities hold NaN/inf).
+    """
+    best_pos = np.empty(0, dtype=np.int64)
+    best_score = np.empty(0, dtype=np.float64)
+    for pos, probs in pool.iter_proba_chunks():
+        s = np.asarray(strategy.score(probs), dtype=np.float64)
+        if s.shape != (len(pos),):
+            raise AsvpError(f"strategy {strategy.name!r}: score returned shape {s.shape}, expected ({len(pos)},)")
+        if not np.isfinite(s).all():
+            row = int(pos[np.flatnonzero(~np.isfinite(s))[0]])
+            raise BadInputError(
+                f"strategy {strategy.name!r}: non-finite score for pool id {int(pool.ids[row])} "
+                f"(row {row + row_offset}); its class probabilities hold NaN/inf"
+            )
+        cand_pos = np.concatenate([best_pos, pos])
+        cand_score = np.concatenate([best_score, s])
+        keep = top_n(cand_score, pool.ids[cand_pos], n)
+        best_pos, best_score = cand_pos[keep], cand_score[keep]
+    return best_pos, best_score, pool.ids[best_pos]

@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from asvp_ray.checks import check_int, is_int
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
-from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, top_n
+from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, top_n
 
 EXECUTIONS = ("auto", "local", "sharded")
 #: ``execution="auto"`` shards pools at least this large (about 8 GB of 512-d float32 features).
@@ -33,22 +35,45 @@ DEFAULT_SHARD_MIN_ROWS = 4_000_000
 
 
 # ---------------------------------------------------------------------------- configuration
-def check_execution(where: str, execution: Any, num_shards: Any, shard_min_rows: Any, actor_options: Any) -> None:
-    """Validate the execution switches of a strategy.
+@dataclass
+class ExecutionOptions:
+    """Where a strategy that can shard runs: one set of switches for every such strategy
+    (coreset, BADGE, :class:`ShardedStrategy`).
 
-    Raises:
-        ConfigError: a switch is invalid; the message names the fix.
+    Args:
+        execution: "local", "sharded" (Ray actors, one shard each) or "auto" (sharded when Ray
+            is initialised and the pool has at least ``shard_min_rows`` rows).
+        num_shards: shards when sharded; None means one per alive Ray node (at least 2).
+        shard_min_rows: pool size from which "auto" shards.
+        actor_options: Ray options of the shard actors (default ``{"num_cpus": 1}``).
     """
-    if execution not in EXECUTIONS:
-        raise ConfigError(f"{where}: execution={execution!r} is not one of {', '.join(EXECUTIONS)}")
-    if num_shards is not None and (
-        isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1
-    ):
-        raise ConfigError(f"{where}: num_shards={num_shards!r} must be a positive integer or None (one per node)")
-    if isinstance(shard_min_rows, bool) or not isinstance(shard_min_rows, (int, np.integer)) or shard_min_rows < 1:
-        raise ConfigError(f"{where}: shard_min_rows={shard_min_rows!r} must be a positive integer")
-    if actor_options is not None and not isinstance(actor_options, dict):
-        raise ConfigError(f"{where}: actor_options={actor_options!r} must be a dict of Ray actor options or None")
+
+    execution: str = "auto"
+    num_shards: Optional[int] = None
+    shard_min_rows: int = DEFAULT_SHARD_MIN_ROWS
+    actor_options: Optional[dict] = None
+
+    def check(self, where: str) -> None:
+        """Validate the switches.
+
+        Raises:
+            ConfigError: a switch is invalid; the message names the fix.
+        """
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"{where}: execution={self.execution!r} is not one of {', '.join(EXECUTIONS)}")
+        if self.num_shards is not None and not is_int(self.num_shards):
+            raise ConfigError(
+                f"{where}: num_shards={self.num_shards!r} must be a positive integer or None (one per node)"
+            )
+        check_int(where, "shard_min_rows", self.shard_min_rows)
+        if self.actor_options is not None and not isinstance(self.actor_options, dict):
+            raise ConfigError(
+                f"{where}: actor_options={self.actor_options!r} must be a dict of Ray actor options or None"
+            )
+
+    def resolve(self, n_rows: int) -> str:
+        """``"local"`` or ``"sharded"`` for a pool of ``n_rows`` rows (see :func:`resolve_execution`)."""
+        return resolve_execution(self.execution, n_rows, self.shard_min_rows)
 
 
 def resolve_execution(execution: str, n_rows: int, shard_min_rows: int) -> str:
@@ -359,23 +384,8 @@ def shard_score_top_n(
     """
     feats = features if features.shape[1] else None
     view = PoolView(ids=ids, features=feats, labeled_mask=mask, model=model, probs=probs, chunk_size=chunk_size)
-    best_pos = np.empty(0, dtype=np.int64)
-    best_score = np.empty(0, dtype=np.float64)
-    for pos, p in view.iter_proba_chunks():
-        s = np.asarray(strategy.score(p), dtype=np.float64)
-        if s.shape != (len(pos),):
-            raise AsvpError(f"strategy {strategy.name!r}: score returned shape {s.shape}, expected ({len(pos)},)")
-        if not np.isfinite(s).all():
-            row = int(pos[np.flatnonzero(~np.isfinite(s))[0]])
-            raise BadInputError(
-                f"strategy {strategy.name!r}: non-finite score for pool id {int(ids[row])} "
-                f"(row {row + start}); its class probabilities hold NaN/inf"
-            )
-        cand_pos = np.concatenate([best_pos, pos])
-        cand_score = np.concatenate([best_score, s])
-        keep = top_n(cand_score, ids[cand_pos], n)
-        best_pos, best_score = cand_pos[keep], cand_score[keep]
-    return best_pos + start, best_score, ids[best_pos]
+    pos, score, top_ids = running_top_n(view, strategy, n, row_offset=start)
+    return pos + start, score, top_ids
 
 
 def merge_top_n(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]], n: int) -> np.ndarray:
@@ -388,7 +398,57 @@ def merge_top_n(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]], n: i
     return pos[np.lexsort((ids, -score))]
 
 
-class ShardedStrategy(Strategy):
+class ShardedExecution:
+    """Mixin of the strategies that can shard: the :class:`ExecutionOptions` (``self.exec_options``)
+    and the cached shard actors of the current feature version (``self._shards``)."""
+
+    exec_options: ExecutionOptions
+    _shards: Optional["PoolShards"] = None
+
+    def _init_execution(self, execution, num_shards, shard_min_rows, actor_options) -> None:
+        self.exec_options = ExecutionOptions(execution, num_shards, shard_min_rows, actor_options)
+        self._shards = None
+
+    # The switches read as attributes too (``strategy.execution``), as before.
+    execution = property(lambda self: self.exec_options.execution)
+    num_shards = property(lambda self: self.exec_options.num_shards)
+    shard_min_rows = property(lambda self: self.exec_options.shard_min_rows)
+    actor_options = property(lambda self: self.exec_options.actor_options)
+
+    def _check_exec(self) -> None:
+        self.exec_options.check(self.name)
+
+    def _resolve(self, n_rows: int) -> str:
+        return self.exec_options.resolve(n_rows)
+
+    def _actor_shards(self, features: Optional[np.ndarray], n_rows: int) -> "PoolShards":
+        """The shard actors holding ``features``, (re)built when the feature version changed."""
+        shards = self._shards
+        if shards is None or not shards.matches(features, n_rows):
+            if shards is not None:
+                shards.close()
+            self._shards = PoolShards(features, n_rows, self.num_shards, self.actor_options)
+        return self._shards
+
+    #: attributes holding caches (weak references, actor handles): dropped on copy and close.
+    _CACHE_ATTRS: Tuple[str, ...] = ("_shards",)
+
+    def close(self) -> None:
+        """Release cached state and shard actors (they are rebuilt on the next select)."""
+        if self._shards is not None:
+            self._shards.close()
+        for attr in self._CACHE_ATTRS:
+            setattr(self, attr, None)
+
+    def __getstate__(self):
+        # Caches hold weak references and actor handles: a copy starts without them.
+        state = dict(self.__dict__)
+        for attr in self._CACHE_ATTRS:
+            state[attr] = None
+        return state
+
+
+class ShardedStrategy(ShardedExecution, Strategy):
     """Runs a score-based strategy (margin, entropy, least_confidence) over sharded pools.
 
     Each shard scores its rows and keeps its own top-n; the driver merges them into the global
@@ -412,11 +472,7 @@ class ShardedStrategy(Strategy):
         actor_options: Optional[dict] = None,
     ):
         self.strategy = strategy
-        self.execution = execution
-        self.num_shards = num_shards
-        self.shard_min_rows = shard_min_rows
-        self.actor_options = actor_options
-        self._shards: Optional[PoolShards] = None
+        self._init_execution(execution, num_shards, shard_min_rows, actor_options)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -429,8 +485,8 @@ class ShardedStrategy(Strategy):
                 f"got {type(self.strategy).__name__}; coreset and badge shard themselves: "
                 f"STRATEGIES.create('coreset', execution='sharded')"
             )
-        check_execution("ShardedStrategy", self.execution, self.num_shards, self.shard_min_rows, self.actor_options)
-        if resolve_execution(self.execution, len(pool), self.shard_min_rows) == "local":
+        self.exec_options.check("ShardedStrategy")
+        if self._resolve(len(pool)) == "local":
             return self.strategy._select_positions(pool, n, rng)
         if pool.probs is None and (pool.model is None or pool.features is None):
             raise BadInputError(
@@ -439,10 +495,7 @@ class ShardedStrategy(Strategy):
             )
         # Precomputed probabilities win over the model, so shards then need no features.
         feats = pool.features if pool.probs is None else None
-        if self._shards is None or not self._shards.matches(feats, len(pool)):
-            self.close()
-            self._shards = PoolShards(feats, len(pool), self.num_shards, self.actor_options)
-        group = self._shards.group
+        group = self._actor_shards(feats, len(pool)).group
         args = []
         for s, e in group.bounds:
             probs = pool.probs[s:e] if pool.probs is not None else None
@@ -450,17 +503,6 @@ class ShardedStrategy(Strategy):
             args.append((pool.ids[s:e], pool.labeled_mask[s:e], probs, model, self.strategy, n, int(pool.chunk_size)))
         parts = group.apply_all(shard_score_top_n, args)
         return merge_top_n(parts, n)
-
-    def close(self) -> None:
-        """Release the shard actors."""
-        if self._shards is not None:
-            self._shards.close()
-            self._shards = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_shards"] = None
-        return state
 
     def __repr__(self) -> str:
         return f"ShardedStrategy({self.strategy!r}, execution={self.execution!r}, num_shards={self.num_shards!r})"

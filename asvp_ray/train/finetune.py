@@ -19,7 +19,8 @@ died also resumes from the stored checkpoints.
 
 The kept model (last, or best by eval accuracy) is written as one ``.pt`` file that
 ``create_backbone(spec, checkpoint=path)`` loads (it reads the ``backbone`` key); its ``head``
-key scores the pool through ``predict_proba``.
+key scores the pool through :func:`asvp_ray.features.extract.predict_proba`. The file's format
+belongs to :mod:`asvp_ray.features.model_file`.
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
+from asvp_ray.features.model_file import save_model_file
+from asvp_ray.ray_utils import asvp_errors_unwrapped
 from asvp_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 METHODS = ("linear_probe", "ft", "lpft")
-MODEL_FILE = "model.pt"
 _STATE_FILE = "state.pt"
 _EVAL_BATCH = 256
 
@@ -548,8 +550,6 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from asvp_ray.features.extract import unwrap_error
-
     t0 = time.perf_counter()
     if method not in METHODS:
         raise ConfigError(f"unknown fine-tuning method {method!r}; use one of {', '.join(METHODS)}")
@@ -592,13 +592,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    try:
+    with asvp_errors_unwrapped():
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - show the asvp-ray error inside Ray's wrapper
-        inner = unwrap_error(e)
-        if inner is not e and isinstance(inner, AsvpError):
-            raise inner from None
-        raise
     if result.checkpoint is None:  # pragma: no cover - the last epoch always checkpoints
         raise RuntimeError(f"fine-tuning {name} finished without a checkpoint; see {out / 'ray'}")
     with result.checkpoint.as_directory() as d:
@@ -613,77 +608,10 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     final = {"backbone": kept["backbone"], "head": kept["head"], "num_classes": int(num_classes),
              "spec": asdict(spec), "method": method, "epochs": total, "epoch": kept_epoch,
              "lp_epochs": lp_epochs, "ft_epochs": ft_epochs, "precision": precision}
-    path = out / MODEL_FILE
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(final, tmp)
-    os.replace(tmp, path)  # a reader never sees half a file
+    path = save_model_file(out, **final)
     shutil.rmtree(out / "ray" / name, ignore_errors=True)
     row = next((h for h in history if h["epoch"] == kept_epoch), {})
     return FinetuneResult(
-        checkpoint=str(path), test_accuracy=row.get("eval_accuracy"), seconds=round(time.perf_counter() - t0, 3),
+        checkpoint=path, test_accuracy=row.get("eval_accuracy"), seconds=round(time.perf_counter() - t0, 3),
         history=history, worker_nodes=list(ret.get("worker_nodes") or []), method=method, kept_epoch=kept_epoch,
         resumed_from=list(ret.get("resumes") or state.get("resumes") or []), precision=precision)
-
-
-def load_head(checkpoint: str) -> nn.Linear:
-    """The linear head stored in a ``finetune`` model file.
-
-    Raises:
-        BadInputError: the file is missing, unreadable, or holds no head.
-    """
-    if not os.path.isfile(checkpoint):
-        raise BadInputError(f"checkpoint {checkpoint!r} does not exist; pass the model file finetune wrote")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise BadInputError(f"checkpoint {checkpoint}: cannot be read by torch.load ({e})") from None
-    head = obj.get("head") if isinstance(obj, dict) else None
-    if not isinstance(head, dict) or "weight" not in head or "bias" not in head:
-        raise BadInputError(f"checkpoint {checkpoint} holds no classifier head; class probabilities need a "
-                            "model file written by asvp_ray.train.finetune")
-    w = head["weight"]
-    lin = nn.Linear(w.shape[1], w.shape[0])
-    lin.load_state_dict(head)
-    return lin.eval()
-
-
-def predict_proba(source, ids, checkpoint: str, spec: BackboneSpec, extract_cfg, *, skip_unreadable: bool = False,
-                  return_features: bool = False):
-    """Class probabilities of ``ids`` from a fine-tuned backbone + head, through the Ray Data
-    actor pool used for feature extraction (standard AL scores the pool this way).
-
-    Args:
-        source: a ``PoolSource``.
-        ids: ids to score (None: the whole source).
-        checkpoint: a model file written by ``finetune``.
-        spec: the backbone spec the model was trained with.
-        extract_cfg: an ``ExtractConfig`` (actor pool sizing, batch size, device).
-        skip_unreadable: leave unreadable images out instead of failing.
-        return_features: also return the pooled features.
-
-    Returns:
-        (ids int64 (N,) ascending, probs float32 (N, C)), plus features float32 (N, D) when
-        ``return_features``.
-
-    Raises:
-        BadInputError: the checkpoint has no head; an unreadable image (unless skipped).
-    """
-    from asvp_ray.features.extract import extract
-
-    load_head(checkpoint)  # fails fast, before any Ray work
-    all_ids, all_p, all_f = [], [], []
-    for b_ids, feats, _skipped, probs in extract(source, spec, extract_cfg, ids=ids, checkpoint=checkpoint,
-                                                 skip_unreadable=skip_unreadable, with_head=True):
-        all_ids.append(b_ids)
-        all_p.append(probs)
-        if return_features:
-            all_f.append(feats)
-    if not all_ids:
-        empty = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
-        return empty + ((np.zeros((0, 0), np.float32),) if return_features else ())
-    out_ids = np.concatenate(all_ids)
-    order = np.argsort(out_ids, kind="stable")
-    res = (out_ids[order], np.concatenate(all_p)[order])
-    if return_features:
-        res = res + (np.concatenate(all_f)[order],)
-    return res

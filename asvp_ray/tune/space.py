@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
-import yaml
 from pydantic import BaseModel
 
-from asvp_ray.config import Config, load_config
+from asvp_ray.config import Config, load_config, model_of, read_yaml, set_key  # noqa: F401  (set_key: used by study)
 from asvp_ray.errors import ConfigError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -135,29 +134,7 @@ class SearchSpace:
         return out
 
 
-def set_key(raw: Dict[str, Any], key: str, value: Any) -> Dict[str, Any]:
-    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (sections created as needed)."""
-    out = dict(raw)
-    node = out
-    parts = key.split(".")
-    for k in parts[:-1]:
-        child = node.get(k)
-        node[k] = dict(child) if isinstance(child, dict) else {}
-        node = node[k]
-    node[parts[-1]] = copy.deepcopy(value)
-    return out
-
-
 # ---------------------------------------------------------------------------------- parsing
-def _model_of(annotation: Any) -> Optional[Type[BaseModel]]:
-    """The pydantic model inside a field annotation (``Optional[X]``, ``X``), if any."""
-    cands = getattr(annotation, "__args__", None) or (annotation,)
-    for a in cands:
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-    return None
-
-
 def _kind_of_path(parts: Sequence[str]) -> str:
     """``section`` (a pydantic model), ``value`` (a leaf field) or ``unknown``, walking ``Config``."""
     model: Optional[Type[BaseModel]] = Config
@@ -167,7 +144,7 @@ def _kind_of_path(parts: Sequence[str]) -> str:
         f = model.model_fields.get(part)
         if f is None:
             return "unknown"
-        model = _model_of(f.annotation)
+        model = model_of(f.annotation)
     return "section" if model is not None else "value"
 
 
@@ -246,14 +223,8 @@ def parse_space(spec: Union[str, Path, Dict[str, Any]], base: Union[Config, Dict
             study sets itself.
     """
     if isinstance(spec, (str, Path)):
-        p = Path(spec)
-        origin = origin or str(p)
-        if not p.is_file():
-            raise ConfigError(f"search space {str(p)!r} does not exist; pass a YAML file such as examples/space.yaml")
-        try:
-            spec = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        origin = origin or str(Path(spec))
+        spec = read_yaml(spec, what="search space", example="examples/space.yaml")
     origin = origin or "search space"
     if not isinstance(spec, dict):
         raise ConfigError(f"{origin}: the top level must map config keys to distributions, e.g. "

@@ -1,0 +1,119 @@
+"""ASVP (shared/ASVP.md): SVPP plus alignment monitoring after each round's labels, and a refresh
+(fine-tune on the labelled set, re-extract the pool into a new feature version) when the
+refresh policy says so. ``auto`` final training: FT after a refresh, else LP-FT."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from asvp_ray.errors import ConfigError
+from asvp_ray.loop.methods.base import METHODS, Method
+
+log = logging.getLogger("asvp_ray.driver")
+
+
+@METHODS.register("asvp")
+class ASVP(Method):
+    name = "asvp"
+
+    def refresh_policy(self):
+        from asvp_ray.alignment import REFRESH_POLICIES
+
+        cfg = self.d.cfg
+        rc = cfg.refresh
+        kwargs: Dict[str, Any] = {}
+        if rc.policy == "at_labels":
+            if not rc.at:
+                raise ConfigError("refresh.policy: at_labels needs refresh.at, e.g. refresh.at: [1000, 5000]")
+            kwargs = {"at": list(rc.at)}
+        elif rc.policy == "score_drop":
+            kwargs = {"score": rc.score, "threshold": rc.threshold, "min_new_labels": rc.min_new_labels,
+                      "max_refreshes": rc.max_refreshes}
+        elif rc.policy == "probe":
+            kwargs = {"score": rc.score, "margin": rc.margin, "max_refreshes": rc.max_refreshes}
+        if rc.policy in ("score_drop", "probe") and rc.score not in cfg.monitor.scores:
+            raise ConfigError(f"refresh.score {rc.score!r} is not computed by the monitor "
+                              f"(monitor.scores = {cfg.monitor.scores}); add it there")
+        return REFRESH_POLICIES.create(rc.policy, **kwargs)
+
+    def after_labels(self, r: int, seconds: Dict[str, float], extra: Dict[str, Any]) -> bool:
+        """Monitor alignment, ask the policy, and refresh the features when it says so."""
+        from asvp_ray.alignment import RoundState
+
+        d = self.d
+        with d._timed(seconds, "monitor"):
+            scores = self._monitor()
+        d.history.append(RoundState(round=r, n_labeled=int(len(d.labeled["id"])), scores=scores))
+        probe = self._probe_fn(seconds) if getattr(d.policy, "requires_probe", False) else None
+        decision = d.policy.decide(d.history, probe=probe)
+        extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
+        log.info("round %d alignment %s -> %s", r, scores, decision.reason)
+        if not decision.refresh:
+            d.history.mark_refreshed(False)
+            return False
+        extra["refresh"] = self._refresh(seconds)
+        with d._timed(seconds, "monitor"):
+            after = self._monitor()
+        extra["alignment_after_refresh"] = after
+        d.history.mark_refreshed(True, refreshed_scores=after)
+        return True
+
+    def auto_final(self) -> Tuple[str, str]:
+        refreshed = any(r.get("refreshed") for r in self.d.summary.get("rounds", []))
+        if refreshed:
+            return "ft", "auto: features were refreshed, so FT (the labelled set is large enough to move them)"
+        return "lpft", "auto: features were never refreshed, so LP-FT keeps the pre-trained information"
+
+    # ------------------------------------------------------------------ helpers
+    def _monitor(self) -> Dict[str, float]:
+        """Alignment scores of the current features on the labelled set (seeded subsamples)."""
+        from asvp_ray.alignment import alignment_scores
+
+        d = self.d
+        m = d.cfg.monitor
+        rng = np.random.default_rng([d.cfg.seed, d.next_round, 2])
+        take = np.arange(len(d.labeled["id"]))
+        if len(take) > m.max_rows:
+            take = np.sort(rng.choice(take, m.max_rows, replace=False))
+        feats = d.features[d.versions.rows(d.labeled["id"][take])]
+        labels = d.labeled["label"][take]
+        ref = d.features
+        if len(ref) > m.reference_rows:
+            ref = ref[np.sort(rng.choice(len(ref), m.reference_rows, replace=False))]
+        return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
+                                                                    scores=tuple(m.scores)).items()}
+
+    def _refresh(self, seconds: Dict[str, float]) -> Dict[str, Any]:
+        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it."""
+        d = self.d
+        new_v = d.feature_version + 1
+        with d._timed(seconds, "refresh_finetune", **d._train_resources()):
+            res = d._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        with d._timed(seconds, "refresh_extract", **d.versions.extract_resources()):
+            d.versions.extract(new_v, checkpoint=res.checkpoint)
+        d.versions.switch_to(new_v)
+        return {"version": new_v, "checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
+                "extract_seconds": seconds["refresh_extract"]}
+
+    def _probe_fn(self, seconds: Dict[str, float]):
+        """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
+        d = self.d
+
+        def probe(history) -> Dict[str, float]:
+            from asvp_ray.alignment import alignment_scores
+            from asvp_ray.features.extract import extract
+
+            with d._timed(seconds, "probe", **d._train_resources()):
+                res = d._finetune("ft", f"probe-r{d.next_round}", evaluate=False)
+                chunks = list(extract(d.pool, d.spec, d.cfg.extract, ids=d.labeled["id"],
+                                      checkpoint=res.checkpoint))
+            ids = np.concatenate([c[0] for c in chunks])
+            feats = np.concatenate([c[1] for c in chunks])
+            order = np.argsort(ids)
+            lab_order = np.argsort(d.labeled["id"])
+            return alignment_scores(feats[order], d.labeled["label"][lab_order],
+                                    reference=None, scores=tuple(d.cfg.monitor.scores))
+
+        return probe

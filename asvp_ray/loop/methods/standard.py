@@ -1,0 +1,31 @@
+"""Standard AL: each round fine-tunes the backbone on the labelled set and scores the whole pool
+with backbone + head (no proxy scoring); FT final model."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from asvp_ray.errors import RunDirError
+from asvp_ray.loop.methods.base import METHODS, Method
+
+
+@METHODS.register("standard")
+class Standard(Method):
+    name = "standard"
+
+    def pool_probs(self, seconds: Dict[str, float], extra: Dict[str, Any]) -> Optional[np.ndarray]:
+        """Fine-tune on the labelled set, then score the whole pool with backbone + head."""
+        from asvp_ray.features.extract import predict_proba
+
+        d = self.d
+        r = d.next_round
+        with d._timed(seconds, "finetune", **d._train_resources()):
+            res = d._finetune("ft", f"round-{r}", evaluate=d.test is not None)
+        with d._timed(seconds, "score_pool", **d.versions.extract_resources()):
+            ids, probs = predict_proba(d.pool, d.ids, res.checkpoint, d.spec, d.cfg.extract)
+        order = np.argsort(ids)
+        if not np.array_equal(ids[order], d.ids):
+            raise RunDirError("standard AL scoring returned ids that do not match the feature store's pool")
+        extra.update({"finetune_test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint)})
+        return probs[order]

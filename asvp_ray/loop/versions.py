@@ -1,0 +1,163 @@
+"""The run's feature versions: v0 (from the shared feature cache, else extracted), the versions
+refreshes write (v1, v2, ...), the current one loaded as memory maps, and the clean-up of
+half-written, uncommitted and old versions.
+
+Which version is current is part of the run's committed state (``state.json``'s
+``feature_version``); this module only acts on what the driver tells it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from asvp_ray.features.extract import extract_to_store
+
+log = logging.getLogger("asvp_ray.driver")
+
+
+class FeatureVersions:
+    """Feature versions of one run directory.
+
+    Args:
+        rd: the :class:`~asvp_ray.loop.rundir.RunDir`.
+        cfg: the run's config.
+        pool, test: the pool and test sources (test may be None).
+        spec: the backbone spec.
+        on_progress: called with the progress dict of a running extraction.
+
+    Attributes (after :meth:`open`): ``current`` (the version in use), ``ids`` (sorted pool ids),
+    ``features`` (their rows), ``test_ids``, ``test_features``, ``test_labels`` (with a test set).
+    """
+
+    def __init__(self, rd, cfg, pool, test, spec, on_progress: Callable[[Dict[str, Any]], None]):
+        self.rd, self.cfg, self.pool, self.test, self.spec = rd, cfg, pool, test, spec
+        self.store = rd.store
+        self.on_progress = on_progress
+        self.current: Optional[int] = None
+
+    # ------------------------------------------------------------------ resume
+    def open(self, committed: Optional[int]) -> Optional[float]:
+        """Make the committed version current: remove half-written versions, create v0 when the
+        run has none yet, remove versions of refreshes that never committed, load it.
+
+        Returns:
+            seconds spent extracting v0 (None when nothing was extracted).
+        """
+        gone = self.store.clean_partial()
+        if gone:
+            log.warning("removed half-written feature versions left by a crash: %s", gone)
+        extract_s = None
+        if committed is None:
+            committed = 0
+            if 0 not in self.store.versions():
+                t0 = time.perf_counter()
+                self._extract_v0_or_reuse()
+                extract_s = time.perf_counter() - t0
+        self.current = int(committed)
+        for v in self.store.versions():
+            if v > self.current:  # written by a refresh that never committed
+                log.warning("removing feature version v%d: its refresh was not committed", v)
+                self.store.remove(v)
+        self.load()
+        return extract_s
+
+    def load(self) -> None:
+        """Read (memory-map) the current version's pool and test features."""
+        store = self.store
+        self.ids, self.features = store.read(self.current)
+        if self.test is not None:
+            self.test_ids, self.test_features = store.read(self.current, "test")
+            self.test_labels = self.test.label_of(self.test_ids)
+        meta = store.meta(self.current)
+        self.skipped = {s["id"] for s in meta.get("skipped", []) if s.get("split", "pool") == "pool"}
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Feature rows of pool ids (``self.ids`` is sorted)."""
+        return np.searchsorted(self.ids, ids)
+
+    def describe(self) -> List[Dict[str, Any]]:
+        """One record per stored version, for the summary."""
+        out = []
+        for v in self.store.versions():
+            m = self.store.meta(v)
+            out.append({"version": v, "rows": m["rows"], "dim": m["dim"], "weights": m["weights"],
+                        "seconds": m.get("seconds"), "path": str(self.store.path(v))})
+        return out
+
+    # ------------------------------------------------------------------ writing versions
+    def _cache_inputs(self) -> Dict[str, Any]:
+        from asvp_ray.features.backbones import create_backbone, weights_hash
+
+        return {"backbone": asdict(self.spec), "weights_hash": weights_hash(create_backbone(self.spec)),
+                "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
+                "skip_unreadable": self.cfg.data.skip_unreadable}
+
+    def _extract_v0_or_reuse(self) -> None:
+        """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
+        from asvp_ray.features.extract import resolve_compute
+        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
+                                             link_version)
+
+        if not self.cfg.feature_cache:
+            return self.extract(0)
+        # Device and precision name the entry: bf16 GPU features are never served to a CPU run.
+        compute = resolve_compute(self.cfg.extract)
+        key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
+        cache = FeatureStore(Path(self.cfg.feature_cache) / key)
+        if 0 not in cache.versions():
+            old = legacy_cache_entries(Path(self.cfg.feature_cache))
+            if old:
+                log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
+                            "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
+                            len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
+            log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
+                     "extracting", cache.root, compute.device, compute.precision)
+            self.extract(0, compute=compute)
+            try:
+                link_version(self.store.path(0), cache, 0)
+            except OSError as e:  # another run cached it first: theirs is identical
+                log.info("feature cache not updated (%s)", e)
+        else:
+            check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
+            log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
+                     compute.precision)
+            link_version(cache.path(0), self.store, 0)
+
+    def extract(self, version: int, checkpoint: Optional[str] = None, compute=None) -> None:
+        """Extract pool and test features into ``version`` (``checkpoint``: a fine-tuned model file;
+        ``compute``: the device and precision, default ``resolve_compute``)."""
+        self.on_progress({"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))})
+        log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
+                 len(self.test) if self.test is not None else 0, self.spec.name)
+        meta = extract_to_store(self.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
+                                checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
+                                extra_meta={"run": str(self.rd.path)}, compute=compute)
+        log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
+
+    def extract_resources(self) -> Dict[str, float]:
+        """CPUs and GPUs an extraction holds (for the cost ledger)."""
+        from asvp_ray.features.extract import plan_actors
+
+        plan = plan_actors(self.cfg.extract)
+        return {"cpus": plan.num_actors * plan.num_cpus + 1.0, "gpus": plan.num_actors * plan.num_gpus}
+
+    def switch_to(self, version: int) -> None:
+        """Make ``version`` current and load it (committed by the driver's next commit)."""
+        self.current = int(version)
+        self.load()
+
+    def prune(self) -> None:
+        """Keep v0, the current version and the newest ``refresh.keep_versions`` (0 = keep all);
+        call only after the state that stops referencing the others is committed."""
+        keep = self.cfg.refresh.keep_versions
+        if keep <= 0:
+            return
+        versions = [v for v in self.store.versions() if v not in (0, self.current)]
+        for v in versions[:-keep] if len(versions) > keep else []:
+            log.info("removing feature version v%d (refresh.keep_versions=%d)", v, keep)
+            self.store.remove(v)
