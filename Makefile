@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
+# Label Studio for the live labelling test: its own venv (its pins differ from the project's)
+LS_VENV    ?= .venv-ls
+LS_VERSION ?= 1.23.2
+LS_STAMP   := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: demo test venv data bench clean help
+.PHONY: demo test venv data labelstudio bench clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -25,11 +29,24 @@ data: $(STAMP)  ## make sure the Fashion-MNIST files are present (apt, else veri
 demo: data  ## install, fetch data, run the main job (ASVP on Fashion-MNIST, local Ray)
 	$(VENV)/bin/asvp-ray run examples/fashion_mnist.yaml --out $(OUT)
 
-test: data  ## install, fetch data, run the whole test suite
-	$(VENV)/bin/python -m pytest -q tests
+# label-studio from PyPI, then its database migrations applied once into a template sqlite file
+# (tests copy it, so a test server starts in seconds instead of migrating for minutes)
+$(LS_STAMP):
+	rm -rf $(LS_VENV)
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q 'label-studio==$(LS_VERSION)'
+	LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false $(LS_VENV)/bin/label-studio version \
+		--data-dir $(LS_VENV)/template > $(LS_VENV)/template.log 2>&1
+	touch $(LS_STAMP)
+
+labelstudio: $(LS_STAMP)  ## a separate venv with label-studio $(LS_VERSION) for the live labelling test
+
+test: data $(LS_STAMP)  ## install, fetch data, run the whole test suite (with a live Label Studio)
+	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py
 
-clean:  ## remove the virtual environment and local runs
-	rm -rf $(VENV) runs
+clean:  ## remove the virtual environments and local runs
+	rm -rf $(VENV) $(LS_VENV) runs

@@ -172,15 +172,48 @@ def init(
     typer.echo(f"initialised {out}: features v{st['feature_version']} ready. Next: asvp-ray select {out}")
 
 
+LS_URL_HELP = ("A Label Studio server, e.g. http://127.0.0.1:8080; the API token is read from the environment "
+               "variable LABEL_STUDIO_API_KEY. Needs --project.")
+LS_PROJECT_HELP = "The Label Studio project title (created when missing)."
+
+
+def _check_ls(labelstudio: Optional[str], project: Optional[str]) -> None:
+    if bool(labelstudio) != bool(project):
+        raise typer.BadParameter("--labelstudio URL and --project NAME go together")
+
+
 @app.command()
 def select(
     run_dir: Path = typer.Argument(..., help="A run directory made by `asvp-ray init`."),
     close: bool = typer.Option(False, "--close", help="Close the open round although some ids are unlabelled."),
+    labelstudio: Optional[str] = typer.Option(None, "--labelstudio", help=LS_URL_HELP),
+    project: Optional[str] = typer.Option(None, "--project", help=LS_PROJECT_HELP),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
 ) -> None:
-    """Close the open round (train the proxy on all labels) and write the next batch for labellers."""
+    """Close the open round (train the proxy on all labels) and write the next batch for labellers.
+
+    Writes DIR/queries/round-K.csv (id, path), round-K.labelstudio.json (Label Studio tasks),
+    labelstudio-config.xml and, for sources whose images are not files (Fashion-MNIST), the
+    images as queries/round-K/ID.png. With --labelstudio URL --project NAME the project is
+    created (or its config updated) and the round's tasks are imported through the API; while
+    a round is open with pending ids, --labelstudio pushes that round again (tasks already in the
+    project are skipped) instead of refusing.
+    """
+    from asvp_ray.loop.human import pending_ids
+    from asvp_ray.loop.rundir import RunDir
+
     _setup_logging(None)
     try:
+        _check_ls(labelstudio, project)
+        rd = RunDir(run_dir)
+        state = rd.read_state() if rd.state_path.is_file() else None
+        if labelstudio and not close and state and state.get("open_round") and len(pending_ids(rd, state)):
+            r = state["open_round"]["round"]  # (re)push the open round: tasks already there are skipped
+            typer.echo(f"round {r} is open with {len(pending_ids(rd, state))} pending id(s); pushing its tasks")
+            q = rd.path / "queries"
+            _push(run_dir, [q / f"round-{r}.csv", q / f"round-{r}.labelstudio.json", q / "labelstudio-config.xml"],
+                  labelstudio, project)
+            return
         with closing(_driver_for(run_dir, address=address, need_ray=False)) as d:
             d.prepare()
             res = d.human_select(close=close)
@@ -191,37 +224,103 @@ def select(
     if res["done"]:
         typer.echo(f"all rounds are done ({d.status()['n_labeled']} labels). Train the final model with "
                    f"`asvp-ray final {run_dir}`")
+        return
+    o = res["opened"]
+    typer.echo(f"round {o['round']}: {o['n']} images selected by {o['selected_by']}; label them from "
+               f"{o['files'][0]} (or import {o['files'][1]} into Label Studio), then "
+               f"`asvp-ray label {run_dir} FILE`")
+    if labelstudio:
+        _push(run_dir, o["files"], labelstudio, project)
+
+
+def _push(run_dir: Path, files, url: str, project: str) -> None:
+    import json
+    import os
+
+    from asvp_ray.loop.labelstudio import push_round
+
+    tasks = json.loads(Path(files[1]).read_text())
+    local = [t["data"]["path"] for t in tasks if "://" not in t["data"]["path"]]
+    qdir = os.path.abspath(run_dir / "queries")
+    if local and all(p.startswith(qdir + os.sep) for p in local):
+        folders = [qdir]
     else:
-        o = res["opened"]
-        typer.echo(f"round {o['round']}: {o['n']} images selected by {o['selected_by']}; label them from "
-                   f"{o['files'][0]} (or import {o['files'][1]} into Label Studio), then "
-                   f"`asvp-ray label {run_dir} FILE`")
+        folders = [os.path.commonpath([os.path.dirname(p) for p in local])] if local else []
+    try:
+        res = push_round(url, project, files, folders)
+    except AsvpError as e:
+        _fail(e)
+    typer.echo(f"Label Studio project {project!r} (id {res['project_id']}) at {url}: imported {res['imported']} "
+               f"task(s)" + (f", {res['skipped']} already there" if res["skipped"] else ""))
+    for folder, why in res["storage_problems"].items():
+        typer.secho(f"warning: no Local Files storage for {folder}, so Label Studio will not show its images: {why}. "
+                    "Start Label Studio with LOCAL_FILES_SERVING_ENABLED=true and LOCAL_FILES_DOCUMENT_ROOT set to a "
+                    "folder above it (and label.local_files_root to the same folder); see the README.",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
 def label(
     run_dir: Path = typer.Argument(..., help="The run directory."),
-    file: Path = typer.Argument(..., help="Labels: CSV (id,label), Parquet, or a Label Studio JSON export."),
+    file: Optional[Path] = typer.Argument(None, help="Labels: a Label Studio export (JSON, JSON_MIN, CSV or TSV), "
+                                                      "or a CSV/Parquet file with columns id,label. Omit with "
+                                                      "--labelstudio."),
+    labelstudio: Optional[str] = typer.Option(None, "--labelstudio", help=LS_URL_HELP + " Pulls the project's "
+                                              "annotations (a JSON export, kept in DIR/queries/) instead of FILE."),
+    project: Optional[str] = typer.Option(None, "--project", help="The Label Studio project title."),
+    agreement: Optional[str] = typer.Option(None, "--agreement", help="Several annotations of one image that "
+                                            "disagree: error, majority or last (default: label.agreement of the "
+                                            "run's config, itself error by default)."),
 ) -> None:
-    """Import labels for the open round; everything is validated before anything changes."""
+    """Import labels; everything is validated before anything changes.
+
+    Label Studio exports are recognised by their shape and read through data.asvp_id (never
+    Label Studio's task id). Cumulative exports can be imported again and again: labels already
+    stored with the same value are skipped and counted; a different value is an error. The
+    import (file, format, agreement policy, counts) is kept in the round's record.
+    """
+    from datetime import datetime, timezone
+
     from asvp_ray.config import load_config
     from asvp_ray.loop.human import import_labels
     from asvp_ray.loop.rundir import RunDir
 
+    _setup_logging(None)
     try:
+        _check_ls(labelstudio, project)
+        if (file is None) == (labelstudio is None):
+            raise typer.BadParameter("give either FILE or --labelstudio URL --project NAME")
+        if agreement is not None and agreement not in ("error", "majority", "last"):
+            raise typer.BadParameter(f"--agreement {agreement!r} is not one of error, majority, last")
         rd = RunDir(run_dir)
         if not rd.config_path.is_file():
             raise typer.BadParameter(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = load_config(str(rd.config_path))
         rd.lock()
-        classes = cfg.data.classes or _source_classes(cfg)
         try:
-            res = import_labels(rd, file, classes)
+            if labelstudio:
+                from asvp_ray.loop.labelstudio import pull_export
+
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+                file = pull_export(labelstudio, project, rd.path / "queries" / f"labelstudio-export-{stamp}.json")
+                typer.echo(f"pulled {file} from Label Studio project {project!r}")
+            classes = cfg.data.classes or _source_classes(cfg)
+            res = import_labels(rd, file, classes, agreement=agreement or cfg.label.agreement)
         finally:
             rd.unlock()
     except AsvpError as e:
         _fail(e)
-    typer.echo(f"imported {res['imported']} label(s) into round {res['round']}; {res['pending']} pending")
+    extra = []
+    if res["already_stored"]:
+        extra.append(f"{res['already_stored']} already stored with the same label (skipped)")
+    if res["resolved_disagreements"]:
+        extra.append(f"{res['resolved_disagreements']} disagreement(s) settled by {res['agreement']}")
+    if res["closed_unlabelled"]:
+        extra.append(f"{res['closed_unlabelled']} for ids of rounds closed without them (ignored: "
+                     f"{res['closed_unlabelled_ids']})")
+    where = f"round {res['round']}" if res["round"] is not None else "no open round"
+    typer.echo(f"imported {res['imported']} label(s) into {where}; {res['pending']} pending ({res['format']}"
+               + (f"; {'; '.join(extra)}" if extra else "") + ")")
 
 
 def _source_classes(cfg):

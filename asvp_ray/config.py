@@ -183,6 +183,18 @@ class CostConfig(_Strict):
     per_gpu_hour: float = Field(2.50, ge=0)
 
 
+class LabelConfig(_Strict):
+    """Human labelling (oracle: human): how label files are read and how tasks link images."""
+
+    agreement: Literal["error", "majority", "last"] = Field(
+        "error", description="several annotations of one image that disagree: error (refuse the import and list "
+                             "them), majority (the most frequent label; a tie is an error) or last (the most "
+                             "recently updated annotation)")
+    local_files_root: str = Field(
+        "/", description="LOCAL_FILES_DOCUMENT_ROOT of the Label Studio server: task image links are "
+                         "/data/local-files/?d=PATH relative to it")
+
+
 class Config(_Strict):
     """A whole asvp-ray run."""
 
@@ -203,6 +215,7 @@ class Config(_Strict):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     final: FinalConfig = Field(default_factory=FinalConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
     feature_cache: Optional[str] = Field(
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")

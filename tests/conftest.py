@@ -26,6 +26,12 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """A feature cache shared by the test session's human-labelled runs: v0 is extracted once."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
@@ -45,6 +51,83 @@ def write_images(folder: Path, n: int, size=(20, 24), seed: int = 0, mode: str =
         img.save(p)
         paths.append(p)
     return paths
+
+
+LS_VENV = ROOT / ".venv-ls"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def labelstudio_server(tmp_path_factory):
+    """A real Label Studio server (``.venv-ls``, made by ``make labelstudio``) on 127.0.0.1, a free
+    port, a temporary sqlite data dir and a legacy API token; local files served from ``root``.
+
+    Under ``make test`` (ASVP_REQUIRE_LABELSTUDIO=1) a missing venv or a server that does not
+    come up fails the test; elsewhere a missing venv skips it, saying why.
+    """
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = LS_VENV / "bin" / "label-studio"
+    required = os.environ.get("ASVP_REQUIRE_LABELSTUDIO") == "1"
+    if not exe.is_file():
+        msg = f"Label Studio is not installed in {LS_VENV}; run `make labelstudio` (make test does)"
+        if required:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    base = tmp_path_factory.mktemp("labelstudio")
+    data, root = base / "data", base / "root"
+    data.mkdir()
+    root.mkdir()
+    template = LS_VENV / "template" / "label_studio.sqlite3"
+    if template.is_file():  # migrations applied once by `make labelstudio`: start-up in seconds, not minutes
+        shutil.copy(template, data / "label_studio.sqlite3")
+    port, token = _free_port(), "asvp-test-token-0123456789"
+    env = dict(os.environ, LATEST_VERSION_CHECK="false", COLLECT_ANALYTICS="false",
+               LOCAL_FILES_SERVING_ENABLED="true", LOCAL_FILES_DOCUMENT_ROOT=str(root))
+    for k in ("LABEL_STUDIO_API_KEY", "DJANGO_DB", "DATABASE_NAME"):
+        env.pop(k, None)
+    log = open(base / "server.log", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
+                             "--data-dir", str(data), "--username", "asvp@example.com", "--password", "asvp-pass-123",
+                             "--user-token", token, "--enable-legacy-api-token"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"Label Studio exited with code {proc.returncode} before serving; log "
+                            f"{base / 'server.log'}:\n" + (base / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 300:
+                pytest.fail(f"Label Studio did not answer on {url} within 300 s; log {base / 'server.log'}:\n"
+                            + (base / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        startup = time.monotonic() - t0
+        print(f"Label Studio up on {url} in {startup:.1f}s")
+        yield {"url": url, "token": token, "root": root, "startup_seconds": startup, "log": base / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def pytest_collection_modifyitems(config, items):

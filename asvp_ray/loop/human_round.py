@@ -54,7 +54,8 @@ def human_select(d: "Driver", close: bool = False) -> Dict[str, Any]:
         out["done"] = True
         return out
     batch = d.select_batch()
-    files = write_queries(d.rd, batch["round"], batch["ids"], d.pool.paths(batch["ids"]), d.classes)
+    files = write_queries(d.rd, batch["round"], batch["ids"], d.pool, d.classes,
+                          local_files_root=d.cfg.label.local_files_root)
     d.open_round = {"round": batch["round"], "ids": batch["ids"].tolist(), "selected_by": batch["selected_by"],
                     "seconds": batch["seconds"], "extra": batch["extra"]}
     d._commit()
