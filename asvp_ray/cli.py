@@ -133,7 +133,11 @@ def run(
             summ = ray.get(actor.get_summary.remote())
             ray.get(actor.close.remote())
             cost = summ.get("cost", {})
-            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
+            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute "
+                       f"({cost.get('spent_wall_seconds_total', cost.get('wall_seconds_total', 0)):.1f}s run here; "
+                       f"the rest is cached features), ${cost.get('dollars', {}).get('total', 0):.2f} at the "
+                       "configured unit prices" if cost.get("cached") else
+                       f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
                        f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
     except AsvpError as e:
         _fail(e)

@@ -128,6 +128,11 @@ class RefreshConfig(_Strict):
     margin: float = Field(0.05, description="probe: gain of fine-tuned over current features needed")
     min_new_labels: int = Field(1, ge=0, description="score_drop: labels bought since the last refresh")
     max_refreshes: Optional[int] = Field(2, ge=0, description="cap on refreshes (compute budget); null = none")
+    reference: Literal["first", "best", "min_labels"] = Field(
+        "first", description="score_drop: compare with the current features' first score (after the last "
+                             "refresh, else round 0), their best so far, or their first score measured with "
+                             ">= reference_min_labels labels")
+    reference_min_labels: int = Field(0, ge=0, description="score_drop with reference: min_labels")
     keep_versions: int = Field(0, ge=0, description="feature versions kept on disk besides v0 (0 = all)")
 
     @field_validator("at")

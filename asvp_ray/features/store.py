@@ -146,6 +146,19 @@ class _SplitWriter:
         fsync_dir(self.folder)
 
 
+def _fill_cost(meta: Dict[str, Any]) -> None:
+    """What the version cost to make, from its wall ``seconds`` and the ``cost.resources`` its
+    writer held (meta.json → ``cost``: ``phase``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``resources``,
+    and for a refreshed version the ``finetune`` that made its weights)."""
+    cost = meta.get("cost")
+    if not isinstance(cost, dict) or "wall_s" in cost or meta.get("seconds") is None:
+        return
+    res = cost.get("resources") or {}
+    wall = float(meta["seconds"])
+    cost.update(wall_s=round(wall, 3), cpu_s=round(wall * float(res.get("cpus", 1.0)), 3),
+                gpu_s=round(wall * float(res.get("gpus", 0.0)), 3))
+
+
 class VersionWriter:
     """Writes one feature version; use as a context manager. Nothing is visible until ``commit``."""
 
@@ -176,6 +189,7 @@ class VersionWriter:
         meta["splits"] = {name: {"rows": w.rows, "dim": w.dim} for name, w in self.splits.items()}
         meta["rows"] = meta["splits"].get(POOL, {}).get("rows", 0)
         meta["dim"] = meta["splits"].get(POOL, {}).get("dim")
+        _fill_cost(meta)
         atomic_write_json(self.tmp / "meta.json", meta)
         final = self.store.path(self.version)
         if final.exists():
@@ -350,9 +364,15 @@ def legacy_cache_entries(cache_root: Path) -> List[Path]:
     return out
 
 
-def link_version(src: Path, dst_store: "FeatureStore", version: int) -> Path:
+def link_version(src: Path, dst_store: "FeatureStore", version: int,
+                 meta_update: Optional[Dict[str, Any]] = None) -> Path:
     """Make ``src`` (a complete version folder) appear as ``version`` of ``dst_store``, with hard
-    links where the file system allows (no copy of the data), atomically."""
+    links where the file system allows (no copy of the data), atomically.
+
+    Args:
+        meta_update: keys to set in the new copy's ``meta.json`` (written as a file of its own,
+            so ``src``'s stays as it was), e.g. the ``cost`` the run that made it was charged.
+    """
     dst_store.root.mkdir(parents=True, exist_ok=True)
     tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
 
@@ -363,6 +383,11 @@ def link_version(src: Path, dst_store: "FeatureStore", version: int) -> Path:
             shutil.copy2(s, d)
 
     shutil.copytree(src, tmp, copy_function=link)
+    if meta_update:
+        meta = json.loads((tmp / "meta.json").read_text())
+        meta.update(meta_update)
+        (tmp / "meta.json").unlink()  # a hard link to src's: do not write through it
+        atomic_write_json(tmp / "meta.json", meta)
     os.rename(tmp, dst_store.path(version))
     fsync_dir(dst_store.root)
     return dst_store.path(version)
