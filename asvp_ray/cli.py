@@ -133,7 +133,11 @@ def run(
             summ = ray.get(actor.get_summary.remote())
             ray.get(actor.close.remote())
             cost = summ.get("cost", {})
-            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
+            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute "
+                       f"({cost.get('spent_wall_seconds_total', cost.get('wall_seconds_total', 0)):.1f}s run here; "
+                       f"the rest is cached features), ${cost.get('dollars', {}).get('total', 0):.2f} at the "
+                       "configured unit prices" if cost.get("cached") else
+                       f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
                        f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
     except AsvpError as e:
         _fail(e)
@@ -396,7 +400,7 @@ def tune_cmd(
     cpus_per_trial: float = typer.Option(0.5, help="CPUs each trial's own actor reserves; its Ray Train workers "
                                                    "and extraction actors come on top, and only as many trials "
                                                    "start at once as fit in the cluster with them."),
-    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (for proxy.device: cuda)."),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (with proxy.device: auto the proxy is fitted on it)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's detailed output."),
 ) -> None:

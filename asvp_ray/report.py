@@ -17,8 +17,14 @@ from asvp_ray.errors import BadInputError
 
 SAMPLING_PHASES_EXCLUDED = ("final_train",)
 COLUMNS = ["run", "method", "strategy", "seed", "labels", "final_test_accuracy", "last_proxy_test_accuracy",
-           "sampling_seconds", "compute_seconds", "cpu_hours", "gpu_hours", "compute_dollars", "total_dollars",
-           "refreshes"]
+           "sampling_seconds", "spent_seconds", "total_seconds", "cpu_hours", "gpu_hours", "compute_dollars",
+           "total_dollars", "refreshes"]
+"""Columns: ``sampling_seconds`` = every round's work plus the feature versions the run used, cached
+or not (what its result needed); ``spent_seconds`` = the same phases as this run's processes
+actually ran them (a cached feature version counts its linking/copying); the two agree for a run
+that used no cache. ``total_seconds`` = ``sampling_seconds`` + the final training;
+``cpu_hours``/``gpu_hours``/``compute_dollars`` = that compute in device-hours and at the run's unit
+prices; ``total_dollars`` = labels + that compute."""
 
 
 def load_run(path: Path) -> Dict[str, Any]:
@@ -32,12 +38,15 @@ def load_run(path: Path) -> Dict[str, Any]:
 
 
 def row_of(s: Dict[str, Any]) -> Dict[str, Any]:
-    """One table row: sampling seconds are every phase of the rounds (not the final training)."""
+    """One table row (see :data:`COLUMNS`)."""
+    from asvp_ray.loop.ledger import sampling_seconds
+
     cost = s.get("cost") or {}
     phases = cost.get("compute_seconds") or {}
-    sampling = sum(v["wall"] for k, v in phases.items() if k not in SAMPLING_PHASES_EXCLUDED)
+    sums = sampling_seconds(cost, SAMPLING_PHASES_EXCLUDED)
+    sampling, spent = sums["sampling_seconds"], sums["spent_seconds"]
     if not phases:  # runs without a ledger: sum the round records
-        sampling = sum(sum(r["seconds"].values()) for r in s.get("rounds", []))
+        sampling = spent = sum(sum(r["seconds"].values()) for r in s.get("rounds", []))
     rounds = s.get("rounds", [])
     final = s.get("final") or {}
     return {
@@ -46,7 +55,8 @@ def row_of(s: Dict[str, Any]) -> Dict[str, Any]:
         "final_test_accuracy": final.get("test_accuracy"),
         "last_proxy_test_accuracy": rounds[-1].get("proxy_test_accuracy") if rounds else None,
         "sampling_seconds": round(sampling, 2),
-        "compute_seconds": round(cost.get("wall_seconds_total", sampling), 2),
+        "spent_seconds": round(spent, 2),
+        "total_seconds": round(cost.get("wall_seconds_total", sampling), 2),
         "cpu_hours": round(cost["cpu_seconds_total"] / 3600, 9) if "cpu_seconds_total" in cost else None,
         "gpu_hours": round(cost["gpu_seconds_total"] / 3600, 9) if "gpu_seconds_total" in cost else None,
         "compute_dollars": (cost.get("dollars") or {}).get("compute"),

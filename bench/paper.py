@@ -22,9 +22,13 @@ Columns (seconds are wall seconds on this machine):
 - ``final_acc``: test accuracy of the final model (FT, or LP-FT for ASVP without a refresh);
 - ``proxy_acc``: the proxy's test accuracy after the last round;
 - ``sampling_s``: every round phase (standard: fine-tune + pool scoring; SVPp/ASVP: proxy
-  training, selection, alignment monitor, refreshes) plus, for the proxy methods, the one-time
-  extraction of features v0 (measured once and charged to every run that uses them; the
-  feature cache hides it from all runs but the first). The final training is not sampling;
+  training, selection, alignment monitor, probes, refreshes) plus the feature versions the run
+  used, cached or not: the ledger charges a run that takes features v0 from the shared feature
+  cache what their extraction cost (``summary.json`` → ``cost``; for runs made before the
+  ledger did that, the one v0 extraction of the benchmark is added). Standard AL is not charged
+  features v0: it samples without them. The final training is not sampling;
+- ``spent_s``: the same phases as the run's process actually ran them (a cached v0 counts
+  the seconds spent linking it); equal to ``sampling_s`` for the run that extracted v0;
 - ``eval_in_sampling_s``: of ``sampling_s``, the seconds standard AL's per-round fine-tunes
   spent evaluating the test set after every epoch (asvp-ray does that for the round's
   ``finetune_test_accuracy``; a sampler does not need it), read from the run's console log;
@@ -35,6 +39,10 @@ Columns (seconds are wall seconds on this machine):
 Usage::
 
     .venv/bin/python bench/paper.py --quick            # minutes: tiny pool, 1 seed
+    .venv/bin/python bench/paper.py --trigger-rows     # only the ASVP rows of the trigger study:
+                                                       # score_drop with each refresh.reference, and probe
+    .venv/bin/python bench/paper.py --replay-from bench/results/paper_fashion_mnist.md
+                                                       # reference replay from recorded LogME series
     .venv/bin/python bench/paper.py                    # the full benchmark (3 seeds)
     .venv/bin/python bench/paper.py --aggregate-only   # tables and plots from finished runs
 """
@@ -65,6 +73,8 @@ DEFAULT_CONFIG = ROOT / "bench" / "paper_fashion_mnist.yaml"
 METHODS = ("random", "svpp", "standard", "asvp")
 POLICIES = ("never", "every_round", "at_labels", "score_drop", "probe")
 DEFAULT_POLICIES = ("at_labels", "score_drop", "probe")
+REFERENCES = ("first", "best", "min_labels")
+DEFAULT_REFERENCE_MIN_LABELS = 500  # the paper schedule's second round: 250 random + 250 selected
 
 # Per-policy settings (--set keys). at_labels' label count is filled in from the schedule.
 POLICY_SETTINGS: Dict[str, Dict[str, object]] = {
@@ -91,19 +101,23 @@ class RunSpec:
     policy: str      # refresh policy (asvp), "-" otherwise
     seed: int
     overrides: Tuple[str, ...] = field(default=())
+    reference: str = "first"  # refresh.reference of score_drop (first = the runs made before it existed)
 
     @property
     def group(self) -> str:
         if self.method == "random":
             return "random (svpp)"
         if self.method == "asvp":
-            return f"asvp {self.policy}"
+            ref = f" ref={self.reference}" if self.policy == "score_drop" and self.reference != "first" else ""
+            return f"asvp {self.policy}{ref}"
         return self.method
 
     @property
     def name(self) -> str:
         tag = {"random": "random-svpp", "svpp": "svpp-margin", "standard": "standard-margin"}.get(
             self.method, f"asvp-margin-{self.policy}")
+        if self.method == "asvp" and self.policy == "score_drop" and self.reference != "first":
+            tag += f"-{self.reference}"
         return f"{tag}-s{self.seed}"
 
 
@@ -130,8 +144,10 @@ def at_labels_point(schedule: Sequence[int]) -> int:
 
 
 def plan_runs(methods: Sequence[str], policies: Sequence[str], seeds: Sequence[int],
-              schedule: Sequence[int], common: Sequence[str]) -> List[RunSpec]:
-    """All runs, seed-major so that an interrupted benchmark holds whole seeds."""
+              schedule: Sequence[int], common: Sequence[str], references: Sequence[str] = ("first",),
+              reference_min_labels: int = DEFAULT_REFERENCE_MIN_LABELS) -> List[RunSpec]:
+    """All runs, seed-major so that an interrupted benchmark holds whole seeds. ``score_drop``
+    runs once per ``refresh.reference`` in ``references``."""
     runs = []
     for seed in seeds:
         for m in methods:
@@ -145,8 +161,14 @@ def plan_runs(methods: Sequence[str], policies: Sequence[str], seeds: Sequence[i
                     extra = dict(POLICY_SETTINGS[p])
                     if p == "at_labels":
                         extra["refresh.at"] = [at_labels_point(schedule)]
-                    runs.append(RunSpec(m, p, seed, tuple(base + ["method=asvp", "strategy=margin",
-                                                                  f"refresh.policy={p}"] + _sets(extra))))
+                    for ref in (references if p == "score_drop" else ("first",)):
+                        sets = dict(extra)
+                        if ref != "first":  # "first" runs keep the command line of the runs made before
+                            sets["refresh.reference"] = ref
+                        if ref == "min_labels":
+                            sets["refresh.reference_min_labels"] = reference_min_labels
+                        runs.append(RunSpec(m, p, seed, tuple(base + ["method=asvp", "strategy=margin",
+                                                                      f"refresh.policy={p}"] + _sets(sets)), ref))
     return runs
 
 
@@ -239,20 +261,30 @@ def run_row(spec: RunSpec, s: dict, v0: Tuple[float, float], log_path: Path) -> 
     phases = cost.get("compute_seconds") or {}
     rounds = s.get("rounds") or []
     final = s.get("final") or {}
-    uses_v0 = spec.method != "standard"
-    rounds_wall = sum(v["wall"] for k, v in phases.items() if k not in ("extract", "final_train"))
-    rounds_cpu = sum(v["cpu"] for k, v in phases.items() if k not in ("extract", "final_train"))
     final_wall = (phases.get("final_train") or {}).get("wall", 0.0)
     final_cpu = (phases.get("final_train") or {}).get("cpu", 0.0)
-    sampling = rounds_wall + (v0[0] if uses_v0 else 0.0)
-    cpu_s = rounds_cpu + final_cpu + (v0[1] if uses_v0 else 0.0)
+    if "spent_wall_seconds_total" in cost:  # the ledger charges cached feature versions itself
+        # standard AL samples without features v0 (the driver extracts them only for the proxy
+        # accuracy it reports), so they are not charged to it, as in the older rows
+        skip = ("final_train", "extract") if spec.method == "standard" else ("final_train",)
+        sampling = sum(v["wall"] for k, v in phases.items() if k not in skip)
+        spent = sum(v["spent_wall"] for k, v in phases.items() if k not in skip)
+        cpu_s = float(cost.get("cpu_seconds_total", 0.0)) - sum(
+            v["cpu"] for k, v in phases.items() if k in skip and k != "final_train")
+    else:  # older runs: add the benchmark's one v0 extraction to every run that used v0
+        uses_v0 = spec.method != "standard"
+        rounds_wall = sum(v["wall"] for k, v in phases.items() if k not in ("extract", "final_train"))
+        rounds_cpu = sum(v["cpu"] for k, v in phases.items() if k not in ("extract", "final_train"))
+        sampling = rounds_wall + (v0[0] if uses_v0 else 0.0)
+        spent = sum(v["wall"] for k, v in phases.items() if k != "final_train")
+        cpu_s = rounds_cpu + final_cpu + (v0[1] if uses_v0 else 0.0)
     per_cpu_hour = (cost.get("unit_prices") or {}).get("per_cpu_hour", 0.05)
     return {
         "run": spec.name, "group": spec.group, "method": spec.method, "policy": spec.policy, "seed": spec.seed,
         "strategy": s.get("strategy"), "labels": rounds[-1]["n_labeled"] if rounds else 0,
         "final_acc": final.get("test_accuracy"), "final_method": final.get("training_method"),
         "proxy_acc": rounds[-1].get("proxy_test_accuracy") if rounds else None,
-        "sampling_s": round(sampling, 1),
+        "sampling_s": round(sampling, 1), "spent_s": round(spent, 1),
         "eval_in_sampling_s": round(eval_seconds_in_rounds(log_path), 1) if spec.method == "standard" else 0.0,
         "final_s": round(final_wall, 1), "compute_s": round(sampling + final_wall, 1),
         "refreshes": sum(1 for r in rounds if r.get("refreshed")),
@@ -268,8 +300,8 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-AGG_COLUMNS = ("final_acc", "proxy_acc", "sampling_s", "eval_in_sampling_s", "final_s", "compute_s", "refreshes",
-               "compute_usd")
+AGG_COLUMNS = ("final_acc", "proxy_acc", "sampling_s", "spent_s", "eval_in_sampling_s", "final_s", "compute_s",
+               "refreshes", "compute_usd")
 
 
 def aggregate(rows: Sequence[Dict[str, object]], order: Sequence[str]) -> List[Dict[str, object]]:
@@ -368,10 +400,10 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
         for a in agg:
             w.writerow([a["group"], a["seeds"], a["labels"], a["final_method"]]
                        + [round(x, 6) for c in AGG_COLUMNS for x in a[c]])
-    per_run = ["| run | final model | final_acc | proxy_acc | sampling_s | final_s | refreshed at (labels) |",
-               "|---|---|---|---|---|---|---|"]
+    per_run = ["| run | final model | final_acc | proxy_acc | sampling_s | spent_s | final_s | refreshed at (labels) |",
+               "|---|---|---|---|---|---|---|---|"]
     per_run += [f"| {r['run']} | {r['final_method']} | {_num(r['final_acc'])} | {_num(r['proxy_acc'])} | "
-                f"{r['sampling_s']:.0f} | {r['final_s']:.0f} | {r['refresh_at']} |" for r in rows]
+                f"{r['sampling_s']:.0f} | {r['spent_s']:.0f} | {r['final_s']:.0f} | {r['refresh_at']} |" for r in rows]
     monitor = ["| run | per round: labels logme / logme_ped (after a refresh: *refreshed* scores) | proxy acc |",
                "|---|---|---|"]
     for (spec, _), sm in zip(done, summaries):
@@ -389,9 +421,9 @@ def write_outputs(runs: Sequence[RunSpec], out: Path, report: bool) -> Optional[
         monitor.append(f"| {spec.name} | {'; '.join(cells)} | {accs} |")
     pairs = [(spec, sm) for (spec, _), sm in zip(done, summaries)]
     text = (markdown(agg) + f"\nFeatures v0 (pool + test) extracted once in {v0[0]:.0f}s, charged to every proxy "
-            "method's sampling_s.\n\nClaim check:\n" + claim_check(rows) + "\nPer run:\n\n" + "\n".join(per_run)
+            "method's sampling_s (spent_s: what each run's process ran).\n\nClaim check:\n" + claim_check(rows) + "\nPer run:\n\n" + "\n".join(per_run)
             + "\n\nAlignment monitor (ASVP runs):\n\n" + "\n".join(monitor) + "\n"
-            + "\n" + threshold_replay(pairs))
+            + "\n" + threshold_replay(pairs) + "\n" + reference_replay(pairs))
     (out / "aggregate.md").write_text(text)
     print(text)
     plots = plot_aggregate(pairs, rows, agg, out)
@@ -442,6 +474,98 @@ def threshold_replay(runs_and_summaries, score: str = "logme") -> str:
         lines.append(f"| seed {seed} ({name}) | " + ", ".join(f"{n}: {a:.3f}" for n, a in series) + " | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+REPLAY_REFERENCE_THRESHOLDS = (0.02, 0.05, 0.1)
+
+
+def _replay_one(series: Sequence[dict], policy) -> Tuple[int, List[int], Optional[str]]:
+    """Run ``policy`` over one run's recorded rounds while its decisions match the run's.
+
+    Returns:
+        ``(rounds followed, label counts where it refreshed, divergence)``; the divergence says
+        what the policy would have done where the run did otherwise (beyond it nothing is
+        recorded), None when it agreed to the end.
+    """
+    sys.path.insert(0, str(ROOT))
+    from asvp_ray.alignment import History, RoundState
+
+    h = History()
+    refreshed: List[int] = []
+    for i, r in enumerate(series):
+        h.append(RoundState(round=int(r["round"]), n_labeled=int(r["n_labeled"]), scores=r.get("alignment") or {}))
+        d = policy.decide(h)
+        if d.refresh != bool(r.get("refreshed")):
+            what = "refresh" if d.refresh else "no refresh"
+            return i, refreshed, f"{what} at {r['n_labeled']}"
+        if d.refresh:
+            refreshed.append(int(r["n_labeled"]))
+        h.mark_refreshed(d.refresh, refreshed_scores=r.get("alignment_after_refresh"))
+    return len(series), refreshed, None
+
+
+def reference_replay(runs_and_summaries, score: str = "logme",
+                     reference_min_labels: int = DEFAULT_REFERENCE_MIN_LABELS) -> str:
+    """What ``score_drop`` (max_refreshes 2, min_new_labels 1) would have done with each
+    ``refresh.reference``, replayed through the real policy over the per-round scores the ASVP
+    runs recorded. A decision can be followed only along a recorded path: for each seed the run
+    whose decisions the replay matches longest is used; where the replay would have decided
+    otherwise than every recorded run, the cell says so and the rest is unknown."""
+    sys.path.insert(0, str(ROOT))
+    from asvp_ray.alignment import REFRESH_POLICIES
+
+    by_seed: Dict[int, List[Tuple[str, list]]] = {}
+    for spec, s in runs_and_summaries:
+        rounds = [r for r in s.get("rounds") or [] if (r.get("alignment") or {}).get(score) is not None]
+        if spec.method == "asvp" and rounds:
+            by_seed.setdefault(spec.seed, []).append((spec.name, rounds))
+    refs = [("first", "first"), ("best", "best"), (f"min_labels {reference_min_labels}", "min_labels")]
+    head = ["seed", "threshold"] + [r for r, _ in refs]
+    lines = [f"Reference replay ({score}; score_drop with max_refreshes 2; label counts where it refreshes; "
+             "\"then X at N\": no recorded run took that decision, later rounds unknown):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for seed in sorted(by_seed):
+        for t in REPLAY_REFERENCE_THRESHOLDS:
+            cells = []
+            for _, mode in refs:
+                policy = REFRESH_POLICIES.create("score_drop", score=score, threshold=t, min_new_labels=1,
+                                                 max_refreshes=2, reference=mode,
+                                                 reference_min_labels=reference_min_labels)
+                best = max((_replay_one(series, policy) + (name,) for name, series in by_seed[seed]),
+                           key=lambda x: (x[2] is None, x[0]))
+                followed, hits, diverge, name = best
+                text = ", ".join(map(str, hits)) or "none"
+                if diverge:
+                    text = (text + f", then {diverge}, later ?") if hits else f"{diverge}, later ?"
+                else:
+                    text += f" (to {by_seed[seed][0][1][-1]['n_labeled']})" if not hits else ""
+                cells.append(text)
+            lines.append(f"| {seed} | {t:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_CELL_RE = re.compile(r"(\d+): (-?[\d.]+|nan) / (-?[\d.]+|nan)(?: \*-> (-?[\d.]+|nan) / (-?[\d.]+|nan)\*)?")
+
+
+def recorded_monitor_series(md_path: Path) -> List[Tuple[RunSpec, dict]]:
+    """(spec, summary-like dict) pairs rebuilt from the "Alignment monitor" table of an
+    aggregate.md (scores there are rounded to 3 decimals), for the replays."""
+    out = []
+    for line in md_path.read_text().splitlines():
+        m = re.match(r"\| (asvp-margin-([a-z_]+?)(?:-(best|min_labels))?-s(\d+)) \| (.*?) \| [\d., ]+ \|$", line)
+        if not m:
+            continue
+        name, policy, ref, seed, cells = m.groups()
+        rounds = []
+        for i, c in enumerate(_CELL_RE.finditer(cells)):
+            n, a, b, a2, b2 = c.groups()
+            rec = {"round": i, "n_labeled": int(n), "alignment": {"logme": float(a), "logme_ped": float(b)},
+                   "refreshed": a2 is not None}
+            if a2 is not None:
+                rec["alignment_after_refresh"] = {"logme": float(a2), "logme_ped": float(b2)}
+            rounds.append(rec)
+        out.append((RunSpec("asvp", policy, int(seed), (), ref or "first"), {"rounds": rounds}))
+    return out
 
 
 def _group_stats(pairs, order: Sequence[str]) -> Dict[str, Tuple[float, float]]:
@@ -557,6 +681,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                   "(random = SVPp with random selection)")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                     help=f"ASVP refresh policies, comma list of {', '.join(POLICIES)} (default: %(default)s)")
+    ap.add_argument("--references", default="first",
+                    help=f"refresh.reference values for the score_drop rows, comma list of {', '.join(REFERENCES)} "
+                         "(default: %(default)s)")
+    ap.add_argument("--reference-min-labels", type=int, default=DEFAULT_REFERENCE_MIN_LABELS,
+                    help="refresh.reference_min_labels of the min_labels rows (default: %(default)s)")
+    ap.add_argument("--trigger-rows", action="store_true",
+                    help="only the ASVP rows of the trigger study: score_drop with every refresh.reference, and "
+                         "probe (same as --methods asvp --policies score_drop,probe --references "
+                         "first,best,min_labels)")
+    ap.add_argument("--replay-from", type=Path, default=None,
+                    help="print the threshold and reference replays from the alignment-monitor table of an "
+                         "aggregate.md (e.g. bench/results/paper_fashion_mnist.md) and exit")
     ap.add_argument("--quick", action="store_true", help="tiny pool and short fine-tunes: an end-to-end check")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra config override for every run, e.g. --set train.epochs=4 (repeatable)")
@@ -565,13 +701,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
 
+    if args.replay_from is not None:
+        pairs = recorded_monitor_series(args.replay_from)
+        if not pairs:
+            raise SystemExit(f"{args.replay_from}: no alignment-monitor rows (| asvp-margin-... |) found")
+        print(threshold_replay(pairs) + "\n" + reference_replay(pairs, reference_min_labels=args.reference_min_labels))
+        return 0
+    if args.trigger_rows:
+        args.methods, args.policies, args.references = "asvp", "score_drop,probe", ",".join(REFERENCES)
     out = (args.out or Path("runs/paper-quick" if args.quick else "runs/paper")).resolve()
     seeds = _seeds(args.seeds or ("1" if args.quick else "3"))
     methods = _names(args.methods, METHODS, "method")
     policies = _names(args.policies, POLICIES, "policy")
+    references = _names(args.references, REFERENCES, "reference")
     common = [f"feature_cache={out / 'feature_cache'}"] + (_sets(QUICK_SETTINGS) if args.quick else [])
     schedule = _schedule(args.config, common + args.sets)
-    runs = plan_runs(methods, policies, seeds, schedule, common)
+    runs = plan_runs(methods, policies, seeds, schedule, common, references, args.reference_min_labels)
     out.mkdir(parents=True, exist_ok=True)
 
     if not args.aggregate_only:

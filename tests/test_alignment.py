@@ -90,6 +90,39 @@ def naive_ped_step(z, labels, dt=0.1, nsigma=0.6, constant=1.0):
     return out
 
 
+def released_ped(f, y, reference, dt=0.1, nsigma=0.6, constant=1.0, exit_ratio=0.5, max_steps=6):
+    """PED as the authors' released code runs it (ASVP.md), written plainly with loops:
+    class means and radii recomputed from the moved samples every step; a step's movement is
+    the L1 norm of the per-class moves (each class once); a step whose movement is at most
+    exit_ratio x the first step's is computed and thrown away, and the loop ends."""
+    mean = reference.mean(0)
+    std = np.maximum(reference.std(0), 1e-3)
+    z = (np.asarray(f, dtype=np.float64) - mean) / std
+    classes = list(np.unique(y))
+    first = None
+    for _ in range(max_steps):
+        mu = {c: z[y == c].mean(0) for c in classes}
+        rad = {c: np.sqrt(z[y == c].var(0).sum()) for c in classes}
+        moves = {}
+        for i in classes:
+            move = np.zeros(z.shape[1])
+            for j in classes:
+                dist = np.linalg.norm(mu[i] - mu[j])
+                if i == j or dist == 0:
+                    continue
+                overlap = max(nsigma * (rad[i] + rad[j]) - dist, 0.0)
+                move += min(0.5 * dt * dt * constant * overlap, overlap) * (mu[i] - mu[j]) / dist
+            moves[i] = move
+        movement = sum(np.abs(moves[c]).sum() for c in classes)
+        if first is None:
+            first = movement
+        elif movement <= exit_ratio * first:
+            break
+        for c in classes:
+            z[y == c] += moves[c]
+    return z * std + mean
+
+
 def hist(*rows):
     """History from (round, n_labeled, logme[, refreshed[, refreshed_logme]]) tuples."""
     h = History()
@@ -247,14 +280,72 @@ def test_ped_respects_exit_ratio():
     rng = np.random.default_rng(15)
     f, y = blobs(rng, 40, [[0.0, 0.0], [0.2, 0.0]])
     # With 0.5 dt^2 a = 0.18 each step closes 36% of a two-class overlap, so the movement
-    # falls geometrically (1, 0.64, 0.41, ...): exit_ratio=0.5 stops after step 3.
+    # falls geometrically (1, 0.64, 0.41, ...): the third step falls to exit_ratio=0.5 of the
+    # first and is discarded, so two steps are applied.
     result = ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.5, max_steps=20)
     moves = result.movements
-    assert result.steps == 3
-    assert all(m > 0.5 * moves[0] for m in moves[1:-1])
-    assert moves[-1] <= 0.5 * moves[0]
-    # A stricter ratio needs more steps.
-    assert ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.1, max_steps=20).steps == 7
+    assert result.steps == 2
+    assert moves[1] > 0.5 * moves[0]
+    assert result.discarded is not None and result.discarded <= 0.5 * moves[0]
+    assert result.discarded == pytest.approx(moves[0] * 0.64**2, rel=0.05)
+    # the discarded step is not applied: the same as stopping after two steps
+    np.testing.assert_array_equal(result.features, ped_move(f, y, dt=0.6, exit_ratio=0.0, max_steps=2))
+    # A stricter ratio needs more steps (0.64^6 > 0.1 >= 0.64^7).
+    assert ped_trace(f, y, dt=0.6, constant=1.0, exit_ratio=0.1, max_steps=20).steps == 6
+
+
+def test_ped_exit_rule_matches_released_algorithm_overlapping_classes_dt_035():
+    # Four overlapping classes, PED standardised by a separate pool: at dt 0.35 the fourth
+    # step's movement falls below half the first's, so the released code discards it.
+    rng = np.random.default_rng(0)
+    f, y = blobs(rng, 40, [[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.7, 0.0], [0.4, 0.5, 0.3]])
+    pool = rng.normal(size=(300, 3)) * 1.5
+    result = ped_trace(f, y, reference=pool, dt=0.35)
+    assert result.steps == 3 and result.discarded is not None  # the exit rule fired
+    assert result.discarded <= 0.5 * result.movements[0] < result.movements[-1]
+    expected = released_ped(f, y, pool, dt=0.35)
+    np.testing.assert_allclose(result.features, expected, atol=1e-12)
+    # one step more (the discarded one applied) is a visibly different answer
+    assert np.abs(ped_move(f, y, reference=pool, dt=0.35, exit_ratio=0.0, max_steps=4) - expected).max() > 0.01
+    assert logme_ped(f, y, reference=pool, dt=0.35) == pytest.approx(logme(expected, y), abs=1e-12)
+
+
+def test_ped_exit_rule_matches_released_algorithm_unequal_class_sizes_dt_025():
+    # Five classes of 29 to 145 samples: a step's movement counts each class once, so the
+    # small classes weigh as much as the big ones (a per-sample sum of displacements, with the
+    # same discard rule, ends elsewhere here: 0.08 apart in the moved features).
+    rng = np.random.default_rng(578)
+    c, d = int(rng.integers(3, 6)), int(rng.integers(2, 6))
+    sizes = rng.integers(5, 150, size=c)
+    centres = rng.normal(size=(c, d)) * rng.uniform(0.3, 2.5)
+    spread = rng.uniform(0.3, 1.5)
+    y = np.concatenate([np.full(k, i) for i, k in enumerate(sizes)])
+    f = centres[y] + spread * rng.normal(size=(y.size, d))
+    assert sizes.max() > 4 * sizes.min()
+    y = y * 3 + 7  # labels need not be 0..C-1
+    result = ped_trace(f, y, dt=0.25)
+    assert result.steps < 6 and result.discarded is not None
+    expected = released_ped(f, y, f, dt=0.25)
+    np.testing.assert_allclose(result.features, expected, atol=1e-12)
+    # applying the discarded step too is a different answer
+    assert np.abs(ped_move(f, y, dt=0.25, exit_ratio=0.0, max_steps=6) - expected).max() > 0.05
+    assert logme_ped(f, y, dt=0.25) == pytest.approx(logme(expected, y), abs=1e-12)
+
+
+def test_ped_default_parameters_match_released_algorithm_and_coinciding_means():
+    rng = np.random.default_rng(19)
+    f, y = blobs(rng, 30, rng.normal(size=(5, 8)) * 0.7)
+    pool = rng.normal(size=(400, 8))
+    np.testing.assert_allclose(ped_move(f, y, reference=pool), released_ped(f, y, pool), atol=1e-12)
+    # N < D, as early labelled sets are
+    g, z = blobs(rng, 4, rng.normal(size=(3, 40)) * 0.5)
+    np.testing.assert_allclose(ped_move(g, z), released_ped(g, z, g), atol=1e-12)
+    # two classes with the same mean have no direction to repel in: they stay put, no NaN
+    h = np.vstack([f[y == 0], f[y == 0] * -1 + 2 * f[y == 0].mean(0)])
+    k = np.repeat([0, 1], (y == 0).sum())
+    moved = ped_move(h, k)
+    assert np.isfinite(moved).all()
+    np.testing.assert_allclose(moved, released_ped(h, k, h), atol=1e-12)
 
 
 def test_ped_step_capped_at_overlap():
@@ -368,6 +459,52 @@ def test_score_drop_baseline_is_score_after_last_refresh():
     h3 = hist((0, 100, 1.0), (1, 200, 0.8, True), (2, 300, 1.4), (3, 400, 1.2))
     assert h3.score_at_last_refresh("logme") == 1.4
     assert policy.decide(h3).refresh
+
+
+def test_score_drop_reference_options_and_the_recorded_reference():
+    # round 0 measured on 100 labels is low (noisy); the score then rises and falls again
+    rows = [(0, 100, 0.60), (1, 200, 0.90), (2, 300, 0.82), (3, 400, 0.70)]
+    first = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None)
+    best = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="best")
+    late = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="min_labels",
+                                   reference_min_labels=200)
+    decided = {}
+    for name, policy in (("first", first), ("best", best), ("min_labels", late)):
+        h = History()
+        out = []
+        for r, n, score in rows:
+            h.append(RoundState(round=r, n_labeled=n, scores={"logme": score}))
+            d = policy.decide(h)
+            out.append(d)
+            h.mark_refreshed(d.refresh, refreshed_scores={"logme": 1.0} if d.refresh else None)
+        decided[name] = out
+    # first: 0.70 is above round 0's 0.60, so it never fires
+    assert [d.refresh for d in decided["first"]] == [False] * 4
+    assert all(d.reference == {"mode": "first", "score": 0.6, "round": 0, "n_labeled": 100}
+               for d in decided["first"])
+    # best: 0.82 is 0.08 below the best 0.90 (no), 0.70 is 0.20 below it (refresh)
+    assert [d.refresh for d in decided["best"]] == [False, False, False, True]
+    assert decided["best"][3].reference == {"mode": "best", "score": 0.9, "round": 1, "n_labeled": 200}
+    assert decided["best"][3].scores["drop"] == pytest.approx(0.2)
+    assert "best reference: at round 1 (200 labels; never refreshed)" in decided["best"][3].reason
+    # min_labels 200: no reference at 100 labels, then round 1's 0.90
+    assert decided["min_labels"][0].reference is None and "no reference yet" in decided["min_labels"][0].reason
+    assert [d.refresh for d in decided["min_labels"]] == [False, False, False, True]
+    assert decided["min_labels"][2].reference["round"] == 1
+
+
+def test_score_drop_best_reference_restarts_after_a_refresh():
+    policy = REFRESH_POLICIES.create("score_drop", threshold=0.1, max_refreshes=None, reference="best")
+    # refreshed to 1.5; the later 1.7 becomes the reference on the new features, round 1's 2.0
+    # on the old features never counts
+    h = hist((0, 100, 2.0), (1, 200, 1.0, True, 1.5), (2, 300, 1.7), (3, 400, 1.55))
+    d = policy.decide(h)
+    assert d.refresh and d.reference == {"mode": "best", "score": 1.7, "round": 2, "n_labeled": 300}
+    late = REFRESH_POLICIES.create("score_drop", threshold=0.1, reference="min_labels", reference_min_labels=350)
+    d = late.decide(hist((0, 100, 2.0), (1, 200, 1.0, True, 1.5), (2, 300, 1.7), (3, 400, 1.55)))
+    assert not d.refresh and d.reference["round"] == 3  # the first score with >= 350 labels: itself
+    with pytest.raises(ConfigError, match="reference='last'.*first, best, min_labels"):
+        REFRESH_POLICIES.create("score_drop", reference="last")
 
 
 def test_score_drop_blocked_by_min_new_labels():

@@ -6,7 +6,7 @@ Public API::
     ped_move(features, labels, reference=None, dt=0.1, nsigma=0.6, ...) -> moved features
     logme_ped(features, labels, reference=None, **ped_kwargs) -> float
     alignment_scores(features, labels, reference=None, scores=("logme", "logme_ped")) -> dict
-    REFRESH_POLICIES.create("score_drop", threshold=0.05).decide(history, probe=None) -> Decision
+    REFRESH_POLICIES.create("score_drop", threshold=0.05, reference="best").decide(history) -> Decision
 """
 from asvp_ray.alignment.logme import logme
 from asvp_ray.alignment.ped import (
@@ -18,6 +18,7 @@ from asvp_ray.alignment.ped import (
     ped_trace,
 )
 from asvp_ray.alignment.policies import (
+    REFERENCES,
     REFRESH_POLICIES,
     AtLabels,
     Decision,
@@ -26,6 +27,7 @@ from asvp_ray.alignment.policies import (
     Never,
     Probe,
     ProbeFn,
+    Reference,
     RefreshPolicy,
     RoundState,
     ScoreDrop,
@@ -33,6 +35,7 @@ from asvp_ray.alignment.policies import (
 
 __all__ = [
     "ALIGNMENT_SCORES",
+    "REFERENCES",
     "REFRESH_POLICIES",
     "AtLabels",
     "Decision",
@@ -42,6 +45,7 @@ __all__ = [
     "PedResult",
     "Probe",
     "ProbeFn",
+    "Reference",
     "RefreshPolicy",
     "RoundState",
     "ScoreDrop",

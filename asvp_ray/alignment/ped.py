@@ -9,9 +9,16 @@ overlapping classes apart. The procedure follows ASVP.md ("Alignment score"):
 3. for each class pair: overlap = max(nsigma (R_i + R_j) - ||mu_i - mu_j||, 0),
    step = min(0.5 dt^2 constant overlap, overlap); each class moves by ``step`` directly
    away from the other;
-4. every sample shifts by its class's summed move; repeat up to ``max_steps``, stopping
-   after a step whose total movement is at most ``exit_ratio`` times the first step's;
+4. every sample shifts by its class's summed move; repeat up to ``max_steps``. A step's
+   movement is the L1 norm of the C x D matrix of per-class moves (each class counted once,
+   whatever its size); the first step's movement is the reference, and a later step whose
+   movement is at most ``exit_ratio`` times it is computed but discarded (not applied), and
+   ends the loop -- the stopping rule of the authors' released code;
 5. un-standardise.
+
+Kept from this project on top of the released code: labels need not be 0..C-1 (any integer
+ids), and two classes whose means coincide have no direction to repel in, so they do not move
+apart (instead of dividing by zero); neither case is silently skipped otherwise.
 """
 from __future__ import annotations
 
@@ -43,13 +50,16 @@ class PedResult:
 
     Attributes:
         features: N x D moved features, in the input's (un-standardised) space, float64.
-        movements: one entry per step taken: the sum over samples of each sample's
-            displacement norm in standardised space. The last step is included even when
-            it triggered the exit rule (it was applied).
+        movements: one entry per step applied: the L1 norm of the C x D per-class moves in
+            standardised space (each class counted once).
+        discarded: the movement of the step that triggered the exit rule (computed, at most
+            ``exit_ratio`` times the first step's, and not applied), or None when the loop
+            ended at ``max_steps`` or because the first step moved nothing.
     """
 
     features: np.ndarray
     movements: Tuple[float, ...]
+    discarded: Optional[float] = None
 
     @property
     def steps(self) -> int:
@@ -134,16 +144,20 @@ def ped_trace(
     coef = 0.5 * dt * dt * constant
     total_move = np.zeros((c, d))
     movements = []
+    discarded = None
     for _ in range(max_steps):
         move = _class_moves(mu, radius, coef, nsigma)
-        moved = float((counts * np.sqrt((move * move).sum(axis=1))).sum())
+        moved = float(np.abs(move).sum())  # L1 of the per-class moves, each class once
+        if movements and moved <= exit_ratio * movements[0]:
+            discarded = moved  # the released code's exit: this step is not applied
+            break
         mu = mu + move  # a translation: radii stay the same
         total_move += move
         movements.append(moved)
-        if moved <= exit_ratio * movements[0]:
-            break  # covers a first step of 0: nothing overlaps, nothing will move
+        if moved == 0.0:
+            break  # nothing overlaps: every later step would move nothing too
     out = f + total_move[inverse] * std
-    return PedResult(features=out, movements=tuple(movements))
+    return PedResult(features=out, movements=tuple(movements), discarded=discarded)
 
 
 def ped_move(
@@ -166,8 +180,8 @@ def ped_move(
         dt: time step.
         nsigma: k, how many radii two classes may overlap before they repel.
         constant: a, the force constant.
-        exit_ratio: stop after a step whose total movement is at most this fraction of
-            the first step's.
+        exit_ratio: a step whose movement (L1 of the per-class moves) is at most this
+            fraction of the first step's is discarded and ends the loop.
         max_steps: at most this many steps.
 
     Returns:

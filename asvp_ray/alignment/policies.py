@@ -30,6 +30,8 @@ __all__ = [
     "EveryRound",
     "History",
     "Never",
+    "REFERENCES",
+    "Reference",
     "Probe",
     "ProbeFn",
     "RefreshPolicy",
@@ -46,11 +48,14 @@ class Decision:
         refresh: whether to refresh the features now.
         reason: which rule fired or blocked, with its numbers, for the run's log.
         scores: the numbers the decision used (scores, thresholds, label counts).
+        reference: for score-based policies, the score compared against
+            (:meth:`Reference.to_json`: mode, score, round, n_labeled), or None.
     """
 
     refresh: bool
     reason: str
     scores: Dict[str, float] = field(default_factory=dict)
+    reference: Optional[Dict[str, object]] = None
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,30 @@ class History:
         after = [s for s in self._rounds if s.round > state.round and name in s.scores]
         return float(after[0].scores[name]) if after else None
 
+    def measurements(self, name: str) -> List[Tuple[int, int, float, str]]:
+        """Every measurement of score ``name`` on the current feature version, oldest first.
+
+        The current version starts after the last refresh (its ``refreshed_scores``, then
+        each later round's score), else at round 0. The current round is included.
+
+        Returns:
+            ``(round, n_labeled, score, what)`` tuples; ``what`` is ``"after refresh"`` or
+            ``"round"``.
+        """
+        state = self.last_refresh
+        out: List[Tuple[int, int, float, str]] = []
+        start = -1
+        if state is not None:
+            start = state.round
+            if state.refreshed_scores is not None and name in state.refreshed_scores:
+                out.append((state.round, state.n_labeled, float(state.refreshed_scores[name]), "after refresh"))
+        for s in self._rounds:
+            if s.round > start and name in s.scores:
+                out.append((s.round, s.n_labeled, float(s.scores[name]), "round"))
+        return out
+
     def baseline(self, name: str) -> Tuple[float, int, str]:
-        """The score to compare against: right after the last refresh, else the first round.
+        """The ``first`` reference: right after the last refresh, else the first round.
 
         Returns:
             ``(score, n_labeled, description)``; the description names its round.
@@ -215,23 +242,92 @@ class History:
         Raises:
             BadInputError: the baseline round lacks score ``name``.
         """
+        ref = self.reference(name, "first")
+        assert ref is not None  # "first" always has one, or raised
+        return ref.score, ref.n_labeled, ref.description
+
+    def reference(self, name: str, mode: str = "first", min_labels: int = 0) -> Optional["Reference"]:
+        """The score a score-based policy compares the current one against.
+
+        Args:
+            name: the score.
+            mode: ``first`` -- the first measurement on the current feature version (right
+                after the last refresh, else round 0); ``best`` -- the highest measurement on
+                the current version so far, this round included; ``min_labels`` -- the
+                first measurement on the current version taken with at least ``min_labels``
+                labels.
+            min_labels: for ``min_labels``.
+
+        Returns:
+            A :class:`Reference`, or None for ``min_labels`` while no measurement on the
+            current version had ``min_labels`` labels yet (no decision can be made).
+
+        Raises:
+            ConfigError: an unknown mode.
+            BadInputError: the history is empty, or the measurement ``first`` needs lacks the
+                score.
+        """
+        if mode not in REFERENCES:
+            raise ConfigError(f"unknown score reference {mode!r}; use one of {', '.join(REFERENCES)}")
+        self.current  # noqa: B018 -- raises the empty-history error
+        found = self.measurements(name)
         state = self.last_refresh
-        if state is not None:
-            score = self.score_at_last_refresh(name)
-            if score is None:
+        if not found:
+            if state is not None:
                 raise BadInputError(
                     f"History: no {name!r} score after the refresh at round {state.round}; "
                     f"pass refreshed_scores to mark_refreshed or record {name!r} in later rounds"
                 )
-            return score, state.n_labeled, f"after the refresh at round {state.round}"
-        self.current  # noqa: B018 -- raises the empty-history error
-        first = self._rounds[0]
-        if name not in first.scores:
+            first = self._rounds[0]
             raise BadInputError(
                 f"History: round {first.round} has no {name!r} score (it has "
                 f"{', '.join(sorted(first.scores)) or 'none'}); compute it with alignment_scores"
             )
-        return float(first.scores[name]), first.n_labeled, f"at round {first.round}, never refreshed"
+        version = "never refreshed" if state is None else f"features of the refresh at round {state.round}"
+        if mode == "first":
+            pick = found[0]
+        elif mode == "best":
+            pick = max(found, key=lambda m: m[2])  # the earliest of equal scores
+        else:
+            ok = [m for m in found if m[1] >= min_labels]
+            if not ok:
+                return None
+            pick = ok[0]
+        r, n, score, what = pick
+        where = "after the refresh at round" if what == "after refresh" else "at round"
+        desc = f"{mode} reference: {where} {r} ({n} labels; {version})"
+        if state is None and mode == "first":
+            desc = f"at round {r}, never refreshed"
+        elif state is not None and mode == "first" and what == "after refresh":
+            desc = f"after the refresh at round {r}"
+        return Reference(mode=mode, score=score, round=r, n_labeled=n, description=desc)
+
+
+REFERENCES = ("first", "best", "min_labels")
+"""``refresh.reference``: what a score-based policy compares the current score against."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The score a decision compared against, recorded with the decision.
+
+    Attributes:
+        mode: ``first``, ``best`` or ``min_labels``.
+        score: its value.
+        round: the round it was measured in (after that round's refresh when it is the
+            refreshed features' first score).
+        n_labeled: labels when it was measured.
+        description: for the decision's reason.
+    """
+
+    mode: str
+    score: float
+    round: int
+    n_labeled: int
+    description: str
+
+    def to_json(self) -> Dict[str, object]:
+        return {"mode": self.mode, "score": self.score, "round": self.round, "n_labeled": self.n_labeled}
 
 
 ProbeFn = Callable[[History], Mapping[str, float]]
@@ -393,10 +489,13 @@ class AtLabels(RefreshPolicy):
 class ScoreDrop(RefreshPolicy):
     """Refresh when the alignment score fell by more than a threshold since the baseline.
 
-    The baseline is the score right after the last refresh (see
-    :meth:`History.score_at_last_refresh`), or round 0's when never refreshed. Checks, in
-    order: the drop must exceed ``threshold``; fewer than ``max_refreshes`` refreshes so
-    far; at least ``min_new_labels`` labels since the baseline's round.
+    The reference (``reference``, see :meth:`History.reference`) is taken among the scores
+    of the current feature version: ``first`` -- right after the last refresh, or round 0's
+    when never refreshed; ``best`` -- the highest so far; ``min_labels`` -- the first one
+    measured with at least ``reference_min_labels`` labels (no refresh before that). Checks,
+    in order: a reference exists; the drop must exceed ``threshold``; fewer than
+    ``max_refreshes`` refreshes so far; at least ``min_new_labels`` labels since the
+    current feature version's first measurement (the last refresh, or round 0).
 
     Defaults (to be tuned by benchmark): ``threshold=0.05`` nats per sample of LogME, a
     few percent of its typical spread across backbones; ``min_new_labels=1`` so the same
@@ -408,15 +507,19 @@ class ScoreDrop(RefreshPolicy):
         threshold: refresh only on a drop strictly greater than this (>= 0).
         min_new_labels: labels that must have arrived since the baseline (>= 0).
         max_refreshes: refresh budget for the whole run; None = unlimited.
+        reference: ``first``, ``best`` or ``min_labels`` (:data:`REFERENCES`).
+        reference_min_labels: labels the ``min_labels`` reference needs (>= 0).
 
     Raises:
-        ConfigError: an unknown score or a negative/non-finite parameter.
+        ConfigError: an unknown score or reference, or a negative/non-finite parameter.
     """
 
     score: str = "logme"
     threshold: float = 0.05
     min_new_labels: int = 1
     max_refreshes: Optional[int] = 2
+    reference: str = "first"
+    reference_min_labels: int = 0
     name = "score_drop"
 
     def __post_init__(self) -> None:
@@ -430,17 +533,36 @@ class ScoreDrop(RefreshPolicy):
                      "set an int >= 0, e.g. min_new_labels=1000")
         _check_count("score_drop", "max_refreshes", self.max_refreshes, True,
                      "set an int >= 0, or None for no cap")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"score_drop: reference={self.reference!r} is invalid; use one of "
+                              f"{', '.join(REFERENCES)}")
+        _check_count("score_drop", "reference_min_labels", self.reference_min_labels, False,
+                     "set an int >= 0, e.g. reference_min_labels=500")
 
     def decide(self, history: History, probe: Optional[ProbeFn] = None) -> Decision:
         current = history.current
         now = _current_score(history, self.score)
-        base, base_n, where = history.baseline(self.score)
-        drop = base - now
-        new_labels = current.n_labeled - base_n
+        ref = history.reference(self.score, self.reference, self.reference_min_labels)
         done = history.num_refreshes
+        if ref is None:
+            return Decision(
+                False,
+                f"score_drop: no reference yet: the {self.reference} reference needs a {self.score} "
+                f"measured with >= {self.reference_min_labels} labels on the current features "
+                f"(now {current.n_labeled}); no refresh",
+                {self.score: now, "n_labeled": float(current.n_labeled),
+                 "reference_min_labels": float(self.reference_min_labels), "refreshes": float(done),
+                 "max_refreshes": _cap_value(self.max_refreshes)},
+                None,
+            )
+        base, where = ref.score, ref.description
+        drop = base - now
+        start = history.last_refresh or history[0]  # where the current feature version began
+        new_labels = current.n_labeled - start.n_labeled
         numbers = {
             self.score: now,
             f"{self.score}_baseline": base,
+            "reference_n_labeled": float(ref.n_labeled),
             "drop": drop,
             "threshold": self.threshold,
             "new_labels": float(new_labels),
@@ -449,14 +571,16 @@ class ScoreDrop(RefreshPolicy):
             "max_refreshes": _cap_value(self.max_refreshes),
         }
         head = f"score_drop: {self.score} {now:.4f} vs {base:.4f} {where}: drop {drop:.4f}"
+        refj = ref.to_json()
         if not drop > self.threshold:
-            return Decision(False, f"{head} <= threshold {self.threshold:.4f}; no refresh", numbers)
+            return Decision(False, f"{head} <= threshold {self.threshold:.4f}; no refresh", numbers, refj)
         if self.max_refreshes is not None and done >= self.max_refreshes:
             return Decision(
                 False,
                 f"{head} > threshold {self.threshold:.4f}, but blocked by max_refreshes: "
                 f"{done} of {self.max_refreshes} refreshes used",
                 numbers,
+                refj,
             )
         if new_labels < self.min_new_labels:
             return Decision(
@@ -464,12 +588,14 @@ class ScoreDrop(RefreshPolicy):
                 f"{head} > threshold {self.threshold:.4f}, but blocked by min_new_labels: "
                 f"{new_labels} new labels < {self.min_new_labels}",
                 numbers,
+                refj,
             )
         return Decision(
             True,
             f"{head} > threshold {self.threshold:.4f}; {new_labels} new labels >= "
             f"{self.min_new_labels}; refresh {done + 1} of {_cap_text(self.max_refreshes)}",
             numbers,
+            refj,
         )
 
 
@@ -548,10 +674,12 @@ class Probe(RefreshPolicy):
             f"probe: fine-tuned {self.score} {probed:.4f} vs current {now:.4f} "
             f"(round {current.round}): gain {gain:.4f}"
         )
+        refj = {"mode": "current", "score": now, "round": current.round, "n_labeled": current.n_labeled}
         if gain > self.margin:
             return Decision(
                 True,
                 f"{head} > margin {self.margin:.4f}; refresh {done + 1} of {_cap_text(self.max_refreshes)}",
                 numbers,
+                refj,
             )
-        return Decision(False, f"{head} <= margin {self.margin:.4f}; no refresh", numbers)
+        return Decision(False, f"{head} <= margin {self.margin:.4f}; no refresh", numbers, refj)

@@ -146,6 +146,19 @@ class _SplitWriter:
         fsync_dir(self.folder)
 
 
+def _fill_cost(meta: Dict[str, Any]) -> None:
+    """What the version cost to make, from its wall ``seconds`` and the ``cost.resources`` its
+    writer held (meta.json → ``cost``: ``phase``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``resources``,
+    and for a refreshed version the ``finetune`` that made its weights)."""
+    cost = meta.get("cost")
+    if not isinstance(cost, dict) or "wall_s" in cost or meta.get("seconds") is None:
+        return
+    res = cost.get("resources") or {}
+    wall = float(meta["seconds"])
+    cost.update(wall_s=round(wall, 3), cpu_s=round(wall * float(res.get("cpus", 1.0)), 3),
+                gpu_s=round(wall * float(res.get("gpus", 0.0)), 3))
+
+
 class VersionWriter:
     """Writes one feature version; use as a context manager. Nothing is visible until ``commit``."""
 
@@ -176,6 +189,7 @@ class VersionWriter:
         meta["splits"] = {name: {"rows": w.rows, "dim": w.dim} for name, w in self.splits.items()}
         meta["rows"] = meta["splits"].get(POOL, {}).get("rows", 0)
         meta["dim"] = meta["splits"].get(POOL, {}).get("dim")
+        _fill_cost(meta)
         atomic_write_json(self.tmp / "meta.json", meta)
         final = self.store.path(self.version)
         if final.exists():
@@ -297,17 +311,68 @@ class FeatureStore:
         shutil.rmtree(self.path(version), ignore_errors=True)
 
 
-def cache_key(meta_inputs: Dict[str, Any]) -> str:
-    """A key naming features by what determines them (backbone spec, weights hash, sources)."""
+# Version 2 of the feature-cache key adds the device and the precision (issue 19). Entries of
+# version 1 (made before; their meta.json records neither) have other names and are never reused.
+CACHE_KEY_VERSION = 2
+
+
+def cache_key(meta_inputs: Dict[str, Any], *, device: str, precision: str) -> str:
+    """A key naming features by what determines them: backbone spec, weights hash, sources, and
+    the device and precision they are computed in (bf16 GPU features are not fp32 CPU features).
+
+    Args:
+        meta_inputs: the backbone spec, weights hash, sources (a JSON-able dict).
+        device: ``cpu`` or ``cuda`` (``asvp_ray.features.extract.Compute.device``).
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+    """
     import hashlib
 
-    text = json.dumps(meta_inputs, sort_keys=True, default=_json_default)
+    inputs = {**meta_inputs, "cache_key_version": CACHE_KEY_VERSION, "device": device, "precision": precision}
+    text = json.dumps(inputs, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def link_version(src: Path, dst_store: "FeatureStore", version: int) -> Path:
+def check_cached_compute(meta: Dict[str, Any], device: str, precision: str, where: Path) -> None:
+    """Refuse a cache entry whose meta.json says it was computed on another device or in another
+    precision than its key promises (a copied or hand-made folder): never mix them silently.
+
+    Raises:
+        RunDirError: naming the entry, what it holds and the fix.
+    """
+    got = (meta.get("device"), meta.get("precision"))
+    if got != (device, precision):
+        raise RunDirError(f"feature cache entry {where} holds features computed on {got[0] or 'an unrecorded device'} "
+                          f"in {got[1] or 'an unrecorded precision'}, but its key is for {device} in {precision}; "
+                          "delete that folder and rerun")
+
+
+def legacy_cache_entries(cache_root: Path) -> List[Path]:
+    """Entries of a feature cache made before device and precision were part of the key (their
+    v0/meta.json records no ``precision``); they are never reused."""
+    out = []
+    root = Path(cache_root)
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        meta = entry / "v0" / "meta.json"
+        if meta.is_file():
+            try:
+                if "precision" not in json.loads(meta.read_text()):
+                    out.append(entry)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def link_version(src: Path, dst_store: "FeatureStore", version: int,
+                 meta_update: Optional[Dict[str, Any]] = None) -> Path:
     """Make ``src`` (a complete version folder) appear as ``version`` of ``dst_store``, with hard
-    links where the file system allows (no copy of the data), atomically."""
+    links where the file system allows (no copy of the data), atomically.
+
+    Args:
+        meta_update: keys to set in the new copy's ``meta.json`` (written as a file of its own,
+            so ``src``'s stays as it was), e.g. the ``cost`` the run that made it was charged.
+    """
     dst_store.root.mkdir(parents=True, exist_ok=True)
     tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
 
@@ -318,6 +383,11 @@ def link_version(src: Path, dst_store: "FeatureStore", version: int) -> Path:
             shutil.copy2(s, d)
 
     shutil.copytree(src, tmp, copy_function=link)
+    if meta_update:
+        meta = json.loads((tmp / "meta.json").read_text())
+        meta.update(meta_update)
+        (tmp / "meta.json").unlink()  # a hard link to src's: do not write through it
+        atomic_write_json(tmp / "meta.json", meta)
     os.rename(tmp, dst_store.path(version))
     fsync_dir(dst_store.root)
     return dst_store.path(version)

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
-from asvp_ray.config import Config, dump_config, load_config
+from asvp_ray.config import Config, dump_config, load_config, upgrade_legacy_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec
@@ -118,7 +118,11 @@ class Driver:
         if self.rd.config_path.is_file():
             import yaml
 
-            old = yaml.safe_load(self.rd.config_path.read_text()) or {}
+            old = upgrade_legacy_config(yaml.safe_load(self.rd.config_path.read_text()) or {})
+            try:  # keys added since the run began compare as their defaults
+                old = load_config(raw=old).model_dump(mode="json")
+            except ConfigError:
+                pass
             diff = [k for k in config_differences(old, self.cfg.model_dump(mode="json"))
                     if not k.startswith(RESUMABLE_CHANGES)]
             if diff:
@@ -131,7 +135,7 @@ class Driver:
         self.next_round = int(state["next_round"]) if state else 0
         self.final_done = bool(state and state.get("final_done"))
         self.open_round = state.get("open_round") if state else None
-        extract_s = self.versions.open(int(state["feature_version"]) if state else None)
+        pending_v0 = self.versions.open(int(state["feature_version"]) if state else None)
         lab = self.rd.read_labeled()
         keep = lab["round"] < self.next_round
         if self.open_round is not None:  # labels imported for the round awaiting completion
@@ -148,8 +152,7 @@ class Driver:
         self.ledger = self._new_ledger(self.summary.get("ledger"),
                                        before_round=None if self.final_done else self.next_round)
         self.ledger.add_labels(len(self.labeled["id"]))
-        if extract_s:
-            self.ledger.add("extract", extract_s, **self.versions.extract_resources())
+        self.versions.charge_v0(self.ledger, pending_v0)
         self.history = self._rebuild_history()
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)

@@ -20,6 +20,11 @@ from asvp_ray.features.extract import extract_to_store
 log = logging.getLogger("asvp_ray.driver")
 
 
+def _device_seconds(wall: float, resources: Dict[str, float]) -> Dict[str, float]:
+    return {"wall_s": round(wall, 4), "cpu_s": round(wall * resources.get("cpus", 1.0), 4),
+            "gpu_s": round(wall * resources.get("gpus", 0.0), 4)}
+
+
 class FeatureVersions:
     """Feature versions of one run directory.
 
@@ -46,25 +51,24 @@ class FeatureVersions:
         run has none yet, remove versions of refreshes that never committed, load it.
 
         Returns:
-            seconds spent extracting v0 (None when nothing was extracted).
+            what to charge for v0 when this call made it (see :meth:`_extract_v0_or_reuse`), for
+            :meth:`charge_v0`; None when v0 was already there.
         """
         gone = self.store.clean_partial()
         if gone:
             log.warning("removed half-written feature versions left by a crash: %s", gone)
-        extract_s = None
+        pending = None
         if committed is None:
             committed = 0
             if 0 not in self.store.versions():
-                t0 = time.perf_counter()
-                self._extract_v0_or_reuse()
-                extract_s = time.perf_counter() - t0
+                pending = self._extract_v0_or_reuse()
         self.current = int(committed)
         for v in self.store.versions():
             if v > self.current:  # written by a refresh that never committed
                 log.warning("removing feature version v%d: its refresh was not committed", v)
                 self.store.remove(v)
         self.load()
-        return extract_s
+        return pending
 
     def load(self) -> None:
         """Read (memory-map) the current version's pool and test features."""
@@ -86,7 +90,7 @@ class FeatureVersions:
         for v in self.store.versions():
             m = self.store.meta(v)
             out.append({"version": v, "rows": m["rows"], "dim": m["dim"], "weights": m["weights"],
-                        "seconds": m.get("seconds"), "path": str(self.store.path(v))})
+                        "seconds": m.get("seconds"), "cost": m.get("cost"), "path": str(self.store.path(v))})
         return out
 
     # ------------------------------------------------------------------ writing versions
@@ -97,33 +101,91 @@ class FeatureVersions:
                 "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
                 "skip_unreadable": self.cfg.data.skip_unreadable}
 
-    def _extract_v0_or_reuse(self) -> None:
-        """Features v0: from the shared feature cache when it has them, else extracted (and cached)."""
-        from asvp_ray.features.store import FeatureStore, cache_key, link_version
+    # ---- what feature versions cost (issue 18): meta.json → cost, charged to the ledger
+    def _extract_v0_or_reuse(self) -> Dict[str, Any]:
+        """Features v0: from the shared feature cache when it has them, else extracted (and cached).
 
+        Returns:
+            what to charge: ``{"cached": False, "wall_s", "resources"}`` for an extraction run
+            here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
+        """
+        from asvp_ray.features.extract import resolve_compute
+        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
+                                             link_version)
+
+        t0 = time.perf_counter()
         if not self.cfg.feature_cache:
-            return self.extract(0)
-        key = cache_key(self._cache_inputs())
+            self.extract(0)
+            return {"cached": False, "wall_s": time.perf_counter() - t0, "resources": self.extract_resources()}
+        # Device and precision name the entry: bf16 GPU features are never served to a CPU run.
+        compute = resolve_compute(self.cfg.extract)
+        key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
         cache = FeatureStore(Path(self.cfg.feature_cache) / key)
         if 0 not in cache.versions():
-            log.info("feature cache %s has no features for this backbone and data; extracting", cache.root)
-            self.extract(0)
-            try:
-                link_version(self.store.path(0), cache, 0)
+            old = legacy_cache_entries(Path(self.cfg.feature_cache))
+            if old:
+                log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
+                            "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
+                            len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
+            log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
+                     "extracting", cache.root, compute.device, compute.precision)
+            self.extract(0, compute=compute)
+            res = self.extract_resources()
+            wall = time.perf_counter() - t0
+            cost = dict(self.store.meta(0).get("cost") or {}, phase="extract", resources=res,
+                        **_device_seconds(wall, res), charged_by=str(self.rd.path))
+            try:  # the cache's copy records what this run is charged, so runs reusing it pay the same
+                link_version(self.store.path(0), cache, 0, meta_update={"cost": cost})
             except OSError as e:  # another run cached it first: theirs is identical
                 log.info("feature cache not updated (%s)", e)
-        else:
-            log.info("reusing features v0 from the feature cache %s", cache.path(0))
-            link_version(cache.path(0), self.store, 0)
+            return {"cached": False, "wall_s": wall, "resources": res}
+        check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
+        log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
+                 compute.precision)
+        link_version(cache.path(0), self.store, 0)
+        cost = self.store.meta(0).get("cost")
+        return {"cached": True, "cost": cost, "spent_s": time.perf_counter() - t0, "source": str(cache.path(0))}
 
-    def extract(self, version: int, checkpoint: Optional[str] = None) -> None:
-        """Extract pool and test features into ``version`` (``checkpoint``: a fine-tuned model file)."""
+    def charge_v0(self, ledger, pending: Optional[Dict[str, Any]]) -> None:
+        """Charge features v0 to the ledger: what this process spent extracting them, or, for a
+        version made elsewhere (the feature cache, or an earlier process on this run directory
+        that stopped before committing its charge), what meta.json says it cost.
+
+        Args:
+            ledger: the run's :class:`~asvp_ray.loop.ledger.CostLedger`.
+            pending: what :meth:`open` returned.
+        """
+        if pending is not None and not pending["cached"]:
+            ledger.add("extract", pending["wall_s"], **pending["resources"])
+            return
+        if pending is not None:
+            if not pending["cost"]:
+                log.warning("features v0 from %s record no cost (made before costs were recorded); this run is "
+                            "charged 0 s for them", pending["source"])
+            ledger.add_version("extract", pending["cost"], pending["spent_s"], version=0, source=pending["source"])
+            return
+        if not ledger.has("extract") and 0 in self.store.versions():
+            ledger.add_version("extract", self.store.meta(0).get("cost"), 0.0, version=0,
+                               source=str(self.store.path(0)))
+
+    def extract(self, version: int, checkpoint: Optional[str] = None, phase: str = "extract",
+                finetune_cost: Optional[Dict[str, Any]] = None, compute=None) -> None:
+        """Extract pool and test features into ``version`` (``checkpoint``: a fine-tuned model file).
+
+        Args:
+            phase: the ledger phase it is charged under, recorded in meta.json → ``cost``.
+            finetune_cost: for a refreshed version, the fine-tune that made its weights.
+            compute: the device and precision (default: ``resolve_compute``).
+        """
         self.on_progress({"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))})
         log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
                  len(self.test) if self.test is not None else 0, self.spec.name)
+        cost: Dict[str, Any] = {"phase": phase, "resources": self.extract_resources()}
+        if finetune_cost:
+            cost["finetune"] = finetune_cost
         meta = extract_to_store(self.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path)})
+                                extra_meta={"run": str(self.rd.path), "cost": cost}, compute=compute)
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def extract_resources(self) -> Dict[str, float]:

@@ -422,11 +422,23 @@ def _trial_row(out: Path, res, sp: SearchSpace, saved_status: Optional[str]) -> 
         METRIC: accs[-1] if accs else None,
         f"{METRIC}_mean": round(sum(accs) / len(accs), 6) if accs else None,
         "final_test_accuracy": final,
+        **_cost_columns(summary),
         "run_dir": str(run_dir),
         "_curve": [(r["n_labeled"], r.get(METRIC)) for r in rounds],
         "_error": str(res.error).splitlines()[0][:300] if res.error is not None else "",
     })
     return row
+
+
+def _cost_columns(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """``sampling_seconds`` (every round's work plus the feature versions the trial used, cached
+    or not) and ``spent_seconds`` (what the trial's process ran), as in ``asvp-ray report``."""
+    from asvp_ray.loop.ledger import sampling_seconds
+    from asvp_ray.report import SAMPLING_PHASES_EXCLUDED
+
+    if not (summary.get("cost") or {}).get("compute_seconds"):
+        return {"sampling_seconds": None, "spent_seconds": None}
+    return {k: round(v, 2) for k, v in sampling_seconds(summary["cost"], SAMPLING_PHASES_EXCLUDED).items()}
 
 
 def _score(row: Dict[str, Any], use_final: bool) -> float:
@@ -505,6 +517,7 @@ def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, res
     columns = ["trial", "status", *sp.keys, "rounds", "n_labeled", METRIC, f"{METRIC}_mean"]
     if any(r["final_test_accuracy"] is not None for r in rows):
         columns.append("final_test_accuracy")
+    columns += ["sampling_seconds", "spent_seconds"]
     table = format_table(rows, columns)
 
     csv_path = out / "results.csv"

@@ -17,6 +17,7 @@ log = logging.getLogger("asvp_ray.driver")
 @METHODS.register("asvp")
 class ASVP(Method):
     name = "asvp"
+    _probe_result = None  # the probe's fine-tune of the round being decided
 
     def refresh_policy(self):
         from asvp_ray.alignment import REFRESH_POLICIES
@@ -30,7 +31,8 @@ class ASVP(Method):
             kwargs = {"at": list(rc.at)}
         elif rc.policy == "score_drop":
             kwargs = {"score": rc.score, "threshold": rc.threshold, "min_new_labels": rc.min_new_labels,
-                      "max_refreshes": rc.max_refreshes}
+                      "max_refreshes": rc.max_refreshes, "reference": rc.reference,
+                      "reference_min_labels": rc.reference_min_labels}
         elif rc.policy == "probe":
             kwargs = {"score": rc.score, "margin": rc.margin, "max_refreshes": rc.max_refreshes}
         if rc.policy in ("score_drop", "probe") and rc.score not in cfg.monitor.scores:
@@ -47,13 +49,15 @@ class ASVP(Method):
             scores = self._monitor()
         d.history.append(RoundState(round=r, n_labeled=int(len(d.labeled["id"])), scores=scores))
         probe = self._probe_fn(seconds) if getattr(d.policy, "requires_probe", False) else None
+        self._probe_result = None  # set by the probe: its fine-tune, reused by a refresh decided now
         decision = d.policy.decide(d.history, probe=probe)
-        extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores})
+        extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores,
+                      "decision_reference": decision.reference})
         log.info("round %d alignment %s -> %s", r, scores, decision.reason)
         if not decision.refresh:
             d.history.mark_refreshed(False)
             return False
-        extra["refresh"] = self._refresh(seconds)
+        extra["refresh"] = self._refresh(seconds, reuse=self._probe_result)
         with d._timed(seconds, "monitor"):
             after = self._monitor()
         extra["alignment_after_refresh"] = after
@@ -85,17 +89,35 @@ class ASVP(Method):
         return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
                                                                     scores=tuple(m.scores)).items()}
 
-    def _refresh(self, seconds: Dict[str, float]) -> Dict[str, Any]:
-        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it."""
+    def _refresh(self, seconds: Dict[str, float], reuse=None) -> Dict[str, Any]:
+        """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it.
+
+        Args:
+            reuse: a FinetuneResult of the same recipe on the same labelled set (the probe's):
+                its checkpoint is used and no second fine-tune runs.
+        """
         d = self.d
         new_v = d.feature_version + 1
-        with d._timed(seconds, "refresh_finetune", **d._train_resources()):
-            res = d._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        res_t = d._train_resources()
+        out: Dict[str, Any] = {"version": new_v}
+        if reuse is not None:
+            res = reuse
+            seconds["refresh_finetune"] = 0.0
+            d.ledger.add("refresh_finetune", 0.0, round=d.next_round, reused=str(res.checkpoint))
+            out["finetune_reused"] = str(res.checkpoint)
+            log.info("refresh v%d reuses the probe's fine-tuned checkpoint %s (no second fine-tune)", new_v,
+                     res.checkpoint)
+        else:
+            with d._timed(seconds, "refresh_finetune", **res_t):
+                res = d._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+        ft_cost = {"wall_s": round(float(getattr(res, "seconds", 0.0) or 0.0), 3), **res_t,
+                   "checkpoint": str(res.checkpoint)}
         with d._timed(seconds, "refresh_extract", **d.versions.extract_resources()):
-            d.versions.extract(new_v, checkpoint=res.checkpoint)
+            d.versions.extract(new_v, checkpoint=res.checkpoint, phase="refresh_extract", finetune_cost=ft_cost)
         d.versions.switch_to(new_v)
-        return {"version": new_v, "checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
-                "extract_seconds": seconds["refresh_extract"]}
+        out.update({"checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
+                    "extract_seconds": seconds["refresh_extract"]})
+        return out
 
     def _probe_fn(self, seconds: Dict[str, float]):
         """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
@@ -106,7 +128,9 @@ class ASVP(Method):
             from asvp_ray.features.extract import extract
 
             with d._timed(seconds, "probe", **d._train_resources()):
+                # the refresh recipe on the same labelled set: a refresh decided now reuses it
                 res = d._finetune("ft", f"probe-r{d.next_round}", evaluate=False)
+                self._probe_result = res
                 chunks = list(extract(d.pool, d.spec, d.cfg.extract, ids=d.labeled["id"],
                                       checkpoint=res.checkpoint))
             ids = np.concatenate([c[0] for c in chunks])
