@@ -395,9 +395,12 @@ def tune_cmd(
     scheduler: str = typer.Option("fifo", help="fifo (every trial runs every round) or asha (early stopping "
                                                "on the per-round proxy test accuracy)."),
     grace_period: int = typer.Option(1, help="ASHA: rounds every trial runs before it can be stopped."),
-    max_concurrent: Optional[int] = typer.Option(None, help="Trials running at once (default: as resources allow)."),
-    cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves."),
-    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (for proxy.device: cuda)."),
+    max_concurrent: Optional[int] = typer.Option(None, help="Trials running at once (default and most: as many as "
+                                                         "fit in the cluster together at their peak)."),
+    cpus_per_trial: float = typer.Option(0.5, help="CPUs each trial's own actor reserves; its Ray Train workers "
+                                                   "and extraction actors come on top, and only as many trials "
+                                                   "start at once as fit in the cluster with them."),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (with proxy.device: auto the proxy is fitted on it)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and Tune's detailed output."),
 ) -> None:

@@ -66,8 +66,18 @@ class ExtractConfig(_Strict):
     num_gpus_per_actor: float = Field(1.0, gt=0, le=8)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Optional[PositiveInt] = Field(None, description="None: the node's CPUs split among actors")
-    amp: bool = Field(True, description="bf16 autocast on GPU")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision of GPU actors: auto (bf16 on compute capability >= 8.0, else fp16), "
+                            "off (float32), bf16 (refused on older cards), fp16; CPU actors always use float32. "
+                            "Recorded in meta.json and part of the feature-cache key")
     progress: bool = True
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v):
+        from asvp_ray.device import normalize_amp
+
+        return normalize_amp(v, "extract.amp") if isinstance(v, bool) else v
 
 
 class ProxyConfig(_Strict):
@@ -79,7 +89,21 @@ class ProxyConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     normalize: Literal["none", "l2", "standardize"] = "none"
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="cpu, or auto: CUDA when the process that fits the proxy sees a GPU (a Tune trial "
+                           "with --gpus-per-trial; the run's driver reserves none), logged; cuda is refused")
+
+    @field_validator("device")
+    @classmethod
+    def _device_where_it_runs(cls, v):
+        # The proxy is fitted in the run's driver, a Ray actor that reserves no GPU (asvp-ray run puts it on the
+        # head node), so 'cuda' could only fail, and only after features were extracted.
+        if v == "cuda":
+            raise ValueError(
+                "proxy.device: cuda cannot work: the proxy is fitted in the run's driver, which reserves no GPU "
+                "(it runs on the head node); set proxy.device: auto (uses a GPU where the fitting process has "
+                "one, e.g. a Tune trial started with --gpus-per-trial 1, and logs its choice) or cpu")
+        return v
 
 
 class BudgetConfig(_Strict):
@@ -340,6 +364,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), raw: 
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, origin)) from None
+
+
+def upgrade_legacy_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A run directory's ``config.yaml`` written before ``amp`` became ``auto|off|bf16|fp16``
+    (a boolean there marks such a file), in today's terms, so that resuming it with the same
+    config file is not refused: ``amp: true|false`` -> ``auto|off``, and the then-fixed
+    ``train.cpus_per_worker: 1.0`` / ``train.loader_workers: 0`` -> unset (today's defaults, which
+    resolve to the same on CPU workers, where every such run ran)."""
+    out = dict(raw)
+    train = out.get("train")
+    if not (isinstance(train, dict) and isinstance(train.get("amp"), bool)):
+        return out
+    train = dict(train)
+    train["amp"] = "auto" if train["amp"] else "off"
+    if train.get("cpus_per_worker") == 1.0:
+        train["cpus_per_worker"] = None
+    if train.get("loader_workers") == 0:
+        train["loader_workers"] = None
+    out["train"] = train
+    ext = out.get("extract")
+    if isinstance(ext, dict) and isinstance(ext.get("amp"), bool):
+        out["extract"] = {**ext, "amp": "auto" if ext["amp"] else "off"}
+    return out
 
 
 def dump_config(cfg: Config) -> str:

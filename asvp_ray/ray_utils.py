@@ -5,7 +5,8 @@ import contextlib
 import logging
 import os
 import re
-from typing import Iterator, Optional
+import time
+from typing import Dict, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,49 @@ def asvp_errors_unwrapped() -> Iterator[None]:
         if inner is not e and isinstance(inner, AsvpError):
             raise inner from None
         raise
+
+
+def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5.0) -> None:
+    """Before starting nested Ray work (a Ray Train worker group, an extraction actor pool) from this
+    process: raise when it can never start, say why when it has to wait.
+
+    It can never start when it needs more than the cluster has besides what this process itself holds
+    (an ``asvp-ray run`` inside a Ray task or actor that reserved CPUs, a Tune trial): those stay
+    held while it waits. It waits (logged, with the numbers) when other work holds the rest now.
+
+    Args:
+        need: ``{"CPU": n, "GPU": m}`` the nested work reserves.
+        what: what it is, for the messages ("Ray Train workers").
+        fix: the settings that shrink it.
+        grace_s: how long resources may take to come free (the previous phase releasing them)
+            before the wait is logged.
+
+    Raises:
+        ConfigError: it needs more than the cluster minus what this process holds.
+    """
+    import ray
+
+    from asvp_ray.errors import ConfigError
+
+    try:
+        held = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    except Exception:  # noqa: BLE001 - a driver process holds nothing
+        held = {}
+    total = ray.cluster_resources()
+    for r, n in need.items():
+        have, mine = float(total.get(r, 0.0)), held.get(r, 0.0)
+        if n > 0 and mine > 0 and n > have - mine + 1e-9:
+            raise ConfigError(
+                f"{what} need {n:g} {r} but the cluster has {have:g} {r} and this Ray task/actor holds {mine:g} of "
+                f"them while it waits, so they could never start; launch asvp-ray with fewer {r}s reserved (e.g. "
+                f"num_cpus=0 for a process that only drives the run, as `asvp-ray run` does) or shrink {fix}")
+    free = ray.available_resources()
+    deadline = time.monotonic() + grace_s  # the previous phase's workers may still be releasing theirs
+    while time.monotonic() < deadline and any(n > float(free.get(r, 0.0)) + 1e-9 for r, n in need.items() if n > 0):
+        time.sleep(0.5)
+        free = ray.available_resources()
+    for r, n in need.items():
+        if n > 0 and n > float(free.get(r, 0.0)) + 1e-9:
+            log.warning("%s need %g %s; %g of the cluster's %g are free now (%g held by this process, the rest by "
+                        "other tasks, actors or jobs: see `ray status`), so they start when those free them",
+                        what, n, r, float(free.get(r, 0.0)), float(total.get(r, 0.0)), held.get(r, 0.0))

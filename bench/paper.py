@@ -568,16 +568,35 @@ def recorded_monitor_series(md_path: Path) -> List[Tuple[RunSpec, dict]]:
     return out
 
 
+def _group_stats(pairs, order: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+    """Mean and std over seeds per group of ``(group, value)`` pairs (None values left out)."""
+    out = {}
+    for g in order:
+        vals = [float(v) for gg, v in pairs if gg == g and v is not None]
+        if vals:
+            out[g] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return out
+
+
 def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
-    """Two plots by method (mean and std over seeds), readable with any number of runs:
-    proxy and final accuracy against labels, and final accuracy against sampling seconds."""
+    """Three plots by method (mean and std over seeds), readable with any number of runs: proxy and
+    final accuracy against labels; accuracy against sampling seconds; accuracy against compute (the
+    runs' own ledgers: compute dollars and CPU-hours, unrounded). Final model accuracy and proxy
+    accuracy are always separate series or panels, no axis has an offset, and each PNG has a
+    ``.json`` of the plotted values (read back from the figure) beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from asvp_ray.report import plain_axes, save_figure
+
     order = [a["group"] for a in agg]
+    final = _group_stats([(spec.group, (s.get("final") or {}).get("test_accuracy")) for spec, s in runs_and_summaries],
+                         order)
+    proxy = _group_stats([(spec.group, (s.get("rounds") or [{}])[-1].get("proxy_test_accuracy"))
+                          for spec, s in runs_and_summaries], order)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for g in order:
         curves = [[r.get("proxy_test_accuracy") for r in s.get("rounds") or []]
@@ -587,35 +606,52 @@ def plot_aggregate(runs_and_summaries, rows, agg, out: Path) -> List[Path]:
         m, sd = arr.mean(0), arr.std(0, ddof=1) if len(arr) > 1 else np.zeros(len(labels))
         line, = ax.plot(labels, m, marker="o", ms=3, label=f"{g} proxy")
         ax.fill_between(labels, m - sd, m + sd, color=line.get_color(), alpha=0.12)
-        fin = [r["final_acc"] for r in rows if r["group"] == g and r["final_acc"] is not None]
-        if fin:
-            ax.errorbar([labels[-1] + 15 * (order.index(g) + 1)], [np.mean(fin)],
-                        yerr=[np.std(fin, ddof=1) if len(fin) > 1 else 0], fmt="*", ms=11, capsize=3,
+        if g in final:
+            ax.errorbar([labels[-1]], [final[g][0]], yerr=[final[g][1]], fmt="*", ms=11, capsize=3,
                         color=line.get_color(), label=f"{g} final model")
     ax.set_xlabel("labelled images")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("Proxy accuracy per round (lines) and final model (stars)")
+    ax.set_title("Proxy accuracy per round (lines) and final model (stars, at the last round's labels)")
     ax.grid(alpha=0.3)
+    plain_axes(ax)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    p1 = out / "aggregate_accuracy_vs_labels.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
+    paths = [save_figure(fig, out / "aggregate_accuracy_vs_labels.png")]
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for a in agg:
-        (xm, xs), (ym, ys) = a["sampling_s"], a["final_acc"]
-        ax.errorbar([xm], [ym], xerr=[xs], yerr=[ys], fmt="o", ms=7, capsize=3, label=a["group"])
-    ax.set_xlabel("sampling wall seconds (rounds + features v0; not the final training)")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("Final accuracy against sampling time (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p2 = out / "aggregate_accuracy_vs_sampling.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
+    def cost(s, key):
+        c = s.get("cost") or {}
+        return (c.get("dollars") or {}).get("compute") if key == "usd" else (
+            c["cpu_seconds_total"] / 3600 if "cpu_seconds_total" in c else None)
+
+    sampling = _group_stats([(r["group"], r.get("sampling_s")) for r in rows], order)
+    usd = _group_stats([(spec.group, cost(s, "usd")) for spec, s in runs_and_summaries], order)
+    cpu_h = _group_stats([(spec.group, cost(s, "cpu_h")) for spec, s in runs_and_summaries], order)
+    for name, title, columns in (
+            ("aggregate_accuracy_vs_sampling.png", "Accuracy against sampling time",
+             [(sampling, "sampling wall seconds (rounds + features v0; not the final training)")]),
+            ("aggregate_accuracy_vs_compute.png", "Accuracy against compute (each run's ledger, final training included)",
+             [(usd, "compute cost (US$: CPU/GPU-hours x unit prices)"), (cpu_h, "CPU-hours")])):
+        fig, axes = plt.subplots(2, len(columns), figsize=(6 * len(columns), 8.5), squeeze=False)
+        for j, (xs, xlabel) in enumerate(columns):
+            for ax, ys, ylabel in ((axes[0][j], final, "final model test accuracy"),
+                                   (axes[1][j], proxy, "last-round proxy test accuracy")):
+                for g in order:
+                    if g in xs and g in ys:
+                        ax.errorbar([xs[g][0]], [ys[g][0]], xerr=[xs[g][1]], yerr=[ys[g][1]], fmt="o", ms=7,
+                                    capsize=3, label=g)
+                ax.set_xlabel(xlabel, fontsize=8)
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+                plain_axes(ax)
+                if ax.containers:
+                    ax.legend(fontsize=7)
+                else:
+                    ax.text(0.5, 0.5, "no run trained a final model", ha="center", va="center",
+                            transform=ax.transAxes)
+        fig.suptitle(title + " (mean ± std over seeds)")
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / name))
+    return paths
 
 
 def _seeds(text: str) -> List[int]:

@@ -57,7 +57,7 @@ def plain_loop(spec: BackboneSpec, images: np.ndarray, labels: np.ndarray, cfg: 
     model = build_classifier(spec, 10, seed=cfg.seed)
     collate = _TrainCollate(images, labels, data_config(spec, model.backbone), cfg.augment, cfg.crop_scale)
     loader = torch.utils.data.DataLoader(_Indices(len(labels)), batch_size=cfg.batch_size, shuffle=True,
-                                         collate_fn=collate, num_workers=cfg.loader_workers)
+                                         collate_fn=collate, num_workers=cfg.loader_workers or 0)
     opt, _ = _optimizer(model, "ft", cfg, epochs)
     _set_mode(model, "ft")
     device = torch.device("cpu")

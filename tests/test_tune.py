@@ -30,9 +30,10 @@ FAST = ["budget.schedule=[40,40,40]", "final.training_method=none"]
 def test_example_space_parses_into_a_tune_param_space():
     sp = parse_space(SPACE, base=load_config(str(SMOKE)))
     assert sp.keys == ["strategy", "proxy.hidden", "proxy.lr", "proxy.epochs"]
-    assert sp.grid_size == 4
+    assert sp.grid_size == 2
     ps = sp.param_space()
     assert ps["strategy"] == {"grid_search": ["margin", "entropy"]}
+    assert sorted(ps["proxy.hidden"].categories) == [32, 128]
     assert (ps["proxy.lr"].lower, ps["proxy.lr"].upper) == (0.02, 0.3)
     assert sorted(ps["proxy.epochs"].categories) == [10, 20]
 
@@ -114,7 +115,7 @@ def _rows(out: Path):
 
 def _tune_cli(out: Path, *extra: str) -> subprocess.Popen:
     args = ["tune", str(SMOKE), "--space", str(SPACE), "--out", str(out), "--scheduler", "asha",
-            "--max-concurrent", "1", *extra] + [x for s in FAST for x in ("--set", s)]
+            "--max-concurrent", "1", "--num-samples", "2", *extra] + [x for s in FAST for x in ("--set", s)]
     return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=dict(os.environ, TQDM_DISABLE="1"))
 
@@ -131,7 +132,7 @@ def _finished_trials(out: Path):
 
 
 @pytest.mark.slow
-def test_study_of_four_trials_end_to_end_interrupted_and_resumed(tmp_path):
+def test_study_end_to_end_interrupted_and_resumed(tmp_path):
     """`asvp-ray tune` as a user runs it: Ctrl+C after the first trial, then the same command again."""
     out = tmp_path / "study"
     first = _tune_cli(out)
@@ -152,10 +153,10 @@ def test_study_of_four_trials_end_to_end_interrupted_and_resumed(tmp_path):
     stdout, stderr = second.communicate(timeout=900)
     assert second.returncode == 0, stderr[-4000:]
     rows = _rows(out)
-    assert len(rows) == 4
+    assert len(rows) == 4  # 2 samples of the 2-value grid
     assert all(row["trial"] in stdout for row in rows)  # the printed table
-    assert {(row["strategy"], row["proxy.hidden"]) for row in rows} == {
-        ("margin", "32"), ("margin", "128"), ("entropy", "32"), ("entropy", "128")}
+    assert sorted(row["strategy"] for row in rows) == ["entropy", "entropy", "margin", "margin"]
+    assert all(row["proxy.hidden"] in ("32", "128") for row in rows)
     assert {row["status"] for row in rows} <= {"finished", "stopped"}
     finished = [row for row in rows if row["status"] == "finished"]
     assert all(row["rounds"] == "3" and row["n_labeled"] == "120" for row in finished)
@@ -277,3 +278,142 @@ def test_cli_tune_refuses_a_bad_space_before_starting_anything(tmp_path):
     assert not out.exists()
     r = subprocess.run(CLI + ["tune", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0 and "--space" in r.stdout and "--scheduler" in r.stdout
+
+
+# ---------------------------------------------------------------------------------- resources
+README_TUNE = "asvp-ray tune examples/smoke.yaml --space examples/space.yaml --out runs/study"
+
+
+def _cli(args, timeout):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, TQDM_DISABLE="1"))
+
+
+def _check_study_outputs(out: Path, n_trials: int, tmp_path: Path):
+    """results.csv, best_config.yaml and curves.{png,json} agree with the trials' summary.json, and the
+    best config reruns unchanged with `asvp-ray run`."""
+    rows = _rows(out)
+    assert len(rows) == n_trials and all(r["status"] == "finished" for r in rows), rows
+    curves = json.loads((out / "curves.json").read_text())["axes"][0]
+    assert curves["y_offset_text"] == "" and curves["x_offset_text"] == ""
+    series = {s["label"]: s for s in curves["series"]}
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        final = summary["final"]["test_accuracy"]
+        assert 0.0 <= final <= 1.0 and float(row["final_test_accuracy"]) == pytest.approx(final)
+        proxy = next(s for name, s in series.items() if name.startswith(row["trial"]) and name.endswith("(proxy)"))
+        assert proxy["y"] == pytest.approx([r["proxy_test_accuracy"] for r in summary["rounds"]])
+        star = series[f"{row['trial']} final model"]
+        assert star["y"] == pytest.approx([final]) and star["x"] == [summary["rounds"][-1]["n_labeled"]]
+    best = out / "best_config.yaml"
+    r = _cli(["run", str(best), "--out", str(tmp_path / "best")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rerun = json.loads((tmp_path / "best" / "summary.json").read_text())
+    assert rerun["status"] == "finished" and rerun["final"]["test_accuracy"] is not None
+    assert rerun["strategy"] == rows[0]["strategy"]
+    return rows
+
+
+@pytest.mark.slow
+def test_readme_tune_command_finishes_with_default_concurrency_and_final_models(tmp_path):
+    """The README's command, unchanged but for --out: every trial trains a final model (Ray Train)
+    and the study admits only as many trials as fit with their workers, so none waits forever."""
+    readme = (ROOT / "README.md").read_text()
+    assert README_TUNE in readme and README_TUNE in SPACE.read_text()
+    args = README_TUNE.split()[1:]
+    args[args.index("runs/study")] = str(tmp_path / "study")
+    r = _cli(args, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    # On this 2-CPU machine: 0.5 CPU per trial + 1 CPU for its Ray Train worker -> one trial at a time.
+    assert "each trial needs at most 1.5 CPU" in r.stderr and "1 trial(s) at once" in r.stderr
+    rows = _check_study_outputs(tmp_path / "study", 2, tmp_path)
+    assert {row["strategy"] for row in rows} == {"margin", "entropy"}
+
+
+@pytest.mark.slow
+def test_asvp_every_round_study_refreshes_inside_its_trials_and_finishes(tmp_path):
+    """Trials that fine-tune and re-extract the pool (Ray Train, then a Ray Data actor pool sized to
+    the trial's share) and train a final model."""
+    space = tmp_path / "space.yaml"
+    space.write_text("method: asvp\nrefresh.policy: every_round\nstrategy: {grid: [margin]}\n")
+    out = tmp_path / "study"
+    r = _cli(["tune", str(SMOKE), "--space", str(space), "--out", str(out), "--set", "budget.schedule=[40]"],
+             timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "each trial needs at most 2 CPU" in r.stderr, r.stderr[-3000:]
+    rows = _check_study_outputs(out, 1, tmp_path)
+    summary = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())
+    assert summary["rounds"][0]["refreshed"] and summary["rounds"][0]["feature_version"] == 1
+    log = (Path(rows[0]["run_dir"]) / "run.log").read_text()
+    assert "extracting feature version v1" in log
+    assert "num_cpus=0.5" in log  # the actor pool sized to the trial's share (1.5 CPU), not to the machine
+
+
+def test_a_study_that_cannot_fit_one_trial_says_so_before_it_starts(tmp_path, ray_local):
+    out = tmp_path / "study"
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        run_study(SMOKE, SPACE, out, overrides=["train.num_workers=2"])
+    msg = str(e.value)
+    assert msg.startswith("one trial needs 2.5 CPU but the cluster has 2 CPU and no autoscaler to add more")
+    assert "train.num_workers=2 x train.cpus_per_worker=1" in msg
+    assert "final.training_method=auto trains a final model" in msg
+    assert "Shrink it with train.num_workers, train.cpus_per_worker, final.training_method=none" in msg
+    assert "--cpus-per-trial" in msg
+    assert time.monotonic() - t0 < 30 and not out.exists()
+    with pytest.raises(ConfigError, match=r"one trial needs 2.5 CPU .* or extraction 1.5 \(1 extraction actor\(s\) x 0.5 CPU .*Shrink it with "
+                       r"train.num_workers, train.cpus_per_worker, extract.num_actors .*refresh.policy=never"):
+        run_study(SMOKE, {"method": "asvp", "refresh.policy": "every_round", "strategy": {"grid": ["margin"]}},
+                  out, overrides=["final.training_method=none"], cpus_per_trial=1.0)
+
+
+def test_study_concurrency_counts_each_trials_nested_work():
+    from asvp_ray.tune.resources import plan_study
+
+    cfg = load_config(str(SMOKE))
+    head = {"CPU": 0.5, "GPU": 0.0}
+    # svpp with a final model: 0.5 + 1 Ray Train CPU per trial.
+    assert plan_study([cfg], 4, head=head, prefetched=True, capacity={"CPU": 2, "GPU": 0}).max_concurrent == 1
+    assert plan_study([cfg], 4, head=head, prefetched=True, capacity={"CPU": 6, "GPU": 0}).max_concurrent == 4
+    assert plan_study([cfg], 4, head=head, prefetched=True, capacity={"CPU": 6, "GPU": 0},
+                      max_concurrent=2).max_concurrent == 2
+    # GPU workers: the GPUs limit it.
+    assert plan_study([cfg], 4, head=head, prefetched=True, capacity={"CPU": 16, "GPU": 2}).max_concurrent == 2
+    # Without a final model nor refreshes a trial is its actor alone.
+    bare = load_config(str(SMOKE), ["final.training_method=none"])
+    assert plan_study([bare], 8, head=head, prefetched=True, capacity={"CPU": 2, "GPU": 0}).max_concurrent == 4
+    # Refreshing trials: the extraction pool is sized to the trial's share and counted.
+    asvp = load_config(str(SMOKE), ["method=asvp", "refresh.policy=every_round"])
+    p = plan_study([asvp], 4, head=head, prefetched=True, capacity={"CPU": 8, "GPU": 0})
+    assert p.max_concurrent == 4 and p.extract_budget == {"CPU": 1.5, "GPU": 0.0}
+    assert p.need.peak == {"CPU": 2.0, "GPU": 0.0}
+
+
+def test_nested_work_that_could_never_start_inside_a_task_holding_cpus_says_why(ray_local):
+    """`asvp-ray run` inside a Ray task or actor (or a Tune trial's placement group) that holds CPUs:
+    a Ray Train worker group or extraction pool that could only start with those CPUs is refused."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from asvp_ray.ray_utils import check_nested
+
+    def probe(n):
+        try:
+            check_nested({"CPU": n, "GPU": 0.0}, "the Ray Train workers", "train.num_workers", grace_s=0)
+            return "ok"
+        except ConfigError as e:
+            return str(e)
+
+    task = ray.remote(num_cpus=1.5)(probe)
+    assert ray.get(task.remote(0.5)) == "ok"
+    assert ray.get(task.remote(1.0)).startswith(
+        "the Ray Train workers need 1 CPU but the cluster has 2 CPU and this Ray task/actor holds 1.5 of them")
+    pg = placement_group([{"CPU": 1.5}])
+    ray.get(pg.ready())
+    try:
+        in_pg = ray.remote(num_cpus=1.5)(probe).options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
+        assert "holds 1.5 of them" in ray.get(in_pg.remote(1.0))
+    finally:
+        remove_placement_group(pg)
+    assert probe(2.0) == "ok"  # a driver process holds nothing: it may wait, never refused

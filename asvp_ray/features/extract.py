@@ -4,6 +4,14 @@ Each actor loads the backbone once (GPU actors where the cluster has GPUs, CPU a
 and turns batches of decoded images into pooled features. The driver streams the results into
 the feature store, with a progress bar (images done, images/s, ETA).
 
+Device and precision: ``plan_actors`` decides CPU or GPU actors from the cluster's resources;
+on GPU actors ``extract.amp`` is resolved to bf16/fp16/fp32 from the compute capability of a GPU
+of the cluster (``resolve_compute``, a one-off probe task that reserves a GPU) and every actor
+checks that its own card agrees. Both are recorded in meta.json and name the feature cache
+entry. GPU actors receive uint8 batches, upload them from pinned memory and resize/normalise
+on the device, in channels-last layout with cuDNN autotuning; CPU actors are unchanged
+(float32, host preprocessing).
+
 Resource sizing: on a small machine an actor pool that takes every CPU leaves none for the read
 and decode tasks feeding it, and the job hangs. CPU actors therefore leave at least one CPU of
 the cluster free; an explicit setting that would take them all is refused with the fix.
@@ -23,9 +31,79 @@ from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
-from asvp_ray.ray_utils import asvp_errors_unwrapped
+from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
 
 log = logging.getLogger(__name__)
+
+# Resources the extraction may use, as JSON ({"CPU": 1.5, "GPU": 0}), when the caller holds a share
+# of the cluster (a Ray Tune trial of a study) instead of all of it; unset: the whole cluster.
+BUDGET_ENV = "ASVP_RAY_EXTRACT_RESOURCES"
+
+
+def _budget() -> Optional[Dict[str, float]]:
+    raw = os.environ.get(BUDGET_ENV)
+    if not raw:
+        return None
+    import json
+
+    return {str(k): float(v) for k, v in json.loads(raw).items()}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how features are computed (recorded in meta.json, part of the cache key).
+
+    Attributes:
+        device: ``cpu`` or ``cuda``.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        amp: the configured ``extract.amp``.
+        gpu: the probed card's name (None on CPU).
+        capability: its compute capability ``[major, minor]`` (None on CPU).
+    """
+
+    device: str
+    precision: str
+    amp: str
+    gpu: Optional[str] = None
+    capability: Optional[Tuple[int, int]] = None
+
+    def to_meta(self) -> Dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "amp": self.amp, "gpu": self.gpu,
+                "capability": list(self.capability) if self.capability else None}
+
+
+def _probe_gpu() -> Dict[str, Any]:
+    """Runs in a task that reserves a GPU: the card's name and compute capability."""
+    from asvp_ray.device import cuda_facts
+
+    return cuda_facts()
+
+
+def resolve_compute(cfg, plan: Optional["ActorPlan"] = None) -> Compute:
+    """The device and precision an extraction with ``cfg`` will use on this cluster.
+
+    On GPU actors the precision depends on the card, so a small task reserving a GPU (like the
+    actors will) reads its compute capability first; CPU extraction is always float32.
+
+    Raises:
+        ConfigError: ``extract.amp: bf16`` on a card older than compute capability 8.0, or the
+            ``plan_actors`` errors.
+    """
+    from asvp_ray.device import choose_precision
+
+    plan = plan or plan_actors(cfg)
+    if plan.device != "cuda":
+        return Compute("cpu", choose_precision(cfg.amp, "cpu"), cfg.amp)
+    if cfg.amp == "off":
+        return Compute("cuda", "fp32", cfg.amp)
+    import ray
+
+    log.info("reading the compute capability of a cluster GPU to choose extract.amp=%s", cfg.amp)
+    facts = ray.get(ray.remote(_probe_gpu).options(num_cpus=0, num_gpus=plan.num_gpus).remote())
+    cap = tuple(facts["capability"])
+    precision = choose_precision(cfg.amp, "cuda", cap, facts["gpu"], key="extract.amp")
+    log.info("extraction on %s (compute capability %d.%d): %s", facts["gpu"], cap[0], cap[1], precision)
+    return Compute("cuda", precision, cfg.amp, facts["gpu"], cap)
 
 
 @dataclass(frozen=True)
@@ -44,7 +122,8 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
 
     Args:
         cfg: an ``ExtractConfig``.
-        resources: cluster resources (default: ``ray.cluster_resources()``).
+        resources: cluster resources (default: ``$ASVP_RAY_EXTRACT_RESOURCES`` when set, e.g. by a
+            study's trial, else ``ray.cluster_resources()``).
 
     Raises:
         ConfigError: the settings would starve the read tasks or ask for GPUs that do not exist.
@@ -52,7 +131,7 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     if resources is None:
         import ray
 
-        resources = ray.cluster_resources()
+        resources = _budget() or ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_gpus_per_actor)
@@ -92,21 +171,41 @@ class FeatureExtractor:
         checkpoint: fine-tuned weights overriding the spec's (feature refresh).
         torch_threads: intra-op threads for this actor.
         device: ``cpu`` or ``cuda``.
-        amp: bf16 autocast on CUDA.
+        amp: the ``extract.amp`` setting (``auto|off|bf16|fp16``; a bool of older callers).
         with_head: also apply the checkpoint's linear head (a ``finetune`` model file) and output
             class probabilities in a ``probs`` column (float32, (B, C)).
+        precision: the precision the driver resolved (``resolve_compute``); the actor checks
+            that its own card resolves ``amp`` to the same (None: use its own choice).
+
+    Raises:
+        ConfigError: this actor's GPU resolves ``amp`` to another precision than ``precision``
+            (GPUs of different generations in one pool), or bf16 on a pre-Ampere card.
     """
 
-    def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str, amp: bool,
-                 with_head: bool = False):
+    def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str,
+                 amp: Any = "auto", with_head: bool = False, precision: Optional[str] = None):
         import torch
+
+        from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
 
         torch.set_num_threads(int(torch_threads))
         self.spec = BackboneSpec(**spec)
         self.device = device
-        self.amp = amp and device == "cuda"
+        facts = cuda_facts() if device == "cuda" else {}
+        own = choose_precision(amp, device, facts.get("capability"), facts.get("gpu", "this GPU"), key="extract.amp")
+        if precision is not None and own != precision:
+            raise ConfigError(
+                f"extract.amp={amp}: this actor's GPU ({facts.get('gpu')}, capability "
+                f"{'.'.join(map(str, facts.get('capability') or []))}) computes in {own} but the extraction was "
+                f"planned in {precision} (GPUs of different generations); set extract.amp to fp16 or off, which "
+                "every card runs, so that one feature version is not computed in two precisions")
+        self.precision = own
         self.model = create_backbone(self.spec, checkpoint).to(device)
         self.pre = Preprocessor(data_config(self.spec, self.model))
+        if device == "cuda":
+            tune_for_cuda()
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.pre = DevicePreprocessor(self.pre, device, channels_last=True)
         self.head = None
         if with_head:
             if checkpoint is None:
@@ -115,6 +214,8 @@ class FeatureExtractor:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
+
+        from asvp_ray.device import autocast
 
         self._batches = getattr(self, "_batches", 0) + 1
         fault_point(f"extract_actor:batch{self._batches}")
@@ -127,7 +228,7 @@ class FeatureExtractor:
         if ok.any():
             imgs = images[ok] if not ok.all() else images
             x = self.pre(imgs).to(self.device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with torch.inference_mode(), autocast(self.precision):
                 f = self.model(x)
             if self.head is not None:
                 with torch.inference_mode():  # the head in float32: probabilities feed margins
@@ -149,7 +250,7 @@ class FeatureExtractor:
 
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
             skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
-            with_head: bool = False) -> Iterator[Tuple]:
+            with_head: bool = False, compute: Optional[Compute] = None) -> Iterator[Tuple]:
     """Stream features of a source's images through the actor pool.
 
     Args:
@@ -161,6 +262,7 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         skip_unreadable: report unreadable images instead of failing.
         on_rows: called with the number of rows finished after each batch (progress).
         with_head: also score with the head of ``checkpoint`` (a ``finetune`` model file).
+        compute: the device and precision (default: ``resolve_compute(cfg)``).
 
     Yields:
         (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order;
@@ -173,12 +275,19 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
     from ray.data import ActorPoolStrategy
 
     plan = plan_actors(cfg)
-    log.info("extraction plan: %s", plan)
+    compute = compute or resolve_compute(cfg, plan)
+    if compute.device != plan.device:
+        raise ConfigError(f"the extraction was planned on {compute.device} but the cluster now gives {plan.device} "
+                          "actors (its GPUs changed); rerun, or set extract.device explicitly")
+    log.info("extraction plan: %s, precision %s", plan, compute.precision)
+    check_nested({"CPU": plan.num_actors * plan.num_cpus + 1.0, "GPU": plan.num_actors * plan.num_gpus},
+                 "the extraction actors and a read task", "extract.num_actors / extract.num_cpus_per_actor")
     ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
-                                   device=plan.device, amp=cfg.amp, with_head=with_head),
+                                   device=plan.device, amp=cfg.amp, with_head=with_head,
+                                   precision=compute.precision),
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.num_cpus,
@@ -234,14 +343,19 @@ class _Progress:
 
 def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec, cfg, *, test=None,
                      checkpoint: Optional[str] = None, skip_unreadable: bool = False,
-                     extra_meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
+                     extra_meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None,
+                     compute: Optional[Compute] = None) -> Dict[str, Any]:
     """Extract the pool (and the test source) into feature version ``version`` atomically.
+
+    ``compute`` (default: ``resolve_compute(cfg)``) is recorded in meta.json: ``device``,
+    ``precision``, ``amp``, ``gpu``, ``capability``.
 
     Returns:
         the version's metadata (what meta.json holds), with ``seconds`` of wall time.
     """
     t0 = time.perf_counter()
     model = create_backbone(spec, checkpoint)  # fails fast on a bad name or weights, before any Ray work
+    compute = compute or resolve_compute(cfg)
     meta = {
         "backbone": spec.name,
         "weights": checkpoint or spec.resolved_weights(),
@@ -250,6 +364,7 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         "backbone_spec": asdict(spec),
         "pool_source": pool.describe(),
         "test_source": test.describe() if test is not None else None,
+        **compute.to_meta(),
         **(extra_meta or {}),
     }
     del model
@@ -262,7 +377,7 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
             bar = _Progress(len(src), f"features v{version} {split}", show)
             try:
                 for ids, feats, sk in extract(src, spec, cfg, checkpoint=checkpoint,
-                                              skip_unreadable=skip_unreadable, on_rows=bar):
+                                              skip_unreadable=skip_unreadable, on_rows=bar, compute=compute):
                     w.add(ids, feats, split)
                     skipped += [(split, i, m) for i, m in sk]
             finally:

@@ -311,12 +311,57 @@ class FeatureStore:
         shutil.rmtree(self.path(version), ignore_errors=True)
 
 
-def cache_key(meta_inputs: Dict[str, Any]) -> str:
-    """A key naming features by what determines them (backbone spec, weights hash, sources)."""
+# Version 2 of the feature-cache key adds the device and the precision (issue 19). Entries of
+# version 1 (made before; their meta.json records neither) have other names and are never reused.
+CACHE_KEY_VERSION = 2
+
+
+def cache_key(meta_inputs: Dict[str, Any], *, device: str, precision: str) -> str:
+    """A key naming features by what determines them: backbone spec, weights hash, sources, and
+    the device and precision they are computed in (bf16 GPU features are not fp32 CPU features).
+
+    Args:
+        meta_inputs: the backbone spec, weights hash, sources (a JSON-able dict).
+        device: ``cpu`` or ``cuda`` (``asvp_ray.features.extract.Compute.device``).
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+    """
     import hashlib
 
-    text = json.dumps(meta_inputs, sort_keys=True, default=_json_default)
+    inputs = {**meta_inputs, "cache_key_version": CACHE_KEY_VERSION, "device": device, "precision": precision}
+    text = json.dumps(inputs, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def check_cached_compute(meta: Dict[str, Any], device: str, precision: str, where: Path) -> None:
+    """Refuse a cache entry whose meta.json says it was computed on another device or in another
+    precision than its key promises (a copied or hand-made folder): never mix them silently.
+
+    Raises:
+        RunDirError: naming the entry, what it holds and the fix.
+    """
+    got = (meta.get("device"), meta.get("precision"))
+    if got != (device, precision):
+        raise RunDirError(f"feature cache entry {where} holds features computed on {got[0] or 'an unrecorded device'} "
+                          f"in {got[1] or 'an unrecorded precision'}, but its key is for {device} in {precision}; "
+                          "delete that folder and rerun")
+
+
+def legacy_cache_entries(cache_root: Path) -> List[Path]:
+    """Entries of a feature cache made before device and precision were part of the key (their
+    v0/meta.json records no ``precision``); they are never reused."""
+    out = []
+    root = Path(cache_root)
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        meta = entry / "v0" / "meta.json"
+        if meta.is_file():
+            try:
+                if "precision" not in json.loads(meta.read_text()):
+                    out.append(entry)
+            except (OSError, ValueError):
+                continue
+    return out
 
 
 def link_version(src: Path, dst_store: "FeatureStore", version: int,

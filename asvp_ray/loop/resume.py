@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-from asvp_ray.config import load_config
+from asvp_ray.config import load_config, upgrade_legacy_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.errors import ConfigError, RunDirError
 
@@ -68,7 +68,7 @@ def check_config_matches(rd, cfg) -> None:
     if rd.config_path.is_file():
         import yaml
 
-        old = yaml.safe_load(rd.config_path.read_text()) or {}
+        old = upgrade_legacy_config(yaml.safe_load(rd.config_path.read_text()) or {})
         try:  # keys added since the run began compare as their defaults
             old = load_config(raw=old).model_dump(mode="json")
         except ConfigError:

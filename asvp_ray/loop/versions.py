@@ -109,17 +109,27 @@ class FeatureVersions:
             what to charge: ``{"cached": False, "wall_s", "resources"}`` for an extraction run
             here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
         """
-        from asvp_ray.features.store import FeatureStore, cache_key, link_version
+        from asvp_ray.features.extract import resolve_compute
+        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
+                                             link_version)
 
         t0 = time.perf_counter()
         if not self.cfg.feature_cache:
             self.extract(0)
             return {"cached": False, "wall_s": time.perf_counter() - t0, "resources": self.extract_resources()}
-        key = cache_key(self._cache_inputs())
+        # Device and precision name the entry: bf16 GPU features are never served to a CPU run.
+        compute = resolve_compute(self.cfg.extract)
+        key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
         cache = FeatureStore(Path(self.cfg.feature_cache) / key)
         if 0 not in cache.versions():
-            log.info("feature cache %s has no features for this backbone and data; extracting", cache.root)
-            self.extract(0)
+            old = legacy_cache_entries(Path(self.cfg.feature_cache))
+            if old:
+                log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
+                            "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
+                            len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
+            log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
+                     "extracting", cache.root, compute.device, compute.precision)
+            self.extract(0, compute=compute)
             res = self.extract_resources()
             wall = time.perf_counter() - t0
             cost = dict(self.store.meta(0).get("cost") or {}, phase="extract", resources=res,
@@ -129,7 +139,9 @@ class FeatureVersions:
             except OSError as e:  # another run cached it first: theirs is identical
                 log.info("feature cache not updated (%s)", e)
             return {"cached": False, "wall_s": wall, "resources": res}
-        log.info("reusing features v0 from the feature cache %s", cache.path(0))
+        check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
+        log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
+                 compute.precision)
         link_version(cache.path(0), self.store, 0)
         cost = self.store.meta(0).get("cost")
         return {"cached": True, "cost": cost, "spent_s": time.perf_counter() - t0, "source": str(cache.path(0))}
@@ -157,12 +169,13 @@ class FeatureVersions:
                                source=str(self.store.path(0)))
 
     def extract(self, version: int, checkpoint: Optional[str] = None, phase: str = "extract",
-                finetune_cost: Optional[Dict[str, Any]] = None) -> None:
+                finetune_cost: Optional[Dict[str, Any]] = None, compute=None) -> None:
         """Extract pool and test features into ``version`` (``checkpoint``: a fine-tuned model file).
 
         Args:
             phase: the ledger phase it is charged under, recorded in meta.json → ``cost``.
             finetune_cost: for a refreshed version, the fine-tune that made its weights.
+            compute: the device and precision (default: ``resolve_compute``).
         """
         self.on_progress({"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))})
         log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
@@ -172,7 +185,7 @@ class FeatureVersions:
             cost["finetune"] = finetune_cost
         meta = extract_to_store(self.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path), "cost": cost})
+                                extra_meta={"run": str(self.rd.path), "cost": cost}, compute=compute)
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def extract_resources(self) -> Dict[str, float]:

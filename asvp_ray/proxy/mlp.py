@@ -9,9 +9,16 @@ Scoring a million-row pool is the hot path: after ``fit`` the BatchNorm (and, wi
 ``normalize="standardize"``, the input standardisation) is folded into the first Linear
 layer, so evaluating a chunk is one ``addmm``, an in-place ReLU and a small second
 ``addmm``, written into preallocated buffers.
+
+Crossing processes: a fitted proxy travels to Ray actors (pool shards), Tune trials and
+checkpoints by pickling. Its state is always pickled with CPU tensors, and a receiver scores on
+the device its ``device`` setting resolves to *there* (``auto``: CUDA when that process sees a
+GPU and, inside Ray, reserved one); a proxy fitted on CUDA thus works in a CPU-only shard actor.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import warnings
 from typing import Iterator, List, Optional, Tuple
@@ -31,6 +38,15 @@ STD_FLOOR = 1e-6
 L2_EPS = 1e-12
 # Fraction of a half cosine period swept by the schedule: the reference's 7/16.
 COSINE_FRACTION = 7.0 / 16.0
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()  # device choices already logged by this process
+
+
+def _log_once(level: int, msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.log(level, msg)
 
 
 def cosine_lr_factor(step: int, total_steps: int) -> float:
@@ -70,19 +86,40 @@ def batch_bounds(n: int, batch_size: int, merge_singleton: bool = True) -> List[
 
 
 def _resolve_device(device: str) -> torch.device:
+    from asvp_ray.device import usable_cuda
+
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ok, why = usable_cuda()
+        if ok:
+            _log_once(logging.INFO, f"MLPProxy device=auto: cuda ({torch.cuda.get_device_name()})")
+            return torch.device("cuda")
+        _log_once(logging.INFO, f"MLPProxy device=auto: cpu ({why})")
+        return torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"MLPProxy device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'auto'"
         ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"MLPProxy device={device!r} but CUDA is not available here; use device='auto' or 'cpu'"
-        )
+    if dev.type == "cuda":
+        ok, why = usable_cuda()
+        if not ok:
+            raise ConfigError(
+                f"MLPProxy device={device!r} but {why}; use device='auto' or 'cpu'"
+                + (" or reserve a GPU (num_gpus=1)" if torch.cuda.is_available() else "")
+            )
     return dev
+
+
+def _receiver_device(device: str) -> torch.device:
+    """Where an unpickled proxy scores: ``device`` resolved in this process, falling back to the
+    CPU (with a warning) when it names CUDA and this process has none (a CPU-only Ray actor)."""
+    try:
+        return _resolve_device(device)
+    except ConfigError:
+        _log_once(logging.WARNING, f"MLPProxy fitted with device={device!r} scores on the CPU in this process, "
+                                   "which sees no CUDA device or reserved none")
+        return torch.device("cpu")
 
 
 class MLPProxy(BaseEstimator):
@@ -102,7 +139,8 @@ class MLPProxy(BaseEstimator):
         weight_decay: L2 weight decay of SGD.
         normalize: input normalisation: "none", "l2" (unit-length rows) or "standardize"
             (training mean and standard deviation, std floored at 1e-6).
-        device: torch device for training and scoring; "auto" picks CUDA when available.
+        device: torch device for training and scoring; "auto" picks CUDA when available (and
+            logs the choice). Resolved again in a process that unpickles the proxy.
         seed: seed of the weight initialisation and of the per-epoch shuffles.
         chunk_size: rows evaluated at once by the scoring methods; bounds their memory.
 
@@ -111,7 +149,8 @@ class MLPProxy(BaseEstimator):
         classes_: ``np.arange(C)``.
         n_features_in_: input width D.
         hidden_: hidden width H used (D for the linear proxy).
-        module_: the trained ``torch.nn.Module``, in eval mode.
+        module_: the trained ``torch.nn.Module``, in eval mode (on the CPU after unpickling).
+        device_: the device it scores on (after unpickling: resolved in the receiving process).
         mean_, scale_: standardisation statistics (float32, (D,)), None unless standardising.
         n_steps_: optimisation steps taken.
         lr_history_: the learning rate of each optimisation step, float64 (n_steps_,).
@@ -335,6 +374,8 @@ class MLPProxy(BaseEstimator):
         self.loss_history_ = losses
         self.device_ = dev
         self._scoring_params_ = self._fold(net, dev)
+        self.__dict__.pop("fitted_device_", None)
+        self._placed_for_ = self.device
         return self
 
     def _fold(self, net: nn.Module, dev: torch.device) -> Tuple[torch.Tensor, ...]:
@@ -367,6 +408,41 @@ class MLPProxy(BaseEstimator):
                 params += [lin2.weight.detach().float().contiguous().clone(), lin2.bias.detach().float().clone()]
         return tuple(params)
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """The state with every tensor on the CPU (a CUDA tensor would not unpickle in a process
+        without CUDA) and no device object; the receiver resolves its own device on use."""
+        state = dict(super().__getstate__())  # a copy: the live object keeps its device
+        if "module_" in state:
+            module = state["module_"]
+            if any(t.device.type != "cpu" for t in list(module.parameters()) + list(module.buffers())):
+                module = copy.deepcopy(module).cpu()
+            state["module_"] = module
+        if state.get("_scoring_params_") is not None:
+            state["_scoring_params_"] = tuple(None if t is None else t.detach().cpu()
+                                              for t in state["_scoring_params_"])
+        if "device_" in state:
+            state["fitted_device_"] = str(state.pop("device_"))
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "fitted_device_" in self.__dict__:
+            self.device_ = torch.device("cpu")  # where the tensors are now; moved on first use
+
+    def _ensure_device(self) -> None:
+        """Move the scoring parameters to the device ``device`` resolves to in this process, when
+        they are elsewhere (an unpickled proxy, or ``set_params(device=...)`` after fitting)."""
+        if "fitted_device_" not in self.__dict__ and getattr(self, "_placed_for_", self.device) == self.device:
+            return
+        target = _receiver_device(self.device)
+        if target != self.device_:
+            self._scoring_params_ = tuple(None if t is None else t.to(target) for t in self._scoring_params_)
+            self.module_ = self.module_.to(target)
+            self.device_ = target
+        self.__dict__.pop("fitted_device_", None)
+        self._placed_for_ = self.device
+
     # ------------------------------------------------------------------ scoring
     def _chunks(self, X: np.ndarray) -> Iterator[Tuple[int, int, torch.Tensor]]:
         dev = self.device_
@@ -386,6 +462,7 @@ class MLPProxy(BaseEstimator):
     def _forward(
         self, X: np.ndarray, want_hidden: bool, want_proba: bool
     ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        self._ensure_device()
         N = len(X)
         C = self.num_classes_
         W1, b1, W2, b2 = self._scoring_params_

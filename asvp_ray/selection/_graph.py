@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from asvp_ray.device import require_faiss_gpu
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, row_sqnorms
 
@@ -61,6 +62,8 @@ class DeltaGraph:
 
 def _train_cells(train: np.ndarray, k: int, seed: int, use_gpu: bool) -> np.ndarray:
     """k-means centroids of ``train`` (float32 (k, D)); faiss when installed."""
+    if use_gpu:
+        require_faiss_gpu("probcover IVF k-means")
     k = max(1, min(k, len(train)))
     if k == 1:
         return train.mean(axis=0, keepdims=True)

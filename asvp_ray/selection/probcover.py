@@ -17,6 +17,7 @@ from typing import List, Optional
 import numpy as np
 
 from asvp_ray.checks import check_int, is_number
+from asvp_ray.device import require_faiss_gpu
 from asvp_ray.errors import ConfigError
 from asvp_ray.selection._common import need_features
 from asvp_ray.selection._graph import GRAPH_METHODS, DeltaGraph, delta_graph, graph_recall  # noqa: F401
@@ -100,6 +101,8 @@ class ProbCoverSampling(Strategy):
         check_int("probcover", "exact_max_rows", self.exact_max_rows)
         check_int("probcover", "nlist", self.nlist, allow_none=True)
         check_int("probcover", "nprobe", self.nprobe)
+        if self.use_gpu:
+            require_faiss_gpu("probcover")
 
     def build_graph(self, features: np.ndarray) -> DeltaGraph:
         """The delta-ball graph of ``features`` with this strategy's settings (cached)."""

@@ -7,7 +7,7 @@ squared distance to its k nearest unlabelled cluster-mates (``k = min(k_neighbor
 for m candidates, as the authors' code does). Clusters of at most ``min_cluster_size`` points
 are visited only once every other cluster is exhausted.
 
-k-means runs on faiss (CPU here; ``use_gpu=True`` where a GPU build is installed) or on
+k-means runs on faiss (``use_gpu=True`` needs a GPU build of faiss that sees a GPU, else ConfigError) or on
 scikit-learn.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from asvp_ray.checks import check_int
+from asvp_ray.device import require_faiss_gpu
 from asvp_ray.errors import ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, need_features, row_sqnorms
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
@@ -48,8 +49,13 @@ def kmeans_labels(
         use_gpu: train with faiss on the GPU(s).
         max_points_per_centroid: faiss trains on at most ``k *`` this many sampled rows.
         chunk_rows: rows assigned at once after training.
+
+    Raises:
+        ConfigError: ``use_gpu`` without a GPU build of faiss that sees a GPU.
     """
     N = len(X)
+    if use_gpu:
+        require_faiss_gpu("k-means")
     if backend == "auto":
         backend = "faiss" if have_faiss() else "sklearn"
     if backend == "sklearn":
@@ -228,6 +234,8 @@ class TypiClustSampling(Strategy):
             raise ConfigError(f"typiclust: backend={self.backend!r} is not one of {', '.join(KMEANS_BACKENDS)}")
         if self.backend == "faiss" and not have_faiss():
             raise ConfigError("typiclust: backend='faiss' but faiss is not installed; pip install faiss-cpu or use backend='sklearn'")
+        if self.use_gpu:
+            require_faiss_gpu("typiclust")
 
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
         self._check_params()

@@ -7,9 +7,10 @@ happen in ``TrainConfig.plan`` when the job starts, and every error names the fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
+                      model_validator)
 
 from asvp_ray.errors import ConfigError
 
@@ -23,12 +24,46 @@ class WorkerPlan:
         use_gpu: one GPU per worker (NCCL) or CPU workers (gloo).
         resources_per_worker: the Ray resources each worker reserves.
         torch_threads: intra-op threads per worker.
+        loader_workers: DataLoader worker processes per training worker (augmentation).
     """
 
     num_workers: int
     use_gpu: bool
     resources_per_worker: Dict[str, float]
     torch_threads: int
+    loader_workers: int = 0
+
+
+# CPUs a GPU worker takes by default: one for the training loop, the rest for loader workers that
+# decode and augment; capped by the CPUs per GPU of the smallest GPU node.
+GPU_WORKER_CPUS = 4
+
+
+def default_worker_cpus(use_gpu: bool, nodes: Optional[List[Dict[str, float]]] = None) -> float:
+    """CPUs a training worker reserves when ``train.cpus_per_worker`` is unset.
+
+    Args:
+        use_gpu: the workers train on GPUs.
+        nodes: the resources of each alive node (``ray.nodes()``' ``Resources``); None: unknown.
+
+    Returns:
+        1 for CPU workers (their torch threads); for GPU workers ``GPU_WORKER_CPUS``, or fewer when
+        a GPU node has fewer CPUs per GPU (a worker that asks for more could never be placed).
+    """
+    if not use_gpu:
+        return 1.0
+    per_gpu = [n.get("CPU", 0.0) / n["GPU"] for n in (nodes or []) if n.get("GPU", 0.0) > 0]
+    fit = int(min(per_gpu)) if per_gpu else GPU_WORKER_CPUS
+    return float(max(1, min(GPU_WORKER_CPUS, fit)))
+
+
+def default_loader_workers(use_gpu: bool, cpus_per_worker: float, augment: bool) -> int:
+    """DataLoader workers per training worker when ``train.loader_workers`` is unset: on GPU
+    workers that augment, every reserved CPU but the training loop's; otherwise none (the
+    un-augmented batches are plain uint8 slices, preprocessed on the device)."""
+    if not use_gpu or not augment:
+        return 0
+    return max(0, int(cpus_per_worker) - 1)
 
 
 class TrainConfig(BaseModel):
@@ -43,7 +78,9 @@ class TrainConfig(BaseModel):
     num_workers: PositiveInt = Field(1, description="DDP workers (Ray Train workers)")
     use_gpu: Union[Literal["auto"], bool] = Field(
         "auto", description="auto: one GPU per worker when the cluster has enough GPUs, else CPU")
-    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs each worker reserves (and its torch threads)")
+    cpus_per_worker: Optional[PositiveFloat] = Field(
+        None, description="CPUs each worker reserves (and its torch threads); unset: 1 on CPU workers, 4 on GPU "
+                          "workers (fewer where a GPU node has fewer CPUs per GPU), for the loader workers")
     epochs: NonNegativeInt = Field(10, description="full fine-tuning epochs (ft, and lpft's second phase)")
     batch_size: PositiveInt = Field(64, description="per-worker batch size")
     backbone_lr: PositiveFloat = 0.01
@@ -52,14 +89,19 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0)
     lp_epochs: NonNegativeInt = Field(5, description="linear-probe epochs (linear_probe, and lpft's first phase)")
     lp_lr: PositiveFloat = Field(0.1, description="head learning rate while the backbone is frozen")
-    amp: bool = Field(True, description="bf16 autocast on GPU workers (ignored on CPU)")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision of GPU workers: auto (bf16 on compute capability >= 8.0, else fp16 "
+                            "with a gradient scaler), off, bf16 (refused on older cards), fp16; CPU workers always "
+                            "train in float32")
     augment: bool = Field(True, description="random resized crop + horizontal flip (timm) while training")
     freeze_bn: bool = Field(
         False, description="keep BatchNorm running statistics fixed while fine-tuning (affine weights still "
                            "train); helps a pre-trained backbone whose statistics do not fit small batches or a "
                            "shifted domain, e.g. LP-FT's fine-tuning phase; wrong for a random-init backbone")
     crop_scale: Tuple[float, float] = Field((0.35, 1.0), description="random resized crop area range")
-    loader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes per training worker")
+    loader_workers: Optional[NonNegativeInt] = Field(
+        None, description="DataLoader worker processes per training worker; unset: 0 on CPU workers, on GPU "
+                          "workers that augment every reserved CPU but one")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every this many epochs (and the last one)")
     eval_every: NonNegativeInt = Field(
@@ -70,6 +112,13 @@ class TrainConfig(BaseModel):
         "last", description="the model kept: the last epoch's, or the best by eval accuracy (train accuracy "
                             "when no eval set is given)")
     seed: int = 0
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, v):
+        from asvp_ray.device import normalize_amp
+
+        return normalize_amp(v, "train.amp") if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -100,11 +149,14 @@ class TrainConfig(BaseModel):
                               + ", ".join(f"{k}: 5" for k in zero))
         return plan
 
-    def plan(self, resources: Optional[Dict[str, float]] = None) -> WorkerPlan:
+    def plan(self, resources: Optional[Dict[str, float]] = None,
+             nodes: Optional[List[Dict[str, float]]] = None) -> WorkerPlan:
         """Resolve ``use_gpu`` and the worker resources against the cluster.
 
         Args:
             resources: cluster resources (default: ``ray.cluster_resources()``).
+            nodes: per-node resources, for the GPU workers' default CPUs (default: the alive
+                nodes of ``ray.nodes()`` when ``resources`` is not given).
 
         Raises:
             ConfigError: GPUs asked for but missing, or more CPUs/GPUs than the cluster has
@@ -114,6 +166,8 @@ class TrainConfig(BaseModel):
             import ray
 
             resources = ray.cluster_resources()
+            if nodes is None:
+                nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         cpus = float(resources.get("CPU", 0))
         gpus = float(resources.get("GPU", 0))
         n = self.num_workers
@@ -123,14 +177,22 @@ class TrainConfig(BaseModel):
         if use_gpu and gpus < n:
             raise ConfigError(f"num_workers={n} with use_gpu=True needs {n} GPUs but the cluster has {gpus:g}; "
                               f"set num_workers: {int(gpus)} (one worker per GPU) or use_gpu: auto")
-        need = n * self.cpus_per_worker
+        per_worker = self.cpus_per_worker
+        if per_worker is None:
+            per_worker = default_worker_cpus(use_gpu, nodes)
+            if use_gpu and n * per_worker > cpus:  # a small cluster: share what there is
+                per_worker = max(1.0, float(int(cpus // n))) if cpus >= n else per_worker
+        need = n * per_worker
         if need > cpus + 1e-9:
-            fit = int(cpus // self.cpus_per_worker)
+            fit = int(cpus // per_worker)
             raise ConfigError(
-                f"num_workers={n} x cpus_per_worker={self.cpus_per_worker:g} needs {need:g} CPUs but the cluster "
+                f"num_workers={n} x cpus_per_worker={per_worker:g} needs {need:g} CPUs but the cluster "
                 f"has {cpus:g}, so the job would wait forever; set num_workers <= {max(fit, 1)}"
                 + (f" or cpus_per_worker <= {cpus / n:g}" if cpus > 0 else ""))
-        res: Dict[str, float] = {"CPU": float(self.cpus_per_worker)}
+        loader = self.loader_workers
+        if loader is None:
+            loader = default_loader_workers(use_gpu, per_worker, self.augment)
+        res: Dict[str, float] = {"CPU": float(per_worker)}
         if use_gpu:
             res["GPU"] = 1.0
-        return WorkerPlan(n, use_gpu, res, max(1, int(self.cpus_per_worker)))
+        return WorkerPlan(n, use_gpu, res, max(1, int(per_worker)), int(loader))

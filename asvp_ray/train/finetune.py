@@ -1,7 +1,11 @@
 """Distributed fine-tuning on the labelled set with Ray Train (DDP): linear probe, FT, LP-FT.
 
-Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers, NCCL with bf16 autocast
-on GPU workers. The labelled set is small next to the pool, so the driver decodes it once
+Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers (float32), NCCL on GPU
+workers with the mixed precision ``train.amp`` resolves to on the worker's card (bf16 on compute
+capability >= 8.0, else fp16 with a ``GradScaler``; ``asvp_ray.device``), channels-last
+tensors and cuDNN autotuning. On GPU workers un-augmented batches (and the eval set) travel as
+uint8 from pinned memory and are resized and normalised on the device; augmented ones are made
+by ``train.loader_workers`` DataLoader processes. The labelled set is small next to the pool, so the driver decodes it once
 (through the source's Ray Dataset) and hands it to the workers through the object store;
 training then needs no Ray Data read tasks, which on a small machine would have no CPU left
 once the workers take theirs.
@@ -41,7 +45,7 @@ from torch import nn
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.model_file import save_model_file
-from asvp_ray.ray_utils import asvp_errors_unwrapped
+from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
 from asvp_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,7 @@ class FinetuneResult:
         kept_epoch: the epoch (0-based) whose weights were kept.
         resumed_from: the epochs at which the worker group resumed from a checkpoint after a
             failure (empty when nothing failed).
+        precision: what the workers computed in: fp32 (CPU, or ``amp: off``), bf16 or fp16.
     """
 
     checkpoint: str
@@ -78,6 +83,7 @@ class FinetuneResult:
     method: str = "ft"
     kept_epoch: int = -1
     resumed_from: List[int] = field(default_factory=list)
+    precision: str = "fp32"
 
 
 # --------------------------------------------------------------------------- model
@@ -137,12 +143,16 @@ class _TrainCollate:
     """Positions -> (images float (B,3,S,S), labels int64 (B,)).
 
     With augmentation: timm's training transform (random resized crop, horizontal flip,
-    normalise) per image, grayscale turned into RGB first. Without: the eval ``Preprocessor``.
+    normalise) per image, grayscale turned into RGB first. Without: the eval ``Preprocessor``,
+    or with ``raw_uint8`` (GPU workers, same-size images) the uint8 images themselves, which the
+    worker preprocesses on its device.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, dcfg: Dict[str, Any], augment: bool,
-                 crop_scale: Tuple[float, float]):
+                 crop_scale: Tuple[float, float], raw_uint8: bool = False):
         self.images = images
+        self.raw_uint8 = bool(raw_uint8 and not augment and isinstance(images, np.ndarray)
+                              and images.dtype == np.uint8)
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
         self.augment = augment
         self.pre = Preprocessor(dcfg)
@@ -159,6 +169,8 @@ class _TrainCollate:
         idx = np.asarray(idx, dtype=np.int64)
         y = self.labels[idx]
         if self.transform is None:
+            if self.raw_uint8:
+                return torch.from_numpy(self.images[idx]), y
             return self.pre(self.images[idx]), y
         from PIL import Image
 
@@ -235,19 +247,46 @@ def _set_mode(model: Classifier, phase: str, freeze_bn: bool = False) -> None:
                 m.eval()  # running statistics fixed; the affine weights still train
 
 
-def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: bool) -> Dict[str, torch.Tensor]:
-    """One pass over ``loader``; returns summed loss, correct and seen counts (device tensors)."""
+def _precision_of(amp: Union[bool, str]) -> str:
+    """A precision name; ``True``/``False`` (older callers) mean bf16/fp32."""
+    if isinstance(amp, bool):
+        return "bf16" if amp else "fp32"
+    return amp
+
+
+def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: Union[bool, str] = False,
+                 scaler: Optional["torch.amp.GradScaler"] = None,
+                 prep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """One pass over ``loader``; returns summed loss, correct and seen counts (device tensors).
+
+    Args:
+        amp: the precision (``fp32``, ``bf16``, ``fp16``; a bool means bf16 or fp32).
+        scaler: the fp16 loss scaler (None: unscaled steps).
+        prep: turns a uint8 batch on the device into the model's input (device-side preprocessing).
+    """
+    from asvp_ray.device import autocast
+
+    precision = _precision_of(amp)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        if x.dtype == torch.uint8 and prep is not None:
+            x = prep(x)
+        elif device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(precision if device.type == "cuda" else "fp32"):
             logits = net(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
@@ -256,8 +295,13 @@ def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: bool) -
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocessor, device: torch.device,
-              amp: bool, rank: int = 0, world: int = 1) -> Tuple[int, int]:
-    """(correct, total) on this rank's share of the eval set (every ``world``-th image)."""
+              amp: Union[bool, str], rank: int = 0, world: int = 1) -> Tuple[int, int]:
+    """(correct, total) on this rank's share of the eval set (every ``world``-th image).
+
+    ``pre`` may be a ``Preprocessor`` (host) or an ``asvp_ray.device.DevicePreprocessor``."""
+    from asvp_ray.device import autocast
+
+    precision = _precision_of(amp) if device.type == "cuda" else "fp32"
     was_training = model.training
     model.eval()
     idx = np.arange(rank, len(labels), world)
@@ -265,7 +309,7 @@ def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, pre: Pre
     for s in range(0, len(idx), _EVAL_BATCH):
         b = idx[s:s + _EVAL_BATCH]
         x = pre(images[b]).to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with autocast(precision):
             pred = model(x).float().argmax(1).cpu().numpy()
         correct += int((pred == labels[b]).sum())
     model.train(was_training)
@@ -286,6 +330,18 @@ def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (a state dict, nested dicts/lists) with every tensor copied to the CPU, so that a
+    checkpoint made on a GPU worker loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 # --------------------------------------------------------------------------- the worker
 def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Ray Train's per-worker function: build, resume, train the phases, checkpoint, report."""
@@ -301,13 +357,34 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     spec = BackboneSpec(**config["spec"])
     method, num_classes = config["method"], int(config["num_classes"])
     data = ray.get(config["data"])
+    from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
+
     device = ray.train.torch.get_device()
+    facts: Dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
-    amp = bool(cfg.amp and device.type == "cuda")
+        tune_for_cuda()
+        facts = cuda_facts(device)
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    # Decided here, on the card this worker got; every rank must agree (a DDP step mixing bf16
+    # and fp16 ranks would average gradients of different numerics).
+    precision = choose_precision(cfg.amp, device.type, facts.get("capability"), facts.get("gpu", "this GPU"),
+                                 key="train.amp")
+    if distributed:
+        every = [None] * world
+        dist.all_gather_object(every, (precision, facts.get("gpu")))
+        if len({p for p, _ in every}) > 1:
+            raise ConfigError(f"train.amp={cfg.amp} resolves to different precisions on the workers' GPUs "
+                              f"({sorted(set(map(tuple, every)))}); set train.amp: fp16 (or off), which every card runs")
+    amp = precision
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    if rank == 0:
+        log.info("fine-tuning on %s%s in %s", device, f" ({facts['gpu']}, capability "
+                 f"{'.'.join(map(str, facts['capability']))})" if facts else "", precision)
 
     model = build_classifier(spec, num_classes, config["init_checkpoint"], seed=cfg.seed)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions
     dcfg = data_config(spec, model.backbone)
     lp_epochs, ft_epochs = cfg.epochs_of(method)
     total = lp_epochs + ft_epochs
@@ -319,6 +396,8 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
         model.backbone.load_state_dict(state["backbone"])
         model.head.load_state_dict(state["head"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"]) + 1
         history, best = list(state["history"]), state["best"]
         resumes = list(state["resumes"]) + [start]
@@ -336,12 +415,17 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     random.seed(aug_seed)
     np.random.seed(aug_seed % 2**32)
     torch.manual_seed(aug_seed)
-    collate = _TrainCollate(data["train_images"], data["train_labels"], dcfg, cfg.augment, cfg.crop_scale)
+    on_gpu = device.type == "cuda"
+    loader_workers = int(config.get("loader_workers", cfg.loader_workers or 0))
+    collate = _TrainCollate(data["train_images"], data["train_labels"], dcfg, cfg.augment, cfg.crop_scale,
+                            raw_uint8=on_gpu)
     loader = torch.utils.data.DataLoader(_Indices(len(data["train_labels"])), batch_size=cfg.batch_size,
-                                         shuffle=True, collate_fn=collate, num_workers=cfg.loader_workers,
-                                         drop_last=False, pin_memory=device.type == "cuda")
+                                         shuffle=True, collate_fn=collate, num_workers=loader_workers,
+                                         persistent_workers=loader_workers > 0,
+                                         drop_last=False, pin_memory=on_gpu)
     loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler when world > 1
-    eval_pre = Preprocessor(dcfg)
+    eval_pre = DevicePreprocessor(Preprocessor(dcfg), device, channels_last=True) if on_gpu else Preprocessor(dcfg)
+    train_prep = eval_pre if on_gpu else None
     has_eval = data.get("eval_labels") is not None
 
     net, phase, opt, sched = None, None, None, None
@@ -363,7 +447,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         _set_mode(model, phase, cfg.freeze_bn)
         lr = float(opt.param_groups[-1]["lr"])
         t0 = time.perf_counter()
-        sums = _train_epoch(net, loader, opt, device, amp)
+        sums = _train_epoch(net, loader, opt, device, amp, scaler=scaler, prep=train_prep)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
@@ -404,8 +488,10 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             checkpoint = None
             if rank == 0 and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
                 torch.save({"backbone": _cpu_state(model.backbone), "head": _cpu_state(model.head),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "phase": phase,
-                            "epoch": epoch, "history": history, "resumes": resumes, "best": best},
+                            "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(), "phase": phase,
+                            "epoch": epoch, "history": history, "resumes": resumes, "best": best,
+                            "scaler": scaler.state_dict() if scaler is not None else None,
+                            "precision": precision},
                            os.path.join(d, _STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             report = {k: v for k, v in metrics.items() if k != "param_checksums" and v is not None}
@@ -415,7 +501,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             hook(epoch, rank)
     if rank != 0:
         return None
-    return {"history": history, "resumes": resumes, "worker_nodes": nodes}
+    return {"history": history, "resumes": resumes, "worker_nodes": nodes, "precision": precision}
 
 
 # --------------------------------------------------------------------------- the driver
@@ -494,7 +580,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         labels=y, init=init_checkpoint, eval=ev_ids if ev_ids is not None else [])
     config = {"cfg": cfg.model_dump(mode="json"), "spec": asdict(spec), "method": method,
               "num_classes": int(num_classes), "init_checkpoint": init_checkpoint, "data": ray.put(data),
-              "torch_threads": plan.torch_threads, "on_epoch_end": on_epoch_end}
+              "torch_threads": plan.torch_threads, "loader_workers": plan.loader_workers,
+              "on_epoch_end": on_epoch_end}
     trainer = TorchTrainer(
         _train_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
@@ -505,6 +592,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+    check_nested({r: plan.num_workers * float(plan.resources_per_worker.get(r, 0.0)) for r in ("CPU", "GPU")},
+                 "the Ray Train workers", "train.num_workers / train.cpus_per_worker / train.use_gpu")
     with asvp_errors_unwrapped():
         result = trainer.fit()
     if result.checkpoint is None:  # pragma: no cover - the last epoch always checkpoints
@@ -517,13 +606,14 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         "epoch": state["epoch"], "backbone": state["backbone"], "head": state["head"]}
     kept_epoch = int(kept["epoch"])
     total = lp_epochs + ft_epochs
+    precision = ret.get("precision") or state.get("precision") or "fp32"
     final = {"backbone": kept["backbone"], "head": kept["head"], "num_classes": int(num_classes),
              "spec": asdict(spec), "method": method, "epochs": total, "epoch": kept_epoch,
-             "lp_epochs": lp_epochs, "ft_epochs": ft_epochs}
+             "lp_epochs": lp_epochs, "ft_epochs": ft_epochs, "precision": precision}
     path = save_model_file(out, **final)
     shutil.rmtree(out / "ray" / name, ignore_errors=True)
     row = next((h for h in history if h["epoch"] == kept_epoch), {})
     return FinetuneResult(
         checkpoint=path, test_accuracy=row.get("eval_accuracy"), seconds=round(time.perf_counter() - t0, 3),
         history=history, worker_nodes=list(ret.get("worker_nodes") or []), method=method, kept_epoch=kept_epoch,
-        resumed_from=list(ret.get("resumes") or state.get("resumes") or []))
+        resumed_from=list(ret.get("resumes") or state.get("resumes") or []), precision=precision)

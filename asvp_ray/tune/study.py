@@ -9,7 +9,8 @@ Layout of a study directory ``DIR``::
     DIR/tune/                Ray Tune's experiment state (``Tuner.restore`` reads it)
     DIR/results.csv          one row per trial: status, searched values, rounds, accuracies
     DIR/best_config.yaml     the best trial's config; ``asvp-ray run`` accepts it unchanged
-    DIR/curves.png           proxy test accuracy against labels, one line per trial
+    DIR/curves.png           proxy test accuracy against labels, one line per trial; stars: final models
+    DIR/curves.json          the plotted values (read back from the figure)
 
 A trial runs a ``Driver`` in its own Ray task, round by round, and reports each round to Tune
 (``round``, ``n_labeled``, ``proxy_test_accuracy``, ...; ``final_test_accuracy`` with the last
@@ -38,6 +39,7 @@ import yaml
 
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.tune.resources import head_resources, placement_group_factory, plan_study, resource_variants
 from asvp_ray.tune.space import SearchSpace, parse_space, set_key
 
 log = logging.getLogger("asvp_ray.tune")
@@ -46,6 +48,9 @@ METRIC = "proxy_test_accuracy"
 SCHEDULERS = ("fifo", "asha")
 EXPERIMENT = "tune"
 LOCK_WAIT_S = 120.0
+# The trial actor's own CPU: it trains the proxy and selects between its nested phases, and sits
+# idle while its Ray Train workers or extraction actors run (see tune/resources.py).
+CPUS_PER_TRIAL = 0.5
 
 
 @dataclass
@@ -142,12 +147,16 @@ def _last_reported() -> int:
         return int(json.loads(p.read_text())["round"]) if p.is_file() else -1
 
 
-def _trial(params: Dict[str, Any], *, base: Dict[str, Any], feature_cache: str, runs: str, cwd: str) -> None:
+def _trial(params: Dict[str, Any], *, base: Dict[str, Any], feature_cache: str, runs: str, cwd: str,
+           extract_budget: Optional[Dict[str, float]] = None) -> None:
     """The Tune trainable: one asvp-ray run, reported round by round."""
     from ray import tune
 
+    from asvp_ray.features.extract import BUDGET_ENV
     from asvp_ray.loop.driver import Driver
 
+    if extract_budget:  # size this trial's extraction actor pool to its share of the cluster
+        os.environ[BUDGET_ENV] = json.dumps(extract_budget)
     if Path(cwd).is_dir():  # relative paths in the config mean what they meant to the study
         os.chdir(cwd)
     cfg = trial_config(base, params, feature_cache)
@@ -242,7 +251,7 @@ def _max_rounds(base: Config, space: SearchSpace) -> int:
 
 # ---------------------------------------------------------------------------------- the study
 def check_settings(*, num_samples: int = 1, scheduler: str = "fifo", grace_period: int = 1,
-                   max_concurrent: Optional[int] = None, cpus_per_trial: float = 1.0,
+                   max_concurrent: Optional[int] = None, cpus_per_trial: float = CPUS_PER_TRIAL,
                    gpus_per_trial: float = 0.0) -> None:
     """Check a study's settings (``run_study``'s keyword arguments) before anything starts.
 
@@ -264,8 +273,8 @@ def check_settings(*, num_samples: int = 1, scheduler: str = "fifo", grace_perio
 def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str, Path, Dict[str, Any], SearchSpace],
               out: Union[str, Path], *, overrides: Sequence[str] = (), num_samples: int = 1,
               scheduler: str = "fifo", grace_period: int = 1, reduction_factor: float = 2.0,
-              max_concurrent: Optional[int] = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
-              verbose: int = 0, callbacks: Optional[list] = None) -> StudyResult:
+              max_concurrent: Optional[int] = None, cpus_per_trial: float = CPUS_PER_TRIAL,
+              gpus_per_trial: float = 0.0, verbose: int = 0, callbacks: Optional[list] = None) -> StudyResult:
     """Run (or resume) a study, then write its results table, best config and curves.
 
     Args:
@@ -279,14 +288,17 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
             per-round proxy test accuracy).
         grace_period: ASHA: rounds every trial runs before it can be stopped.
         reduction_factor: ASHA: keep 1 in this many trials at each rung.
-        max_concurrent: trials running at once (default: as many as the resources allow).
-        cpus_per_trial, gpus_per_trial: the Ray resources each trial reserves. A trial that
-            fine-tunes (refresh, final model) starts Ray Train workers outside these.
+        max_concurrent: trials running at once (default, and at most: as many as fit in the cluster
+            together at their peak, see ``asvp_ray.tune.resources``).
+        cpus_per_trial, gpus_per_trial: the Ray resources the trial actor itself reserves; its Ray
+            Train workers and extraction actors come on top, and the study admits only as many
+            trials at once as fit with them.
         verbose: Tune's console output (0 silent, 1 progress, 2 detailed).
         callbacks: Tune callbacks (kept for a restore, as Tune stores them).
 
     Raises:
-        ConfigError: a bad config, space or setting.
+        ConfigError: a bad config, space or setting; one trial needs more than the cluster has
+            (before anything starts).
         RunDirError: ``out`` holds a study of another config or space.
     """
     from ray import tune
@@ -302,12 +314,24 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base = base_cfg.model_dump(mode="json")
     base.pop("feature_cache", None)
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
+    base_with_constants = sp.trial_raw(base, {})
+    meta = {"config": base, "space": sp.to_yaml_dict()}
+    if (out / "study.yaml").is_file():
+        _check_study(out, meta)  # another study's directory: refused before Ray is asked anything
+    # What one trial needs, before anything is written: a study that cannot fit stops here.
+    head = head_resources(cpus_per_trial, gpus_per_trial)
+    variants = [load_config(raw=v) for v in resource_variants(base_with_constants, sp)]
+    plan = plan_study(variants, sp.grid_size * num_samples, head=head, prefetched=not sp.feature_combinations()[1],
+                      max_concurrent=max_concurrent)
+    log.info("resources: %s", plan.describe())
+    if max_concurrent is not None and plan.max_concurrent < min(max_concurrent, sp.grid_size * num_samples):
+        log.warning("max_concurrent=%d lowered to %d: more trials at once would wait on each other's Ray Train "
+                    "workers or extraction actors", max_concurrent, plan.max_concurrent)
     cache = out / "feature_cache"
     runs = out / "runs"
     for d in (out, cache, runs):
         d.mkdir(parents=True, exist_ok=True)
-    existed = _check_study(out, {"config": base, "space": sp.to_yaml_dict()})
-    base_with_constants = sp.trial_raw(base, {})
+    existed = _check_study(out, meta)
 
     exp_path = out / EXPERIMENT
     restoring = tune.Tuner.can_restore(str(exp_path))
@@ -317,8 +341,8 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base_with_constants, feature_cache=str(cache), runs=str(runs),
-                             cwd=os.getcwd()),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+                             cwd=os.getcwd(), extract_budget=plan.extract_budget),
+        placement_group_factory(head),
     )
     if restoring:
         log.info("resuming the study in %s", exp_path)
@@ -336,7 +360,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
                 trial_dirname_creator=_trial_dirname,
                 # The generator limits concurrency itself (Tune ignores max_concurrent_trials
                 # next to a SearchAlgorithm); seeded, so a study draws the same trials each time.
-                search_alg=BasicVariantGenerator(random_state=base_cfg.seed, max_concurrent=max_concurrent or 0),
+                search_alg=BasicVariantGenerator(random_state=base_cfg.seed, max_concurrent=plan.max_concurrent),
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(out), verbose=verbose, callbacks=callbacks,
@@ -443,10 +467,14 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _plot(rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path, keys: Sequence[str]) -> None:
+    """Proxy test accuracy per round (lines) and, for trials that trained one, the final model's test
+    accuracy (stars, at the last round's labels); ``path`` with ``.json`` holds the plotted values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from asvp_ray.report import plain_axes, save_figure
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, row in enumerate(rows):
@@ -455,22 +483,24 @@ def _plot(rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path
             continue
         xs, ys = zip(*pts)
         is_best = best is not None and row["trial"] == best["trial"]
-        label = None
+        name = row["trial"]
         if i < 12 or is_best:
-            label = row["trial"] + ": " + ", ".join(f"{k.split('.')[-1]}={_fmt(row[k])}" for k in keys)
-        ax.plot(xs, ys, marker="o", lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
-                ls="-" if row["status"] == "finished" else "--", label=label, zorder=3 if is_best else 2)
+            name += ": " + ", ".join(f"{k.split('.')[-1]}={_fmt(row[k])}" for k in keys)
+        line, = ax.plot(xs, ys, marker="o", lw=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
+                        ls="-" if row["status"] == "finished" else "--", label=f"{name} (proxy)",
+                        zorder=3 if is_best else 2)
         if row["final_test_accuracy"] is not None:
-            ax.scatter([xs[-1]], [row["final_test_accuracy"]], marker="*", s=120, zorder=4)
+            ax.scatter([xs[-1]], [row["final_test_accuracy"]], marker="*", s=120, zorder=4, color=line.get_color(),
+                       label=f"{row['trial']} final model")
     ax.set_xlabel("labelled images")
-    ax.set_ylabel("proxy test accuracy")
-    ax.set_title(f"{len(rows)} trials (dashed: stopped early or unfinished; stars: final model)")
+    ax.set_ylabel("test accuracy (lines: proxy per round; stars: final model)")
+    ax.set_title(f"{len(rows)} trials (dashed: stopped early or unfinished)")
     ax.grid(alpha=0.3)
+    plain_axes(ax)
     if any(r["_curve"] for r in rows):
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, restored: bool = False,
