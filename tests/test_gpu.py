@@ -415,7 +415,7 @@ def test_a_run_directory_from_before_the_amp_choices_resumes():
     import yaml
 
     from asvp_ray.config import dump_config, upgrade_legacy_config
-    from asvp_ray.loop.driver import config_differences
+    from asvp_ray.loop.resume import config_differences
 
     new = yaml.safe_load(dump_config(load_config(str(SMOKE))))
     old = json.loads(json.dumps(new))
