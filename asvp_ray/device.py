@@ -180,18 +180,9 @@ class DevicePreprocessor:
         # on this batch's result (every caller reads its output back to the host).
         return buf.to(self.device, non_blocking=True)
 
-    @staticmethod
-    def _layout(t, batched: bool):
-        """uint8 (B,H,W[,C]) or (H,W[,C]) -> (B,3,H,W), grayscale expanded, alpha dropped."""
-        if not batched:
-            t = t.unsqueeze(0)
-        if t.ndim == 3:
-            t = t.unsqueeze(1)
-        else:
-            t = t.permute(0, 3, 1, 2)
-        if t.shape[1] == 1:
-            t = t.expand(-1, 3, -1, -1)
-        return t[:, :3]
+    def _layout(self, t, batched: bool):
+        """uint8 (B,H,W[,C]) or (H,W[,C]) -> (B,3,H,W), the host preprocessor's layout rule."""
+        return self.pre.batch_to_nchw3(t if batched else t.unsqueeze(0))
 
     def __call__(self, images):
         """Args: a uint8 array (B,H,W[,C]), a uint8 tensor of that shape, or a sequence of

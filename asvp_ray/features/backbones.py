@@ -252,7 +252,11 @@ class Preprocessor:
         return (x - self.mean) / self.std
 
     def _to_nchw_batch(self, images: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        return self.batch_to_nchw3(torch.from_numpy(np.require(images, requirements=["C", "W"])))
+
+    @staticmethod
+    def batch_to_nchw3(t: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch (B,H,W[,C]), on any device -> (B,3,H,W): grayscale expanded, alpha dropped."""
         if t.ndim == 3:
             t = t.unsqueeze(1)
         else:
