@@ -29,8 +29,6 @@ from asvp_ray.config import Config
 from asvp_ray.errors import ConfigError
 
 RESOURCES = ("CPU", "GPU")
-# Methods whose nested work trains/extracts is known here (``loop/methods``); others count as both.
-KNOWN_METHODS = ("svpp", "asvp", "standard")
 EPS = 1e-9
 
 
@@ -67,15 +65,15 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     return {r: float(now.get(r, 0)) for r in RESOURCES}, False
 
 
+def _method(cfg: Config):
+    from asvp_ray.loop.methods import METHODS
+
+    return METHODS.get(cfg.method)
+
+
 def trains(cfg: Config) -> Optional[str]:
     """Why a run starts Ray Train workers (None when it never does)."""
-    why = []
-    if cfg.method not in KNOWN_METHODS:
-        why.append(f"method={cfg.method} may fine-tune (a method this module does not know is counted as one that does)")
-    elif cfg.method == "standard":
-        why.append("method=standard fine-tunes every round")
-    elif cfg.method == "asvp" and cfg.refresh.policy != "never":
-        why.append(f"method=asvp with refresh.policy={cfg.refresh.policy} can fine-tune")
+    why = [w for w in (_method(cfg).finetunes(cfg),) if w]
     if cfg.final.training_method != "none":
         why.append(f"final.training_method={cfg.final.training_method} trains a final model")
     return "; ".join(why) or None
@@ -83,13 +81,7 @@ def trains(cfg: Config) -> Optional[str]:
 
 def extracts(cfg: Config, prefetched: bool) -> Optional[str]:
     """Why a run starts an extraction actor pool inside its trial (None when it never does)."""
-    why = []
-    if cfg.method not in KNOWN_METHODS:
-        why.append(f"method={cfg.method} may extract (a method this module does not know is counted as one that does)")
-    elif cfg.method == "standard":
-        why.append("method=standard scores the pool with each fine-tuned model")
-    elif cfg.method == "asvp" and cfg.refresh.policy != "never":
-        why.append(f"method=asvp with refresh.policy={cfg.refresh.policy} re-extracts after a refresh")
+    why = [w for w in (_method(cfg).extracts(cfg),) if w]
     if not prefetched:
         why.append("features v0 are extracted by each trial (a continuous data.*/backbone.* key)")
     return "; ".join(why) or None

@@ -19,6 +19,18 @@ class ASVP(Method):
     name = "asvp"
     _probe_result = None  # the probe's fine-tune of the round being decided
 
+    @classmethod
+    def finetunes(cls, cfg):
+        if cfg.refresh.policy != "never":
+            return f"method=asvp with refresh.policy={cfg.refresh.policy} can fine-tune"
+        return None
+
+    @classmethod
+    def extracts(cls, cfg):
+        if cfg.refresh.policy != "never":
+            return f"method=asvp with refresh.policy={cfg.refresh.policy} re-extracts after a refresh"
+        return None
+
     def refresh_policy(self):
         from asvp_ray.alignment import REFRESH_POLICIES
 

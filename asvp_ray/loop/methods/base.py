@@ -57,6 +57,19 @@ class Method:
         the features were refreshed (the driver prunes old versions after the commit)."""
         return False
 
+    # What a run of this method may start besides the driver, read by Tune's resource plan
+    # (asvp_ray/tune/resources.py): a reason string, or None when it never does. A method that
+    # does not say is counted as doing both, so a study never under-reserves for it.
+    @classmethod
+    def finetunes(cls, cfg) -> Optional[str]:
+        """Why a run of this method fine-tunes (Ray Train workers) before its final model."""
+        return f"method={cls.name} may fine-tune (it does not say otherwise)"
+
+    @classmethod
+    def extracts(cls, cfg) -> Optional[str]:
+        """Why a run of this method starts an extraction actor pool after features v0."""
+        return f"method={cls.name} may extract (it does not say otherwise)"
+
     def auto_final(self) -> Tuple[str, str]:
         """``(training method, reason)`` meant by ``final.training_method: auto``."""
         return "ft", f"auto: {self.name} trains the final model with FT"

@@ -14,6 +14,14 @@ from asvp_ray.loop.methods.base import METHODS, Method
 class Standard(Method):
     name = "standard"
 
+    @classmethod
+    def finetunes(cls, cfg):
+        return "method=standard fine-tunes every round"
+
+    @classmethod
+    def extracts(cls, cfg):
+        return "method=standard scores the pool with each fine-tuned model"
+
     def pool_probs(self, seconds: Dict[str, float], extra: Dict[str, Any]) -> Optional[np.ndarray]:
         """Fine-tune on the labelled set, then score the whole pool with backbone + head."""
         from asvp_ray.features.extract import predict_proba

@@ -9,3 +9,11 @@ class SVPP(Method):
     """Selection via proxy on features that never change: every hook is the base behaviour."""
 
     name = "svpp"
+
+    @classmethod
+    def finetunes(cls, cfg):
+        return None
+
+    @classmethod
+    def extracts(cls, cfg):
+        return None
