@@ -259,6 +259,38 @@ class LoopbackCluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
 
+    def wait_for_job(self, job_id: str, timeout: float) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED), or the last one seen at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        status = "UNKNOWN"
+        while time.monotonic() < deadline:
+            r = self.ray("job", "status", "--address", self.url, job_id)
+            for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+                if word in r.stdout + r.stderr:
+                    status = word
+                    break
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(2)
+        return status
+
+    def diagnose(self, run_dir: Path) -> str:
+        """What a hung job was waiting for: the cluster's resources and pending demands, the live
+        actors and placement groups, and the tail of the run's log."""
+        parts = []
+        r = self.ray("status", "--address", f"127.0.0.1:{self.gcs_port}")
+        parts.append("ray status:\n" + r.stdout[-3000:] + r.stderr[-1000:])
+        actors = self.state("actors") or []
+        parts.append("actors:\n" + "\n".join(f"  {a.get('class_name')} {a.get('state')} node={str(a.get('node_id'))[:8]} "
+                                               f"res={a.get('required_resources')}" for a in actors))
+        pgs = self.state("placement-groups") or []
+        parts.append("placement groups:\n" + "\n".join(f"  {g.get('placement_group_id', '')[:8]} {g.get('state')} "
+                                                         f"{g.get('bundles')}" for g in pgs))
+        log = run_dir / "run.log"
+        if log.is_file():
+            parts.append("run.log (tail):\n" + log.read_text()[-4000:])
+        return "\n".join(parts)
+
     def state(self, what: str):
         """``ray list WHAT`` through the dashboard's state API (dead actors included), or None."""
         r = self.ray("list", what, "--address", self.url, "--detail", "--format", "json", "--limit", "10000")
@@ -315,12 +347,14 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
         if "train" in Config.model_fields and "final" in Config.model_fields:
             sets += ["--set", "train.num_workers=3", "--set", "train.cpus_per_worker=1",
                      "--set", "final.training_method=ft"]
-        r = cluster.ray("job", "submit", "--address", cluster.url, "--submission-id", job_id,
+        r = cluster.ray("job", "submit", "--no-wait", "--address", cluster.url, "--submission-id", job_id,
                         "--runtime-env", "cluster/runtime_env.yaml", "--",
-                        "asvp-ray", "run", "examples/smoke.yaml", "--out", str(run_dir), *sets, timeout=900)
-        status = cluster.ray("job", "status", "--address", cluster.url, job_id)
-        assert "succeeded" in (status.stdout + status.stderr).lower(), (r.stdout[-5000:], r.stderr[-3000:])
-        assert "done:" in r.stdout
+                        "asvp-ray", "run", "examples/smoke.yaml", "--out", str(run_dir), *sets, timeout=300)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        state = cluster.wait_for_job(job_id, timeout=720)
+        logs = cluster.ray("job", "logs", "--address", cluster.url, job_id).stdout
+        assert state == "SUCCEEDED", f"job {state}:\n{logs[-5000:]}\n{cluster.diagnose(run_dir)}"
+        assert "done:" in logs
 
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "finished"
