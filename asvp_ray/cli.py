@@ -351,6 +351,25 @@ def status(run_dir: Path = typer.Argument(..., help="The run directory.")) -> No
 
 
 @app.command()
+def strategies() -> None:
+    """List the query strategies and their options.
+
+    Set options in the config as ``strategy: {name: coreset, metric: cosine}`` or on the command
+    line as ``--set 'strategy={name: cluster_margin, margin_factor: 10}'``. Score strategies
+    (margin, entropy, least_confidence) and coreset, BADGE and Cluster-Margin take
+    ``execution: sharded`` to score on Ray shard actors.
+    """
+    from asvp_ray.selection import STRATEGIES
+    from asvp_ray.selection.options import option_defaults
+
+    for name in STRATEGIES.names():
+        doc = (STRATEGIES.get(name).__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name}: {doc}")
+        opts = option_defaults(name)
+        typer.echo("    options: " + (", ".join(f"{k}={v!r}" for k, v in opts.items()) if opts else "none"))
+
+
+@app.command()
 def final(
     run_dir: Path = typer.Argument(..., help="The run directory, all rounds done."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),

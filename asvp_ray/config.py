@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from asvp_ray.errors import ConfigError
 from asvp_ray.train.config import TrainConfig
@@ -206,7 +206,11 @@ class Config(_Strict):
     name: str = "asvp-ray"
     seed: int = 0
     method: str = Field("svpp", description="a registered method: asvp_ray.loop.methods.METHODS")
-    strategy: str = Field("margin", description="a registered strategy: asvp_ray.selection.STRATEGIES")
+    strategy: str = Field("margin", description="a registered strategy: asvp_ray.selection.STRATEGIES; with options "
+                                                "write strategy: {name: coreset, metric: cosine}")
+    strategy_options: Dict[str, Any] = Field(
+        default_factory=dict, description="the strategy's options (its constructor's keyword arguments; "
+                                          "`strategy: {name: ..., OPTION: VALUE}` fills them)")
     oracle: str = Field(
         "simulated", description="simulated: the pool's ground truth; human: asvp-ray select / label rounds "
                                  "(asvp_ray.loop.oracle.ORACLES)")
@@ -225,12 +229,35 @@ class Config(_Strict):
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_mapping(cls, data):
+        """``strategy: {name: coreset, metric: cosine}`` -> ``strategy: coreset`` and its options."""
+        if isinstance(data, dict) and isinstance(data.get("strategy"), dict):
+            from asvp_ray.selection.options import split_strategy
+
+            data = dict(data)
+            name, options = split_strategy(data["strategy"])
+            data["strategy"] = name
+            data["strategy_options"] = {**(data.get("strategy_options") or {}), **options}
+        return data
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v):
         from asvp_ray.selection import STRATEGIES
 
         return _registered(STRATEGIES, v)
+
+    @model_validator(mode="after")
+    def _strategy_options_valid(self):
+        from asvp_ray.selection.options import build_strategy
+
+        try:
+            build_strategy(self.strategy, self.strategy_options)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'strategy' ({self.strategy}, options {self.strategy_options}): {e}") from None
+        return self
 
     @field_validator("method")
     @classmethod
@@ -312,7 +339,10 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+            if not loc:  # a check across keys (Config's model validators): its message names them
+                lines.append(msg)
+            else:
+                lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
     return f"{origin}: " + "; ".join(lines)
 
 

@@ -32,7 +32,7 @@ from asvp_ray.loop.training import finetune_labeled, final_method, run_final, tr
 from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.ray_utils import quiet_ray_data
-from asvp_ray.selection import STRATEGIES, PoolView
+from asvp_ray.selection import STRATEGIES, PoolView, build_strategy
 
 log = logging.getLogger("asvp_ray.driver")
 
@@ -62,7 +62,7 @@ class Driver:
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
         self.pool, self.test, self.classes = open_data(self.cfg)
-        self.strategy = STRATEGIES.create(self.cfg.strategy)
+        self.strategy = build_strategy(self.cfg.strategy, self.cfg.strategy_options)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
         self.oracle = ORACLES.create(self.cfg.oracle, source=self.pool)  # None: human labellers

@@ -111,6 +111,7 @@ def new_summary(d) -> Dict[str, Any]:
     """The summary of a run that has not committed anything yet."""
     return {
         "name": d.cfg.name, "method": d.cfg.method, "strategy": d.cfg.strategy, "seed": d.cfg.seed,
+        "strategy_options": dict(d.cfg.strategy_options),
         "pool_size": len(d.pool), "test_size": len(d.test) if d.test is not None else 0,
         "num_classes": len(d.classes), "classes": d.classes, "schedule": list(d.cfg.budget.schedule),
         "backbone": d.cfg.backbone.name, "feature_versions": d.versions.describe(),
