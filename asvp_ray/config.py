@@ -225,6 +225,10 @@ class Config(_Strict):
     final: FinalConfig = Field(default_factory=FinalConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    driver_threads: Optional[PositiveInt] = Field(
+        None, description="threads for the driver actor's own compute (proxy training, pool scoring, local "
+                          "selection); None: every CPU of the node it runs on (its phases do not overlap the "
+                          "extraction and training workers'). The actor still reserves no CPU.")
     feature_cache: Optional[str] = Field(
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -235,3 +236,34 @@ def require_faiss_gpu(where: str) -> None:
         raise ConfigError(f"{where}: use_gpu=True but {why}; install a GPU build of faiss (conda install -c pytorch "
                           "faiss-gpu, or pip install faiss-gpu-cu12) and run where a GPU is reserved, or set "
                           "use_gpu=False")
+
+
+def node_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_env(threads: int) -> dict:
+    """Environment variables that size OpenMP/BLAS thread pools, for a Ray ``runtime_env``: Ray
+    sets ``OMP_NUM_THREADS`` to an actor's CPU reservation (1 for an actor that reserves none)
+    unless the variable is given."""
+    n = str(int(threads))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+def set_compute_threads(threads: int) -> int:
+    """Use ``threads`` threads in this process for torch (intra-op) and faiss; returns it."""
+    import torch
+
+    threads = int(threads)
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+    return threads

@@ -6,9 +6,15 @@ synthetic (rows x dim) float32 pool and, side by side, a bare ``torch.mm`` of th
 shapes (chunk x dim @ dim x hidden), and reports the fraction of the matmul rate that
 scoring achieves (goal: >= 0.5).
 
+With ``--in-actor`` it also times the proxy's fit and scoring inside a zero-CPU Ray actor, as
+`asvp-ray run`'s driver actor runs them: once set up the way the driver actor is (threads =
+the node's CPUs, ``asvp_ray.loop.actor``) and once as Ray sets up such an actor by itself
+(``OMP_NUM_THREADS=1``), each as a ratio of this process's figures (goal: >= 0.9x).
+
 Usage::
 
     .venv/bin/python bench/proxy.py --rows 200000
+    .venv/bin/python bench/proxy.py --rows 200000 --dim 1280 --in-actor
     .venv/bin/python bench/proxy.py            # 1,000,000 x 1280, about 5 GB of features
 """
 from __future__ import annotations
@@ -59,7 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--normalize", default="none", choices=["none", "l2", "standardize"])
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--naive", action="store_true", help="also time the unfolded nn.Module forward")
+    ap.add_argument("--in-actor", action="store_true",
+                    help="also time fit and scoring inside zero-CPU Ray actors (the driver actor's setting and "
+                         "Ray's default), as ratios of this process's figures")
     args = ap.parse_args(argv)
+    if args.in_actor:
+        return in_actor(args)
 
     N, D, C = args.rows, args.dim, args.classes
     H = args.hidden or D
@@ -114,6 +125,61 @@ def main(argv=None) -> int:
         print(f"{name:<34}{rps:>14,.0f}{gf:>10.1f}  {note}")
     frac = gflops_score / gflops_mm
     print(f"\nscoring achieves {frac:.2f} of the matmul rate (goal >= 0.5): {'OK' if frac >= 0.5 else 'BELOW GOAL'}")
+    return 0
+
+
+def fit_and_score(rows: int, dim: int, hidden: int, classes: int, chunk: int, fit_rows: int, fit_epochs: int,
+                  repeat: int) -> dict:
+    """Seconds to fit the proxy and to score the pool (best of ``repeat``), in this process."""
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(rows, dim, generator=gen).numpy()
+    labels = np.random.default_rng(0).integers(0, classes, size=min(fit_rows, rows))
+    proxy = MLPProxy(hidden=hidden, epochs=fit_epochs, batch_size=256, device="cpu", chunk_size=min(chunk, rows))
+    fit_s, _ = best_time(lambda: proxy.fit(pool[: len(labels)], labels, num_classes=classes), repeat)
+    proxy.predict_proba(pool[:chunk])
+    score_s, _ = best_time(lambda: proxy.predict_proba(pool), repeat)
+    return {"fit_s": fit_s, "score_s": score_s, "threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def in_actor(args) -> int:
+    import ray
+
+    from asvp_ray.device import node_cpus, set_compute_threads, thread_env
+
+    work = dict(rows=args.rows, dim=args.dim, hidden=args.hidden or args.dim, classes=args.classes, chunk=args.chunk,
+                fit_rows=args.fit_rows, fit_epochs=args.fit_epochs, repeat=args.repeat)
+    print(f"pool {args.rows:,} x {args.dim}, hidden {work['hidden']}, fit on {work['fit_rows']:,} rows x "
+          f"{args.fit_epochs} epochs; best of {args.repeat}")
+    ray.init(num_cpus=node_cpus(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(_HERE)}})
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def __init__(self, threads):
+            if threads:
+                set_compute_threads(threads)
+
+        def run(self, work):
+            return fit_and_score(**work)
+
+    results = {"this process": fit_and_score(**work)}
+    n = node_cpus()
+    for name, env, threads in (("driver actor (asvp-ray's setting)", thread_env(n), n),
+                               ("zero-CPU actor (Ray's default)", None, None)):
+        actor = Probe.options(runtime_env={"env_vars": env} if env else None).remote(threads)
+        results[name] = ray.get(actor.run.remote(work))
+        ray.kill(actor)
+    ray.shutdown()
+    base = results["this process"]
+    print(f"\n{'where':<36}{'threads':>8}{'fit s':>9}{'score s':>9}{'fit x':>8}{'score x':>9}")
+    for name, r in results.items():
+        print(f"{name:<36}{r['threads']:>8}{r['fit_s']:>9.2f}{r['score_s']:>9.2f}"
+              f"{base['fit_s'] / r['fit_s']:>8.2f}{base['score_s'] / r['score_s']:>9.2f}")
+    d = results["driver actor (asvp-ray's setting)"]
+    ok = base["score_s"] / d["score_s"] >= 0.9 and base["fit_s"] / d["fit_s"] >= 0.9
+    print(f"\nthe driver actor reaches {base['fit_s'] / d['fit_s']:.2f}x (fit) and {base['score_s'] / d['score_s']:.2f}x "
+          f"(score) of this process (goal >= 0.9x): {'OK' if ok else 'BELOW GOAL'}")
     return 0
 
 

@@ -63,6 +63,8 @@ def test_standard_smoke_run_through_the_cli(tmp_path):
                 "--set", "train.epochs=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final model: ft" in r.stdout
+    # a console a newcomer can read: no per-epoch report line from every Ray Train worker
+    assert "Reporting training result" not in r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["method"] == "standard" and s["status"] == "finished"
     assert s["rounds"][1]["seconds"]["finetune"] > 0 and s["rounds"][1]["seconds"]["score_pool"] > 0

@@ -172,3 +172,29 @@ def test_cli_lists_the_strategies_with_their_options():
     for name in STRATEGIES.names():
         assert f"\n{name}: " in "\n" + r.output
     assert "margin_factor=10.0" in r.output and "metric='euclidean'" in r.output
+
+
+def test_the_driver_actor_computes_on_every_cpu_of_its_node_though_it_reserves_none(ray_local, tmp_path):
+    """Ray gives a zero-CPU actor OMP_NUM_THREADS=1; the driver actor's proxy would use one core."""
+    import ray
+
+    from asvp_ray.device import node_cpus
+    from asvp_ray.loop.actor import driver_actor
+
+    cfg = load_config(str(SMOKE), ["final.training_method=none"])
+    actor = driver_actor(cfg, str(tmp_path / "run"))
+    try:
+        threads = ray.get(actor.status.remote(), timeout=300)["compute_threads"]
+    finally:
+        ray.get(actor.close.remote(), timeout=60)
+        ray.kill(actor)
+    assert node_cpus() >= 2  # this machine: otherwise the check below cannot fail
+    assert threads == {"torch": node_cpus(), "OMP_NUM_THREADS": str(node_cpus())}
+    # driver_threads sets it; the actor still reserves no CPU
+    cfg = load_config(str(SMOKE), ["final.training_method=none", "driver_threads=1"])
+    actor = driver_actor(cfg, str(tmp_path / "run1"))
+    try:
+        assert ray.get(actor.status.remote(), timeout=300)["compute_threads"]["torch"] == 1
+    finally:
+        ray.get(actor.close.remote(), timeout=60)
+        ray.kill(actor)

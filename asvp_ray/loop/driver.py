@@ -13,6 +13,7 @@ resume in :mod:`asvp_ray.loop.resume`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Optional
@@ -22,6 +23,7 @@ import numpy as np
 from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.device import node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.methods import METHODS
@@ -35,6 +37,32 @@ from asvp_ray.ray_utils import quiet_ray_data
 from asvp_ray.selection import STRATEGIES, PoolView, build_strategy
 
 log = logging.getLogger("asvp_ray.driver")
+
+
+def compute_threads() -> Dict[str, Any]:
+    """The threads this process computes with: torch's intra-op threads and ``OMP_NUM_THREADS``."""
+    import torch
+
+    return {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def default_threads() -> int:
+    """Threads for the driver's own compute when ``driver_threads`` is not set: the CPUs Ray
+    reserved for this process where it reserved some (a Tune trial's share), else every CPU of the
+    node (the zero-CPU driver actor of `asvp-ray run`, or a plain process)."""
+    import math
+
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            res = ray.get_runtime_context().get_assigned_resources()
+            cpus = res.get("CPU") or max([v for k, v in res.items() if k.startswith("CPU_group")] or [0])
+            if cpus > 0:
+                return max(1, math.ceil(cpus))
+    except Exception:  # pragma: no cover - outside Ray, or an older runtime context
+        pass
+    return node_cpus()
 
 
 class Driver:
@@ -59,6 +87,7 @@ class Driver:
     def _setup(self) -> None:
         self._log_handler = attach_run_log(self.rd)
         self._progress: Dict[str, Any] = {"phase": "starting"}
+        self.threads = set_compute_threads(self.cfg.driver_threads or default_threads())
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
         self.pool, self.test, self.classes = open_data(self.cfg)
@@ -114,7 +143,7 @@ class Driver:
 
     def final_method(self) -> str:
         """The final training method and (via ``final_reason``) why, following ASVP.md."""
-        m, self.final_reason = final_method(self.cfg, self.method)
+        m, self.final_reason = final_method(self.cfg, self.method, self.pool)
         return m
 
     def _proxy_for_round(self, r: int) -> MLPProxy:
@@ -267,7 +296,7 @@ class Driver:
         return {"next_round": self.next_round, "rounds": len(self.cfg.budget.schedule), "finished": self.finished,
                 "rounds_done": self.rounds_done,
                 "n_labeled": int(len(self.labeled["id"])), "feature_version": self.feature_version,
-                "path": str(self.rd.path)}
+                "path": str(self.rd.path), "compute_threads": compute_threads()}
 
     def progress(self) -> Dict[str, Any]:
         return dict(self._progress)

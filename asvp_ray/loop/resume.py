@@ -17,7 +17,7 @@ from asvp_ray.errors import ConfigError, RunDirError
 log = logging.getLogger("asvp_ray.driver")
 
 # Config sections that may change between a run and its resume (they do not change results).
-RESUMABLE_CHANGES = ("extract",)
+RESUMABLE_CHANGES = ("extract", "driver_threads")
 
 
 def attach_run_log(rd) -> logging.Handler:
@@ -42,11 +42,38 @@ def open_data(cfg) -> Tuple[Any, Optional[Any], List[str]]:
     classes = cfg.data.classes or pool.classes
     if not classes:
         raise ConfigError("the pool has no class names; list them in data.classes")
+    if getattr(pool, "kind", "") == "embeddings":
+        check_embeddings_pool(cfg, pool, test)
     schedule = cfg.budget.schedule
     if sum(schedule) > len(pool):
         raise ConfigError(f"budget.schedule {schedule} buys {sum(schedule)} labels but the pool holds "
                           f"{len(pool)} images; shorten the schedule or use a larger pool")
     return pool, test, list(classes)
+
+
+def check_embeddings_pool(cfg, pool, test) -> None:
+    """An embeddings pool (bring your own features) is v0 itself: its test set must be embeddings
+    too, and without a ``path`` column nothing may need its images.
+
+    Raises:
+        ConfigError: naming what needs images and the fix.
+    """
+    from asvp_ray.loop.methods import METHODS
+
+    if test is not None and getattr(test, "kind", "") != "embeddings":
+        raise ConfigError(f"data.pool is embeddings but data.test is {test.kind}: the test set needs features from "
+                          "the same model; give it as embeddings too (data.test.kind: embeddings, data.test.path) "
+                          "or set data.test: null")
+    if pool.has_paths:
+        return
+    method = METHODS.get(cfg.method)
+    why = method.finetunes(cfg) or method.extracts(cfg)
+    if why:
+        raise ConfigError(f"data.pool is embeddings without a path column, but {why}, which needs the images; "
+                          f"add a path column to {pool.path}, or use method: svpp")
+    if cfg.final.training_method not in ("none", "auto"):
+        raise ConfigError(f"final.training_method={cfg.final.training_method} fine-tunes on the images, but the "
+                          f"embeddings pool {pool.path} has no path column; set final.training_method: none")
 
 
 def config_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:

@@ -29,11 +29,14 @@ def finetune_labeled(d, method: str, tag: str, evaluate: bool):
     return res
 
 
-def final_method(cfg, method) -> Tuple[str, str]:
-    """``(final training method, why)``, following ASVP.md (``auto``: ``method.auto_final()``)."""
+def final_method(cfg, method, pool=None) -> Tuple[str, str]:
+    """``(final training method, why)``, following ASVP.md (``auto``: ``method.auto_final()``;
+    none for an embeddings pool without images)."""
     m = cfg.final.training_method
     if m != "auto":
         return m, f"final.training_method={m} (configured)"
+    if pool is not None and getattr(pool, "kind", "") == "embeddings" and not pool.has_paths:
+        return "none", "auto: the embeddings pool has no images (no path column) to train a model on"
     return method.auto_final()
 
 

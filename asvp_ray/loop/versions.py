@@ -114,6 +114,9 @@ class FeatureVersions:
                                              link_version)
 
         t0 = time.perf_counter()
+        if getattr(self.pool, "kind", "") == "embeddings":  # bring your own: v0 is the file itself
+            self.import_embeddings()
+            return {"cached": False, "wall_s": time.perf_counter() - t0, "resources": {"cpus": 1.0, "gpus": 0.0}}
         if not self.cfg.feature_cache:
             self.extract(0)
             return {"cached": False, "wall_s": time.perf_counter() - t0, "resources": self.extract_resources()}
@@ -187,6 +190,35 @@ class FeatureVersions:
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
                                 extra_meta={"run": str(self.rd.path), "cost": cost}, compute=compute)
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
+
+    def import_embeddings(self) -> None:
+        """Write feature version v0 from an embeddings pool (and test set), batch by batch: no
+        extraction, no backbone. The driver holds one batch at a time."""
+        from asvp_ray.features.store import POOL
+
+        self.on_progress({"phase": "import embeddings v0", "total": len(self.pool) + len(self.test or [])})
+        log.info("features v0 from the embeddings %s (%d pool rows%s)", self.pool.path, len(self.pool),
+                 f", {len(self.test)} test rows from {self.test.path}" if self.test is not None else "")
+        t0 = time.perf_counter()
+        meta = {"backbone": None, "weights": "embeddings", "pool_source": self.pool.describe(),
+                "test_source": self.test.describe() if self.test is not None else None, "run": str(self.rd.path),
+                "cost": {"phase": "extract", "resources": {"cpus": 1.0, "gpus": 0.0}}, "skipped": []}
+        with self.store.writer(0, meta) as w:
+            for split, src in ((POOL, self.pool), ("test", self.test)):
+                if src is None:
+                    continue
+                for ids, feats in src.iter_features():
+                    w.add(ids, feats, split)
+            if self.test is not None and w.splits["test"].dim != w.splits[POOL].dim:
+                from asvp_ray.errors import BadInputError
+
+                raise BadInputError(f"the test embeddings {self.test.path} have {w.splits['test'].dim} values per row "
+                                    f"but the pool's {self.pool.path} have {w.splits[POOL].dim}; both must come from "
+                                    "the same model")
+            w.meta["seconds"] = round(time.perf_counter() - t0, 3)
+            w.commit()
+        m = self.store.meta(0)
+        log.info("feature version v0: %d x %d from embeddings in %.1fs", m["rows"], m["dim"], m["seconds"])
 
     def extract_resources(self) -> Dict[str, float]:
         """CPUs and GPUs an extraction holds (for the cost ledger)."""

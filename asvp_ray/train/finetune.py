@@ -343,6 +343,18 @@ def _to_cpu(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- the worker
+def _quiet_report_lines() -> None:
+    """Ray Train v2 logs each ``ray.train.report`` at INFO ("Reporting training result N:
+    TrainingReport(...)", one console line per epoch and worker) under a logger named by its file
+    path, outside ``ray.train`` where ``RunConfig(logging_config=...)`` would filter it. Raise that
+    logger to WARNING in this worker; the epoch lines asvp-ray logs itself stay."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Ray Train's per-worker function: build, resume, train the phases, checkpoint, report."""
     import ray
@@ -350,6 +362,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     import ray.train.torch
     import torch.distributed as dist
 
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config["torch_threads"]))
@@ -393,7 +406,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=True)
         model.backbone.load_state_dict(state["backbone"])
         model.head.load_state_dict(state["head"])
         if scaler is not None and state.get("scaler"):
@@ -599,7 +612,7 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     if result.checkpoint is None:  # pragma: no cover - the last epoch always checkpoints
         raise RuntimeError(f"fine-tuning {name} finished without a checkpoint; see {out / 'ray'}")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=True)
     ret = result.return_value or {}
     history = ret.get("history") or state["history"]
     kept = state["best"] if cfg.keep == "best" and state.get("best") else {
