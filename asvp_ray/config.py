@@ -200,6 +200,18 @@ class LabelConfig(_Strict):
                          "/data/local-files/?d=PATH relative to it")
 
 
+class PoolShardsConfig(_Strict):
+    """Where the pool's features live while rounds select (docs: README, "Pools of millions")."""
+
+    mode: Literal["auto", "driver", "shards"] = Field(
+        "auto", description="driver: the driver loads the current feature version (fastest while it fits); "
+                            "shards: shard actors load their rows from the feature store themselves and the driver "
+                            "holds ids, labels and the labelled rows' features only; auto: shards from min_rows rows")
+    min_rows: PositiveInt = Field(2_000_000, description="auto: pools of at least this many rows go to shards")
+    num_shards: Optional[PositiveInt] = Field(None, description="shard actors; None: one per alive node, at least 2")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each shard actor reserves (it scores and selects with them)")
+
+
 class Config(_Strict):
     """A whole asvp-ray run."""
 
@@ -225,6 +237,7 @@ class Config(_Strict):
     final: FinalConfig = Field(default_factory=FinalConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    pool_shards: PoolShardsConfig = Field(default_factory=PoolShardsConfig)
     driver_threads: Optional[PositiveInt] = Field(
         None, description="threads for the driver actor's own compute (proxy training, pool scoring, local "
                           "selection); None: every CPU of the node it runs on (its phases do not overlap the "

@@ -291,6 +291,17 @@ class FeatureStore:
             ids, feats = ids[order], feats[order]
         return ids, np.ascontiguousarray(feats)
 
+    def read_ids(self, version: int, split: str = POOL) -> np.ndarray:
+        """The split's ids only (int64, sorted): 8 bytes a row, no feature is read."""
+        self.meta(version)
+        ids = np.concatenate([pq.read_table(f, columns=["id"]).column(0).to_numpy() for f in self._files(version, split)])
+        return np.sort(ids.astype(np.int64, copy=False), kind="stable")
+
+    def part_files(self, version: int, split: str = POOL) -> List[Path]:
+        """The split's Parquet parts (for readers in other processes: shard actors)."""
+        self.meta(version)
+        return self._files(version, split)
+
     def lookup(self, version: int, ids: np.ndarray, split: str = POOL) -> np.ndarray:
         """Features of the given ids, in the given order (float32 (len(ids), D))."""
         all_ids, feats = self.read(version, split)

@@ -153,7 +153,7 @@ class Driver:
                         seed=int(np.random.default_rng([self.cfg.seed, r, 1]).integers(2**31)))
 
     def _train_proxy(self, r: int) -> float:
-        X = self.features[self.versions.rows(self.labeled["id"])]
+        X = self.versions.features_of(self.labeled["id"])
         self.proxy = self._proxy_for_round(r).fit(X, self.labeled["label"], num_classes=len(self.classes))
         return self.proxy.score(X, self.labeled["label"])
 
@@ -180,7 +180,8 @@ class Driver:
 
     def pool_view(self) -> PoolView:
         mask = np.isin(self.ids, self.labeled["id"], assume_unique=True)
-        return PoolView(ids=self.ids, features=self.features, labeled_mask=mask, model=self.proxy,
+        return PoolView(ids=self.ids, features=self.features, shards=self.versions.shards, labeled_mask=mask,
+                        model=self.proxy,
                         probs=self._pool_probs)
 
     def select_batch(self) -> Dict[str, Any]:
@@ -305,6 +306,8 @@ class Driver:
         return self.summary
 
     def close(self) -> None:
+        if hasattr(self, "versions"):
+            self.versions.release_shards()
         detach_run_log(self._log_handler)
         self.rd.unlock()
 

@@ -17,7 +17,7 @@ from asvp_ray.errors import ConfigError, RunDirError
 log = logging.getLogger("asvp_ray.driver")
 
 # Config sections that may change between a run and its resume (they do not change results).
-RESUMABLE_CHANGES = ("extract", "driver_threads")
+RESUMABLE_CHANGES = ("extract", "driver_threads", "pool_shards")
 
 
 def attach_run_log(rd) -> logging.Handler:

@@ -19,6 +19,7 @@ def finetune_labeled(d, method: str, tag: str, evaluate: bool):
     """Fine-tune the backbone on the driver's labelled set with Ray Train; returns the FinetuneResult."""
     from asvp_ray.train.finetune import finetune
 
+    d.versions.release_shards()  # pool shard actors give their CPUs to the Train workers
     kwargs: Dict[str, Any] = {}
     if evaluate and d.test is not None:
         kwargs = dict(eval_source=d.test, eval_ids=d.test.ids, eval_labels=d.test.labels)

@@ -44,6 +44,8 @@ class FeatureVersions:
         self.store = rd.store
         self.on_progress = on_progress
         self.current: Optional[int] = None
+        self.features: Optional[np.ndarray] = None
+        self._shards = None
 
     # ------------------------------------------------------------------ resume
     def open(self, committed: Optional[int]) -> Optional[float]:
@@ -71,9 +73,20 @@ class FeatureVersions:
         return pending
 
     def load(self) -> None:
-        """Read (memory-map) the current version's pool and test features."""
+        """Read the current version's pool ids and test features, and the pool's features unless
+        ``pool_shards`` keeps them in shard actors (then :attr:`shards` loads them on first use)."""
         store = self.store
-        self.ids, self.features = store.read(self.current)
+        self.release_shards()
+        self.features = None
+        self.ids = store.read_ids(self.current)
+        self.pool_mode = self._pool_mode()
+        if self.pool_mode == "driver":
+            ids, self.features = store.read(self.current)
+            self.ids = ids
+        else:
+            log.info("feature version v%d: %d pool rows stay in shard actors that load them from %s; the driver "
+                     "holds their ids only (pool_shards.mode=%s)", self.current, len(self.ids),
+                     store.path(self.current), self.cfg.pool_shards.mode)
         if self.test is not None:
             self.test_ids, self.test_features = store.read(self.current, "test")
             self.test_labels = self.test.label_of(self.test_ids)
@@ -83,6 +96,48 @@ class FeatureVersions:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Feature rows of pool ids (``self.ids`` is sorted)."""
         return np.searchsorted(self.ids, ids)
+
+    def _pool_mode(self) -> str:
+        ps = self.cfg.pool_shards
+        if ps.mode != "auto":
+            return ps.mode
+        return "shards" if len(self.ids) >= ps.min_rows else "driver"
+
+    @property
+    def shards(self):
+        """The shard actors holding the current version's pool rows (None when the driver holds
+        them); started on first use, loading their rows from the store."""
+        if self.features is not None or self.current is None:
+            return None
+        if self._shards is None:
+            from asvp_ray.ray_utils import init_ray
+            from asvp_ray.selection.sharded import StoreShards
+
+            init_ray()
+            ps = self.cfg.pool_shards
+            t0 = time.perf_counter()
+            self._shards = StoreShards(self.store.part_files(self.current), self.ids, ps.num_shards,
+                                       {"num_cpus": ps.num_cpus}, key=("store", str(self.store.path(self.current))))
+            log.info("%d shard actors loaded features v%d (%d rows) in %.1fs", self._shards.num_shards, self.current,
+                     len(self.ids), time.perf_counter() - t0)
+        return self._shards
+
+    def release_shards(self) -> None:
+        """Stop the shard actors (before work that needs their CPUs: fine-tuning, extraction; or a
+        version switch, so no process ever holds two versions)."""
+        if self._shards is not None:
+            self._shards.close()
+            self._shards = None
+
+    def features_at(self, positions: np.ndarray) -> np.ndarray:
+        """Pool features at row positions, from the driver's matrix or the shards."""
+        if self.features is not None:
+            return self.features[positions]
+        return self.shards.rows_at(positions)
+
+    def features_of(self, ids: np.ndarray) -> np.ndarray:
+        """Pool features of ``ids`` (the labelled rows, for the proxy and the monitor)."""
+        return self.features_at(self.rows(ids))
 
     def describe(self) -> List[Dict[str, Any]]:
         """One record per stored version, for the summary."""
@@ -180,6 +235,7 @@ class FeatureVersions:
             finetune_cost: for a refreshed version, the fine-tune that made its weights.
             compute: the device and precision (default: ``resolve_compute``).
         """
+        self.release_shards()  # their CPUs go to the extraction actors
         self.on_progress({"phase": f"extract v{version}", "total": len(self.pool) + (len(self.test or []))})
         log.info("extracting feature version v%d (%d pool + %d test images, %s)", version, len(self.pool),
                  len(self.test) if self.test is not None else 0, self.spec.name)

@@ -27,8 +27,15 @@ def chunk_rows(pool: PoolView) -> int:
     return int(min(pool.chunk_size, DISTANCE_CHUNK))
 
 
-def need_features(where: str, pool: PoolView) -> np.ndarray:
+def need_features(where: str, pool: PoolView, sharded_ok: bool = False) -> np.ndarray:
+    """The pool's feature matrix. With ``sharded_ok``, None for a pool held by shard actors."""
     if pool.features is None:
+        if pool.shards is not None:
+            if sharded_ok:
+                return None
+            raise BadInputError(f"{where} needs the pool's features in one process, but this run keeps the pool in "
+                                "shard actors (pool_shards); use margin, entropy, least_confidence, coreset, badge or "
+                                "cluster_margin, which run on the shards, or set pool_shards.mode: driver")
         raise BadInputError(f"{where} needs PoolView.features; pass the pool's feature matrix")
     if not np.issubdtype(pool.features.dtype, np.floating):
         raise BadInputError(f"{where}: PoolView.features must be floating point, got {pool.features.dtype}")

@@ -384,15 +384,15 @@ class BadgeSampling(ShardedExecution, Strategy):
         if self.first not in FIRST_CENTRE:
             raise ConfigError(f"badge: first={self.first!r} is not one of {', '.join(FIRST_CENTRE)}")
         self._check_exec()
-        features = need_features("badge", pool)
+        features = need_features("badge", pool, sharded_ok=True)
         if pool.probs is None and pool.model is None:
             raise BadInputError(
                 "badge needs class probabilities: give PoolView.probs, or a fitted PoolView.model "
                 "(hidden activations come from the model, else the features are used)"
             )
         chunk = chunk_rows(pool)
-        if self._resolve(len(pool)) == "sharded":
-            group = self._actor_shards(features, len(pool)).group
+        if self._pool_resolve(pool) == "sharded":
+            group = self._pool_shards(pool, features).group
         else:
             group = LocalGroup([ShardHolder(features, 0)])
         args = []

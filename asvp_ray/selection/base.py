@@ -35,6 +35,9 @@ class PoolView:
         probs: precomputed class probabilities, float (N, C), or None; used when scores
             come from a fine-tuned backbone rather than the proxy. It wins over ``model``.
         chunk_size: rows scored at once; bounds the memory of score-based selection.
+        shards: the pool's rows held by shard actors that loaded them from the feature store
+            (:class:`~asvp_ray.selection.sharded.StoreShards`), with ``features`` None: the
+            strategies that shard run on them; the others need ``features``.
 
     Raises:
         BadInputError: shapes or dtypes disagree, or ids repeat.
@@ -46,6 +49,7 @@ class PoolView:
     model: Any = None
     probs: Optional[np.ndarray] = None
     chunk_size: int = 65536
+    shards: Any = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)

@@ -76,7 +76,10 @@ class PoolClusters:
 
 
 def feature_key(pool: PoolView) -> str:
-    """A cheap fingerprint of the pool's ids and features: a new feature version gives a new key."""
+    """A cheap fingerprint of the pool's ids and features: a new feature version gives a new key
+    (for a pool held by shard actors: those actors, which the run replaces on a refresh)."""
+    if pool.features is None and pool.shards is not None:
+        return f"shards-{id(pool.shards)}-{len(pool)}"
     X = pool.features
     h = hashlib.sha1()
     h.update(np.ascontiguousarray(pool.ids).tobytes())
@@ -86,12 +89,13 @@ def feature_key(pool: PoolView) -> str:
     return h.hexdigest()
 
 
-def fit_clusters(X: np.ndarray, n_clusters: Optional[int], coarse_clusters: int, sample_size: int,
-                 kmeans_iters: int, seed: int, key: str = "") -> PoolClusters:
+def fit_clusters(X, n_clusters: Optional[int], coarse_clusters: int, sample_size: int,
+                 kmeans_iters: int, seed: int, key: str = "", n_rows: Optional[int] = None) -> PoolClusters:
     """Cluster the rows of ``X``: k-means on a seeded sample, then average-linkage HAC on the centroids.
 
     Args:
-        X: float (N, D) features (a memory map is read only at the sampled rows).
+        X: float (N, D) features (a memory map is read only at the sampled rows), or a function
+            ``rows -> features`` (pool shards) with ``n_rows``.
         n_clusters: clusters after HAC; None: ``round(sqrt(N))`` clipped to [2, coarse centroids].
         coarse_clusters: k-means centroids (at most the sample size).
         sample_size: rows k-means is trained on.
@@ -100,10 +104,10 @@ def fit_clusters(X: np.ndarray, n_clusters: Optional[int], coarse_clusters: int,
     """
     from sklearn.cluster import AgglomerativeClustering
 
-    N = len(X)
+    N = int(n_rows) if callable(X) else len(X)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(N, size=min(N, sample_size), replace=False)) if N > sample_size else np.arange(N)
-    S = as_f32(X[rows])
+    S = as_f32(X(rows) if callable(X) else X[rows])
     k = int(min(coarse_clusters, len(S)))
     if k == len(S):
         centroids = S
@@ -205,12 +209,13 @@ class ClusterMargin(Strategy):
     def clusters_for(self, pool: PoolView) -> PoolClusters:
         """The clustering of ``pool``'s feature version, fitted on first use and kept until the
         features change."""
-        X = need_features(self.name, pool)
+        X = need_features(self.name, pool, sharded_ok=True)
         key = feature_key(pool)
         if self.clusters_ is None or self.clusters_.key != key:
-            self.clusters_ = fit_clusters(X, self.n_clusters, self.coarse_clusters, self.sample_size,
-                                          self.kmeans_iters, self.seed, key)
-            log.info("cluster_margin: %d rows in %d clusters (%d centroids)", len(X), self.clusters_.n_clusters,
+            source = pool.shards.rows_at if X is None else X
+            self.clusters_ = fit_clusters(source, self.n_clusters, self.coarse_clusters, self.sample_size,
+                                          self.kmeans_iters, self.seed, key, n_rows=len(pool))
+            log.info("cluster_margin: %d rows in %d clusters (%d centroids)", len(pool), self.clusters_.n_clusters,
                      len(self.clusters_.centroids))
         return self.clusters_
 
@@ -218,7 +223,9 @@ class ClusterMargin(Strategy):
         clusters = self.clusters_for(pool)
         k = int(min(pool.n_unlabeled, math.ceil(self.margin_factor * n)))
         short = np.asarray(self.shortlist._select_positions(pool, k, rng), dtype=np.int64)
-        labels = clusters.assign(pool.features[np.sort(short)])
+        rows = np.sort(short)
+        feats = pool.shards.rows_at(rows) if pool.features is None else pool.features[rows]
+        labels = clusters.assign(feats)
         labels = labels[np.argsort(np.argsort(short))]  # back to the shortlist's order
         picks = round_robin(short, labels, n, rng)
         self.last_stats_ = {"shortlist": k, "clusters_in_shortlist": int(len(np.unique(labels))),

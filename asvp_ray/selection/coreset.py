@@ -406,12 +406,12 @@ class CoresetSampling(ShardedExecution, Strategy):
 
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
         self._check_params()
-        features = need_features("coreset", pool)
+        features = need_features("coreset", pool, sharded_ok=True)
         chunk = chunk_rows(pool)
         state_key = (self.metric, chunk)
-        if self._resolve(len(pool)) == "sharded":
+        if self._pool_resolve(pool) == "sharded":
             self._local = None
-            shards = self._actor_shards(features, len(pool))
+            shards = self._pool_shards(pool, features)
             group = shards.group
             built = self._sharded_state
             if (

@@ -364,6 +364,123 @@ class PoolShards:
         self.group.close()
 
 
+# ---------------------------------------------------------------------------- store-backed shards
+def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows with ``lo <= id <= hi`` of a feature version's Parquet parts, sorted by id.
+
+    Streams the parts batch by batch (local paths or URIs through ``pyarrow.fs``): the peak is
+    the rows kept plus one batch, never the whole version.
+    """
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    first = str(files[0])
+    if "://" in first:
+        fs, _ = pafs.FileSystem.from_uri(first)
+        paths = [pafs.FileSystem.from_uri(str(f))[1] for f in files]
+    else:
+        fs, paths = pafs.LocalFileSystem(), [str(f) for f in files]
+    dataset = pads.dataset(paths, format="parquet", filesystem=fs)
+    id_parts, feat_parts = [], []
+    for batch in dataset.to_batches(columns=["id", "feature"], batch_size=batch_rows):
+        ids = batch.column(0).to_numpy()
+        keep = np.flatnonzero((ids >= lo) & (ids <= hi))
+        if not len(keep):
+            continue
+        col = batch.column(1)
+        dim = col.type.list_size
+        feats = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        id_parts.append(ids[keep].astype(np.int64))
+        feat_parts.append(np.asarray(feats[keep], dtype=np.float32))
+    if not id_parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    ids = np.concatenate(id_parts)
+    feats = np.concatenate(feat_parts)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.ascontiguousarray(feats[order])
+
+
+def take_rows(features: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
+    """Rows of a shard at pool ``positions`` (all inside the shard)."""
+    return np.asarray(features[np.asarray(positions, dtype=np.int64) - start])
+
+
+class StoreShardHolder(ShardHolder):
+    """A shard that loads its own rows, the ids ``[lo, hi]`` of a feature version, from the
+    store's Parquet parts (local or URI): the pool never passes through the driver.
+
+    Args:
+        files: the version's pool parts.
+        lo, hi: the first and last id of the shard (pool positions ``[start, start + expect)``).
+        start: pool position of the first row.
+        expect: rows the shard must find (a mismatch means the version changed under it).
+    """
+
+    def __init__(self, files: Sequence[str], lo: int, hi: int, start: int, expect: int):
+        ids, feats = load_id_range(files, int(lo), int(hi))
+        if len(ids) != int(expect):
+            raise AsvpError(f"shard of ids {lo}..{hi} found {len(ids)} rows in {files[0]}... but the version lists "
+                            f"{expect}; the feature version changed while it was read")
+        super().__init__(feats, start)
+        self.first_id, self.last_id = int(lo), int(hi)
+
+
+class StoreShards:
+    """Row shards of one feature version, each loaded from the store by its own Ray actor.
+
+    The driver passes each actor only the part file names and an id range; the actors read the
+    rows themselves. Shards are contiguous in the pool's (sorted id) position order, like
+    :class:`PoolShards`, so every sharded strategy runs on them unchanged.
+
+    Args:
+        files: the version's pool Parquet parts (paths or URIs).
+        ids: the version's pool ids, sorted (the driver holds them: 8 bytes a row).
+        num_shards: actors; None: one per alive node, at least 2.
+        actor_options: Ray actor options (default ``{"num_cpus": 1}``, spread over the nodes).
+        key: what identifies the version (for :meth:`matches`).
+    """
+
+    def __init__(self, files: Sequence[str], ids: np.ndarray, num_shards: Optional[int] = None,
+                 actor_options: Optional[dict] = None, key: Any = None):
+        import ray
+
+        self.key = key
+        self.n_rows = len(ids)
+        self.num_shards = int(num_shards or default_num_shards())
+        opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        opts.update(actor_options or {})
+        remote_cls = ray.remote(StoreShardHolder)
+        bounds = shard_bounds(self.n_rows, self.num_shards)
+        files = [str(f) for f in files]
+        actors = [remote_cls.options(**opts).remote(files, int(ids[s]), int(ids[e - 1]), s, e - s) for s, e in bounds]
+        self.group = ActorGroup(actors, bounds)
+        self.group._get([a.ready.remote() for a in actors])
+
+    def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
+        return n_rows == self.n_rows and bool(self.group.actors)
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Features at pool ``positions`` (any order), fetched from the shards that hold them."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = np.array([s for s, _ in self.group.bounds])
+        shard_of = np.searchsorted(starts, positions, side="right") - 1
+        parts, where = [], []
+        for k in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == k)
+            parts.append(self.group._get(self.group.actors[k].apply.remote(take_rows, positions[sel])))
+            where.append(sel)
+        if not parts:
+            return np.zeros((0, 0), np.float32)
+        out = np.empty((len(positions), parts[0].shape[1]), dtype=np.float32)
+        for sel, rows in zip(where, parts):
+            out[sel] = rows
+        return out
+
+    def close(self) -> None:
+        """Kill the actors: their rows go with them."""
+        self.group.close()
+
+
 # ---------------------------------------------------------------------------- uncertainty
 def shard_score_top_n(
     features: np.ndarray,
@@ -420,6 +537,18 @@ class ShardedExecution:
 
     def _resolve(self, n_rows: int) -> str:
         return self.exec_options.resolve(n_rows)
+
+    def _pool_resolve(self, pool: PoolView) -> str:
+        """``"sharded"`` for a pool whose rows live in shard actors (``pool.shards``), else what
+        the execution options choose for its size."""
+        return "sharded" if pool.shards is not None else self._resolve(len(pool))
+
+    def _pool_shards(self, pool: PoolView, features: Optional[np.ndarray]):
+        """The pool's own store-loaded shards when it has them (the run owns them), else this
+        strategy's shard actors holding ``features``."""
+        if pool.shards is not None:
+            return pool.shards
+        return self._actor_shards(features, len(pool))
 
     def _actor_shards(self, features: Optional[np.ndarray], n_rows: int) -> "PoolShards":
         """The shard actors holding ``features``, (re)built when the feature version changed."""
@@ -486,16 +615,16 @@ class ShardedStrategy(ShardedExecution, Strategy):
                 f"STRATEGIES.create('coreset', execution='sharded')"
             )
         self.exec_options.check("ShardedStrategy")
-        if self._resolve(len(pool)) == "local":
+        if self._pool_resolve(pool) == "local":
             return self.strategy._select_positions(pool, n, rng)
-        if pool.probs is None and (pool.model is None or pool.features is None):
+        if pool.probs is None and (pool.model is None or (pool.features is None and pool.shards is None)):
             raise BadInputError(
                 "this strategy needs class probabilities: give PoolView.probs, or a fitted "
                 "PoolView.model together with PoolView.features"
             )
         # Precomputed probabilities win over the model, so shards then need no features.
         feats = pool.features if pool.probs is None else None
-        group = self._actor_shards(feats, len(pool)).group
+        group = self._pool_shards(pool, feats).group
         args = []
         for s, e in group.bounds:
             probs = pool.probs[s:e] if pool.probs is not None else None

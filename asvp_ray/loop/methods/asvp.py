@@ -93,11 +93,11 @@ class ASVP(Method):
         take = np.arange(len(d.labeled["id"]))
         if len(take) > m.max_rows:
             take = np.sort(rng.choice(take, m.max_rows, replace=False))
-        feats = d.features[d.versions.rows(d.labeled["id"][take])]
+        feats = d.versions.features_of(d.labeled["id"][take])
         labels = d.labeled["label"][take]
-        ref = d.features
-        if len(ref) > m.reference_rows:
-            ref = ref[np.sort(rng.choice(len(ref), m.reference_rows, replace=False))]
+        n = len(d.ids)
+        ref_rows = np.sort(rng.choice(n, m.reference_rows, replace=False)) if n > m.reference_rows else np.arange(n)
+        ref = d.versions.features_at(ref_rows)
         return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
                                                                     scores=tuple(m.scores)).items()}
 

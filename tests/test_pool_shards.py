@@ -1,0 +1,96 @@
+"""The pool stays where it was written: with `pool_shards.mode: shards` shard actors load their rows
+of the current feature version from the store, the driver holds ids (and the labelled rows'
+features), and every round picks exactly what the driver-held path picks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from asvp_ray.config import load_config
+from asvp_ray.errors import BadInputError
+from asvp_ray.loop.driver import Driver
+from tests.conftest import SMOKE
+from tests.test_embeddings import _mixture, write_embeddings
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard-emb")
+    ids, feats, labels = _mixture(4000, 10, 3)
+    t_ids, t_feats, t_labels = _mixture(400, 11, 900_000)
+    return {"pool": write_embeddings(root / "pool", ids, feats, labels, parts=4),
+            "test": write_embeddings(root / "test.parquet", t_ids, t_feats, t_labels)}
+
+
+def _run(out, sets):
+    d = Driver(load_config(str(SMOKE), sets), str(out))
+    try:
+        d.run()
+        mode, held = d.versions.pool_mode, d.versions.features
+    finally:
+        d.close()
+    lab = pq.read_table(out / "labeled.parquet").to_pydict()
+    summary = json.loads((out / "summary.json").read_text())
+    return mode, held, lab, summary
+
+
+def _by_round(lab):
+    out = {}
+    for i, r in zip(lab["id"], lab["round"]):
+        out.setdefault(r, []).append(i)
+    return {r: sorted(v) for r, v in out.items()}
+
+
+@pytest.mark.parametrize("strategy", [
+    "margin",
+    "{name: coreset, execution: local}",
+    "badge",
+    "{name: cluster_margin, margin_factor: 4, coarse_clusters: 64}",
+])
+def test_shards_pick_exactly_what_the_driver_held_pool_picks(ray_local, tmp_path, emb, strategy):
+    base = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}",
+            f"data.test={{kind: embeddings, path: '{emb['test']}'}}",
+            f"strategy={strategy}", "budget.schedule=[60,60,60]", "proxy.epochs=10"]
+    mode_d, held_d, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"])
+    mode_s, held_s, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards",
+                                                                     "pool_shards.num_shards=2"])
+    assert mode_d == "driver" and held_d is not None and held_d.shape == (4000, 24)
+    assert mode_s == "shards" and held_s is None  # the driver never loaded the pool matrix
+    assert _by_round(lab_s) == _by_round(lab_d)
+    assert [r["proxy_test_accuracy"] for r in sum_s["rounds"]] == [r["proxy_test_accuracy"] for r in sum_d["rounds"]]
+    log = (tmp_path / "shards" / "run.log").read_text()
+    assert "stay in shard actors" in log and "2 shard actors loaded features v0 (4000 rows)" in log
+
+
+def test_strategies_that_need_the_whole_matrix_say_which_ones_run_on_shards(ray_local, tmp_path, emb):
+    sets = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}", "data.test=null", "strategy=typiclust",
+            "budget.schedule=[30,30]", "pool_shards.mode=shards", "pool_shards.num_shards=2"]
+    d = Driver(load_config(str(SMOKE), sets), str(tmp_path / "t"))
+    try:
+        with pytest.raises(BadInputError) as err:
+            d.run()
+    finally:
+        d.close()
+    assert "typiclust needs the pool's features in one process" in str(err.value)
+    assert "coreset, badge" in str(err.value) and "pool_shards.mode: driver" in str(err.value)
+    # round 0 (random) was committed before the refusal: nothing labelled is lost
+    assert len(pq.read_table(tmp_path / "t" / "labeled.parquet")) == 30
+
+
+@pytest.mark.slow
+def test_a_refresh_moves_the_shards_to_the_new_version(ray_local, tmp_path):
+    """ASVP with a refresh: the shard actors stop before fine-tuning (their CPUs go to the Train
+    worker and the extraction actors) and load v1 afterwards; the run equals the driver-held one."""
+    base = ["method=asvp", "refresh.policy=at_labels", "refresh.at=[40]", "budget.schedule=[40,30]",
+            "data.pool.limit=240", "data.test.limit=100", "proxy.epochs=10", "train.epochs=1", "train.lp_epochs=1",
+            "final.training_method=none"]
+    _, _, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"])
+    mode, held, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards", "pool_shards.num_shards=2"])
+    assert mode == "shards" and held is None
+    assert sum_s["rounds"][-1]["feature_version"] == 1 and sum_s["rounds"][0]["refreshed"]
+    assert _by_round(lab_s) == _by_round(lab_d)
+    log = (tmp_path / "shards" / "run.log").read_text()
+    assert "shard actors loaded features v1" in log
