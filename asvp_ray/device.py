@@ -267,3 +267,19 @@ def set_compute_threads(threads: int) -> int:
     except ImportError:
         pass
     return threads
+
+
+def memory_mb() -> Dict[str, Optional[float]]:
+    """This process's resident memory now (``rss_mb``) and at its peak (``peak_mb``), from
+    /proc/self/status (None where there is no /proc)."""
+    out: Dict[str, Optional[float]] = {"rss_mb": None, "peak_mb": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+                elif line.startswith("VmHWM:"):
+                    out["peak_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out

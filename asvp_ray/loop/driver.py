@@ -23,7 +23,7 @@ import numpy as np
 from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
-from asvp_ray.device import node_cpus, set_compute_threads
+from asvp_ray.device import memory_mb, node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.methods import METHODS
@@ -88,6 +88,7 @@ class Driver:
         self._log_handler = attach_run_log(self.rd)
         self._progress: Dict[str, Any] = {"phase": "starting"}
         self.threads = set_compute_threads(self.cfg.driver_threads or default_threads())
+        self._memory_start = memory_mb()["rss_mb"]  # after imports: the baseline growth is measured from
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
         self.pool, self.test, self.classes = open_data(self.cfg)
@@ -279,6 +280,10 @@ class Driver:
         self.summary["status"] = "finished" if self.finished else "running"
         self.summary["cost"] = self.ledger.totals()
         self.summary["ledger"] = self.ledger.to_json()
+        mem = memory_mb()
+        self.summary["driver_memory"] = {"start_mb": self._memory_start, "peak_mb": mem["peak_mb"],
+                                         "peak_growth_mb": None if mem["peak_mb"] is None or self._memory_start is None
+                                         else round(mem["peak_mb"] - self._memory_start, 1)}
         self.rd.write_summary(self.summary)
         self.rd.write_state({"next_round": self.next_round, "feature_version": self.feature_version,
                              "n_labeled": int(len(self.labeled["id"])), "final_done": self.final_done,
