@@ -53,10 +53,13 @@ def test_score_strategies_take_execution_options_and_run_sharded_with_the_same_p
     pool = PoolView(ids=np.arange(3000) * 7 + 3, labeled_mask=mask, probs=probs, chunk_size=500)
     plain = build_strategy("margin")
     assert not isinstance(plain, ShardedStrategy)
-    sharded = build_strategy("margin", {"execution": "sharded", "num_shards": 3})
+    sharded = build_strategy("margin", {"execution": "sharded", "num_shards": 3, "actor_options": {"num_cpus": 0.5}})
     assert isinstance(sharded, ShardedStrategy) and sharded.num_shards == 3
     want = plain.select(pool, 100, np.random.default_rng(0))
-    got = sharded.select(pool, 100, np.random.default_rng(0))
+    try:
+        got = sharded.select(pool, 100, np.random.default_rng(0))
+    finally:
+        sharded._shards.close()
     assert np.array_equal(want, got)
 
 

@@ -302,6 +302,30 @@ class ActorGroup:
         self.actors = []
 
 
+def wait_for_shards(group: "ActorGroup", opts: dict) -> None:
+    """Wait until every shard actor has started (``$ASVP_SHARD_START_TIMEOUT`` seconds, default
+    300); actors that cannot be placed raise an error naming what they ask for instead of
+    waiting forever (the autoscaler has that long to add a node).
+
+    Raises:
+        ConfigError: the shards did not start; the actors are stopped.
+    """
+    import ray
+
+    timeout = float(os.environ.get("ASVP_SHARD_START_TIMEOUT", "300"))
+    refs = [a.ready.remote() for a in group.actors]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        group.close()
+        avail = ray.available_resources()
+        raise ConfigError(
+            f"{len(pending)} of {len(refs)} selection shard actors did not start within {timeout:g}s: each asks for "
+            f"{ {k: v for k, v in opts.items() if k != 'scheduling_strategy'} } and the cluster has "
+            f"{avail.get('CPU', 0):g} CPU free now; use fewer shards (pool_shards.num_shards, or the strategy's "
+            "num_shards) or fewer CPUs each (pool_shards.num_cpus / actor_options), or add nodes")
+    group._get(ready)
+
+
 def shard_bounds(n_rows: int, num_shards: int) -> List[Tuple[int, int]]:
     """Contiguous, nearly equal row ranges, in position order (never empty)."""
     num_shards = max(1, min(int(num_shards), max(n_rows, 1)))
@@ -349,7 +373,7 @@ class PoolShards:
             actors.append(remote_cls.options(**opts).remote(ref, s, True))
             del ref
         self.group = ActorGroup(actors, bounds)
-        self.group._get([a.ready.remote() for a in actors])
+        wait_for_shards(self.group, opts)
 
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         """True when these shards hold ``features`` (same version) for a pool of ``n_rows`` rows."""
@@ -454,7 +478,7 @@ class StoreShards:
         files = [str(f) for f in files]
         actors = [remote_cls.options(**opts).remote(files, int(ids[s]), int(ids[e - 1]), s, e - s) for s, e in bounds]
         self.group = ActorGroup(actors, bounds)
-        self.group._get([a.ready.remote() for a in actors])
+        wait_for_shards(self.group, opts)
 
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         return n_rows == self.n_rows and bool(self.group.actors)
