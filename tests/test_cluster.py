@@ -263,11 +263,15 @@ class LoopbackCluster:
         """The job's final status (SUCCEEDED, FAILED, STOPPED), or the last one seen at ``timeout``."""
         deadline = time.monotonic() + timeout
         status = "UNKNOWN"
+        # `ray job status` prints "Job 'ID' succeeded" / "failed" / "was stopped" for a finished
+        # job, and "Status for job 'ID': RUNNING" (or PENDING) otherwise.
         while time.monotonic() < deadline:
             r = self.ray("job", "status", "--address", self.url, job_id)
-            for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-                if word in r.stdout + r.stderr:
-                    status = word
+            out = r.stdout + r.stderr
+            for word, state in ((f"'{job_id}' succeeded", "SUCCEEDED"), (f"'{job_id}' failed", "FAILED"),
+                                (f"'{job_id}' was stopped", "STOPPED"), ("RUNNING", "RUNNING"), ("PENDING", "PENDING")):
+                if word in out:
+                    status = state
                     break
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return status
