@@ -43,7 +43,7 @@ $(LS_STAMP):
 labelstudio: $(LS_STAMP)  ## a separate venv with label-studio $(LS_VERSION) for the live labelling test
 
 test: data $(LS_STAMP)  ## install, fetch data, run the whole test suite (with a live Label Studio)
-	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q tests
+	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py
