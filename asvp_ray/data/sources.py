@@ -528,7 +528,9 @@ class EmbeddingsSource(_FileSource):
         """
         dataset = open_parquet(self.path)
         dim = self.dim
-        for batch in dataset.to_batches(columns=["id", "feature"], batch_size=batch_rows):
+        # one batch in flight (pyarrow reads ahead 16 batches and 4 files by default: gigabytes here)
+        for batch in dataset.to_batches(columns=["id", "feature"], batch_size=batch_rows, batch_readahead=1,
+                                        fragment_readahead=1):
             ids = batch.column(0).to_numpy().astype(np.int64)
             col = batch.column(1)
             if col.null_count:

@@ -392,8 +392,9 @@ class PoolShards:
 def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
     """Rows with ``lo <= id <= hi`` of a feature version's Parquet parts, sorted by id.
 
-    Streams the parts batch by batch (local paths or URIs through ``pyarrow.fs``): the peak is
-    the rows kept plus one batch, never the whole version.
+    Two streamed passes over the parts (local paths or URIs through ``pyarrow.fs``), one batch
+    in flight at a time: the id column first, to size the result, then the features, each row
+    written straight to its sorted place. The peak is the rows kept plus one batch.
     """
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -405,23 +406,22 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
     else:
         fs, paths = pafs.LocalFileSystem(), [str(f) for f in files]
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
-    id_parts, feat_parts = [], []
-    for batch in dataset.to_batches(columns=["id", "feature"], batch_size=batch_rows):
+    scan = dict(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+    mine = []
+    for batch in dataset.to_batches(columns=["id"], **scan):
+        ids = batch.column(0).to_numpy()
+        mine.append(ids[(ids >= lo) & (ids <= hi)].astype(np.int64))
+    mine = np.sort(np.concatenate(mine)) if mine else np.zeros(0, np.int64)
+    dim = dataset.schema.field("feature").type.list_size
+    out = np.empty((len(mine), max(dim, 0)), dtype=np.float32)
+    for batch in dataset.to_batches(columns=["id", "feature"], **scan):
         ids = batch.column(0).to_numpy()
         keep = np.flatnonzero((ids >= lo) & (ids <= hi))
         if not len(keep):
             continue
-        col = batch.column(1)
-        dim = col.type.list_size
-        feats = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        id_parts.append(ids[keep].astype(np.int64))
-        feat_parts.append(np.asarray(feats[keep], dtype=np.float32))
-    if not id_parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    ids = np.concatenate(id_parts)
-    feats = np.concatenate(feat_parts)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.ascontiguousarray(feats[order])
+        feats = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        out[np.searchsorted(mine, ids[keep])] = feats[keep]
+    return mine, out
 
 
 def take_rows(features: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
