@@ -283,9 +283,9 @@ class ScoreStrategy(Strategy):
     def _select_positions(self, pool: PoolView, n: int, rng: np.random.Generator) -> np.ndarray:
         if pool.features is None and pool.shards is not None and pool.probs is None:
             # the pool's rows live in shard actors: score there, merge the per-shard top-n
-            from asvp_ray.selection.sharded import ShardedStrategy
+            from asvp_ray.selection.sharded import top_n_over_shards
 
-            return ShardedStrategy(self, execution="sharded")._select_positions(pool, n, rng)
+            return top_n_over_shards(pool.shards.group, pool, self, n)
         best_pos, best_score, best_ids = running_top_n(pool, self, n)
         # Most informative first; only n items are sorted.
         order = np.lexsort((best_ids, -best_score))

@@ -31,7 +31,8 @@ from asvp_ray.checks import check_int, is_int, is_number
 from asvp_ray.errors import ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, need_features
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
-from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedStrategy
+from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedStrategy, row_fingerprint
+from asvp_ray.selection.typiclust import train_kmeans
 from asvp_ray.selection.uncertainty import MarginSampling
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,8 @@ def feature_key(pool: PoolView) -> str:
     (for a pool held by shard actors: those actors, which the run replaces on a refresh)."""
     if pool.features is None and pool.shards is not None:
         return f"shards-{id(pool.shards)}-{len(pool)}"
-    X = pool.features
-    h = hashlib.sha1()
-    h.update(np.ascontiguousarray(pool.ids).tobytes())
-    h.update(str(X.shape).encode())
-    step = max(1, len(X) // 64)
-    h.update(as_f32(X[::step][:64]).tobytes())
-    return h.hexdigest()
+    ids = hashlib.sha1(np.ascontiguousarray(pool.ids).tobytes()).hexdigest()
+    return f"{ids}-{pool.features.shape}-{row_fingerprint(pool.features)}"
 
 
 def fit_clusters(X, n_clusters: Optional[int], coarse_clusters: int, sample_size: int,
@@ -111,17 +107,9 @@ def fit_clusters(X, n_clusters: Optional[int], coarse_clusters: int, sample_size
     k = int(min(coarse_clusters, len(S)))
     if k == len(S):
         centroids = S
-    elif have_faiss():
-        import faiss
-
-        km = faiss.Kmeans(S.shape[1], k, niter=kmeans_iters, seed=int(seed) % (2**31), verbose=False,
-                          max_points_per_centroid=max(1, math.ceil(len(S) / k)), min_points_per_centroid=1)
-        km.train(S)
-        centroids = km.centroids
     else:
-        from sklearn.cluster import KMeans
-
-        centroids = KMeans(n_clusters=k, n_init=1, max_iter=kmeans_iters, random_state=seed).fit(S).cluster_centers_
+        centroids = train_kmeans(S, k, seed, kmeans_iters,
+                                 max_points_per_centroid=max(1, math.ceil(len(S) / k))).centroids
     want = n_clusters if n_clusters is not None else int(np.clip(round(math.sqrt(N)), 2, k))
     want = int(min(want, k))
     if want >= k or k < 2:

@@ -116,7 +116,7 @@ class FeatureKey:
         self._ref = None if self._file is not None else _weak(features)
         self._shape = tuple(features.shape)
         self._dtype = features.dtype.str
-        self._fingerprint = _fingerprint(features)
+        self._fingerprint = row_fingerprint(features)
 
     def matches(self, features: Optional[np.ndarray]) -> bool:
         """True when ``features`` is the feature version this key was made from."""
@@ -127,7 +127,7 @@ class FeatureKey:
                 return False
         elif self._ref is None or self._ref() is not features:
             return False
-        return _fingerprint(features) == self._fingerprint
+        return row_fingerprint(features) == self._fingerprint
 
 
 def _weak(obj):
@@ -147,7 +147,8 @@ def _memmap_identity(features: np.ndarray):
     return None
 
 
-def _fingerprint(features: np.ndarray) -> str:
+def row_fingerprint(features: np.ndarray) -> str:
+    """A digest of 64 rows sampled evenly over ``features`` (a cheap identity of a feature matrix)."""
     n = len(features)
     h = hashlib.blake2b(digest_size=16)
     if n:
@@ -318,10 +319,12 @@ def wait_for_shards(group: "ActorGroup", opts: dict) -> None:
     if pending:
         group.close()
         avail = ray.available_resources()
+        asked = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0), **(opts.get("resources") or {})}
+        free = ", ".join(f"{avail.get(k, 0):g} {k}" for k, v in asked.items() if v)
         raise ConfigError(
             f"{len(pending)} of {len(refs)} selection shard actors did not start within {timeout:g}s: each asks for "
             f"{ {k: v for k, v in opts.items() if k != 'scheduling_strategy'} } and the cluster has "
-            f"{avail.get('CPU', 0):g} CPU free now; use fewer shards (pool_shards.num_shards, or the strategy's "
+            f"{free or 'what they ask'} free now; use fewer shards (pool_shards.num_shards, or the strategy's "
             "num_shards) or fewer CPUs each (pool_shards.num_cpus / actor_options), or add nodes")
     group._get(ready)
 
@@ -331,6 +334,34 @@ def shard_bounds(n_rows: int, num_shards: int) -> List[Tuple[int, int]]:
     num_shards = max(1, min(int(num_shards), max(n_rows, 1)))
     edges = np.linspace(0, n_rows, num_shards + 1).round().astype(np.int64)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_options: Optional[dict],
+                 holder_args: Callable[[int, int], tuple]) -> Tuple[int, "ActorGroup"]:
+    """Start one ``holder_cls`` actor per row range of a pool of ``n_rows`` rows and wait for them.
+
+    Args:
+        holder_cls: a :class:`ShardHolder` class.
+        num_shards: actors; None: one per alive node, at least 2.
+        actor_options: Ray actor options over the default ``{"num_cpus": 1}``, spread over the nodes.
+        holder_args: ``(start, end) -> constructor arguments`` of the shard of rows ``[start, end)``.
+
+    Returns:
+        (the number of shards, their :class:`ActorGroup`).
+    """
+    import ray
+
+    from asvp_ray.ray_utils import init_ray
+
+    init_ray()
+    num_shards = int(num_shards or default_num_shards())
+    opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    opts.update(actor_options or {})
+    remote_cls = ray.remote(holder_cls)
+    bounds = shard_bounds(n_rows, num_shards)
+    group = ActorGroup([remote_cls.options(**opts).remote(*holder_args(s, e)) for s, e in bounds], bounds)
+    wait_for_shards(group, opts)
+    return num_shards, group
 
 
 class PoolShards:
@@ -356,24 +387,14 @@ class PoolShards:
     ):
         import ray
 
-        from asvp_ray.ray_utils import init_ray
-
-        init_ray()
         self.key = FeatureKey(features) if features is not None else None
         self.n_rows = int(n_rows)
-        self.num_shards = int(num_shards or default_num_shards())
-        opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
-        opts.update(actor_options or {})
-        remote_cls = ray.remote(ShardHolder)
-        bounds = shard_bounds(self.n_rows, self.num_shards)
-        actors = []
-        for s, e in bounds:
+
+        def holder_args(s: int, e: int) -> tuple:
             block = features[s:e] if features is not None else np.empty((e - s, 0), np.float32)
-            ref = ray.put(np.ascontiguousarray(block))
-            actors.append(remote_cls.options(**opts).remote(ref, s, True))
-            del ref
-        self.group = ActorGroup(actors, bounds)
-        wait_for_shards(self.group, opts)
+            return ray.put(np.ascontiguousarray(block)), s, True
+
+        self.num_shards, self.group = start_shards(ShardHolder, self.n_rows, num_shards, actor_options, holder_args)
 
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         """True when these shards hold ``features`` (same version) for a pool of ``n_rows`` rows."""
@@ -466,19 +487,12 @@ class StoreShards:
 
     def __init__(self, files: Sequence[str], ids: np.ndarray, num_shards: Optional[int] = None,
                  actor_options: Optional[dict] = None, key: Any = None):
-        import ray
-
         self.key = key
         self.n_rows = len(ids)
-        self.num_shards = int(num_shards or default_num_shards())
-        opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
-        opts.update(actor_options or {})
-        remote_cls = ray.remote(StoreShardHolder)
-        bounds = shard_bounds(self.n_rows, self.num_shards)
         files = [str(f) for f in files]
-        actors = [remote_cls.options(**opts).remote(files, int(ids[s]), int(ids[e - 1]), s, e - s) for s, e in bounds]
-        self.group = ActorGroup(actors, bounds)
-        wait_for_shards(self.group, opts)
+        self.num_shards, self.group = start_shards(
+            StoreShardHolder, self.n_rows, num_shards, actor_options,
+            lambda s, e: (files, int(ids[s]), int(ids[e - 1]), s, e - s))
 
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         return n_rows == self.n_rows and bool(self.group.actors)
@@ -537,6 +551,27 @@ def merge_top_n(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]], n: i
     keep = top_n(score, ids, n)
     pos, score, ids = pos[keep], score[keep], ids[keep]
     return pos[np.lexsort((ids, -score))]
+
+
+def top_n_over_shards(group: "ActorGroup", pool: PoolView, strategy: ScoreStrategy, n: int) -> np.ndarray:
+    """The global top-n positions of a score strategy over shards that hold the pool's rows (or
+    none, when ``pool.probs`` is given): each shard scores its rows and keeps its top-n, the
+    driver merges them (most informative first, ties by lower id).
+
+    Raises:
+        BadInputError: neither probabilities nor a model to compute them.
+    """
+    if pool.probs is None and (pool.model is None or (pool.features is None and pool.shards is None)):
+        raise BadInputError(
+            "this strategy needs class probabilities: give PoolView.probs, or a fitted "
+            "PoolView.model together with PoolView.features"
+        )
+    args = []
+    for s, e in group.bounds:
+        probs = pool.probs[s:e] if pool.probs is not None else None
+        model = pool.model if pool.probs is None else None
+        args.append((pool.ids[s:e], pool.labeled_mask[s:e], probs, model, strategy, n, int(pool.chunk_size)))
+    return merge_top_n(group.apply_all(shard_score_top_n, args), n)
 
 
 class ShardedExecution:
@@ -641,21 +676,9 @@ class ShardedStrategy(ShardedExecution, Strategy):
         self.exec_options.check("ShardedStrategy")
         if self._pool_resolve(pool) == "local":
             return self.strategy._select_positions(pool, n, rng)
-        if pool.probs is None and (pool.model is None or (pool.features is None and pool.shards is None)):
-            raise BadInputError(
-                "this strategy needs class probabilities: give PoolView.probs, or a fitted "
-                "PoolView.model together with PoolView.features"
-            )
         # Precomputed probabilities win over the model, so shards then need no features.
         feats = pool.features if pool.probs is None else None
-        group = self._pool_shards(pool, feats).group
-        args = []
-        for s, e in group.bounds:
-            probs = pool.probs[s:e] if pool.probs is not None else None
-            model = pool.model if pool.probs is None else None
-            args.append((pool.ids[s:e], pool.labeled_mask[s:e], probs, model, self.strategy, n, int(pool.chunk_size)))
-        parts = group.apply_all(shard_score_top_n, args)
-        return merge_top_n(parts, n)
+        return top_n_over_shards(self._pool_shards(pool, feats).group, pool, self.strategy, n)
 
     def __repr__(self) -> str:
         return f"ShardedStrategy({self.strategy!r}, execution={self.execution!r}, num_shards={self.num_shards!r})"

@@ -12,7 +12,7 @@ scikit-learn.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -28,6 +28,37 @@ BLOCK_ELEMENTS = 1 << 24
 
 
 # ============================================================================ k-means
+class KMeansFit:
+    """A trained k-means: ``centroids`` float32 (k, D), ``assign(rows)`` the nearest centroid of
+    each row, and ``train_labels`` (sklearn only: the training rows' labels)."""
+
+    def __init__(self, centroids: np.ndarray, assign: Callable[[np.ndarray], np.ndarray],
+                 train_labels: Optional[np.ndarray] = None):
+        self.centroids = np.asarray(centroids, dtype=np.float32)
+        self.assign = assign
+        self.train_labels = train_labels
+
+
+def train_kmeans(S: np.ndarray, k: int, seed: int, iters: int, backend: str = "auto", *, use_gpu: bool = False,
+                 max_points_per_centroid: int = 256) -> KMeansFit:
+    """k-means on the rows ``S`` (float32 (n, D)): faiss (``use_gpu``: on the GPUs) or sklearn
+    ``KMeans(n_init=1)``; ``backend="auto"`` takes faiss when it is installed."""
+    if backend == "auto":
+        backend = "faiss" if have_faiss() else "sklearn"
+    if backend == "sklearn":
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed).fit(S)
+        return KMeansFit(km.cluster_centers_, lambda A: km.predict(as_f32(A)).astype(np.int64),
+                         km.labels_.astype(np.int64))
+    import faiss
+
+    fk = faiss.Kmeans(S.shape[1], k, niter=iters, seed=int(seed) % (2**31), verbose=False, gpu=bool(use_gpu),
+                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    fk.train(S)
+    return KMeansFit(fk.centroids, lambda A: fk.index.search(as_f32(A), 1)[1][:, 0].astype(np.int64))
+
+
 def kmeans_labels(
     X: np.ndarray,
     k: int,
@@ -59,27 +90,18 @@ def kmeans_labels(
     if backend == "auto":
         backend = "faiss" if have_faiss() else "sklearn"
     if backend == "sklearn":
-        from sklearn.cluster import KMeans
-
-        km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed)
-        return km.fit_predict(np.asarray(X, dtype=np.float32)).astype(np.int64)
-    import faiss
-
-    D = X.shape[1]
+        return train_kmeans(np.asarray(X, dtype=np.float32), k, seed, iters, "sklearn").train_labels
     n_train = min(N, k * max_points_per_centroid)
     if n_train < N:
         rows = np.sort(np.random.default_rng(seed).choice(N, size=n_train, replace=False))
         train = as_f32(X[rows])
     else:
         train = as_f32(X)
-    km = faiss.Kmeans(D, k, niter=iters, seed=int(seed) % (2**31), verbose=False, gpu=bool(use_gpu),
-                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
-    km.train(train)
+    km = train_kmeans(train, k, seed, iters, "faiss", use_gpu=use_gpu, max_points_per_centroid=max_points_per_centroid)
     del train
     labels = np.empty(N, dtype=np.int64)
     for s in range(0, N, chunk_rows):
-        _, I = km.index.search(as_f32(X[s : s + chunk_rows]), 1)
-        labels[s : s + chunk_rows] = I[:, 0]
+        labels[s : s + chunk_rows] = km.assign(X[s : s + chunk_rows])
     return labels
 
 
