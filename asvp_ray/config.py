@@ -60,11 +60,39 @@ class BackboneConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
+    """Feature extraction: the Ray Data actor pool, its resources, device and precision.
+
+    The pool grows between ``min_actors`` and ``max_actors`` while batches wait (Ray Data's
+    actor-pool autoscaling); actors that do not fit the cluster now stay pending, which is the
+    demand an autoscaling cluster adds nodes for.
+    """
+
     batch_size: PositiveInt = 256
-    num_actors: Optional[PositiveInt] = Field(None, description="None: as many as fit, leaving CPU for reads")
+    num_actors: Optional[PositiveInt] = Field(
+        None, description="a fixed pool size, the same as min_actors = max_actors = n (kept for older configs; "
+                          "prefer min_actors / max_actors); cannot be combined with them")
+    min_actors: Optional[PositiveInt] = Field(
+        None, description="actors the pool starts with and keeps; unset: 1")
+    max_actors: Optional[PositiveInt] = Field(
+        None, description="the most actors the pool grows to while batches wait; unset: what the cluster holds "
+                          "when the extraction starts (GPU actors: its GPUs / num_gpus_per_actor; CPU actors: its "
+                          "CPUs minus one for the read tasks / num_cpus_per_actor). An autoscaler's node limit is "
+                          "not visible to Ray, so on an autoscaling cluster set it to the number of actors its "
+                          "largest size holds (e.g. the GPU workers' max_workers x GPUs per node)")
     num_cpus_per_actor: PositiveFloat = 1.0
     num_gpus_per_actor: float = Field(1.0, gt=0, le=8)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resources_per_actor: Dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="custom Ray resources each actor also reserves, e.g. {extract_node: 1} to pin the actors to a "
+                    "node type that declares that resource (CPU and GPU are set by num_cpus_per_actor / "
+                    "num_gpus_per_actor)")
+    resource_timeout_s: PositiveFloat = Field(
+        600.0, description="how long the extraction waits for the GPUs or resources_per_actor it asks for to appear "
+                           "in the cluster (an autoscaler adding a node) before it fails naming them; "
+                           "$ASVP_RESOURCE_TIMEOUT_S overrides it")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: GPU actors when the cluster has a GPU now, else CPU actors (logged); cuda: GPU "
+                            "actors, waiting up to resource_timeout_s for a GPU node; cpu: CPU actors")
     torch_threads: Optional[PositiveInt] = Field(None, description="None: the node's CPUs split among actors")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="mixed precision of GPU actors: auto (bf16 on compute capability >= 8.0, else fp16), "
@@ -78,6 +106,29 @@ class ExtractConfig(_Strict):
         from asvp_ray.device import normalize_amp
 
         return normalize_amp(v, "extract.amp") if isinstance(v, bool) else v
+
+    @field_validator("resources_per_actor")
+    @classmethod
+    def _custom_only(cls, v):
+        taken = {"cpu": "num_cpus_per_actor", "gpu": "num_gpus_per_actor"}
+        for name in v:
+            if name.lower() in taken:
+                raise ValueError(f"extract.resources_per_actor names {name!r}; set extract.{taken[name.lower()]} "
+                                 "instead (resources_per_actor is for custom resources, e.g. {extract_node: 1})")
+            if name.lower() in ("memory", "object_store_memory") or not name.strip():
+                raise ValueError(f"extract.resources_per_actor names {name!r}, which is not a custom resource; use "
+                                 "a resource name a node type declares, e.g. {extract_node: 1}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_size(self) -> "ExtractConfig":
+        if self.num_actors is not None and (self.min_actors is not None or self.max_actors is not None):
+            raise ValueError(f"extract.num_actors={self.num_actors} is a fixed pool size (min = max); set either it or "
+                             "extract.min_actors / extract.max_actors, not both")
+        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"extract.min_actors={self.min_actors} is more than extract.max_actors={self.max_actors}; "
+                             f"set max_actors >= {self.min_actors}")
+        return self
 
 
 class ProxyConfig(_Strict):

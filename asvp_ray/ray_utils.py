@@ -141,3 +141,115 @@ def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5
             log.warning("%s need %g %s; %g of the cluster's %g are free now (%g held by this process, the rest by "
                         "other tasks, actors or jobs: see `ray status`), so they start when those free them",
                         what, n, r, float(free.get(r, 0.0)), float(total.get(r, 0.0)), held.get(r, 0.0))
+
+
+# Overrides every ``*.resource_timeout_s`` (tests, or a cluster whose nodes take long to boot).
+RESOURCE_TIMEOUT_ENV = "ASVP_RESOURCE_TIMEOUT_S"
+
+
+def resource_timeout(configured: float) -> float:
+    """Seconds to wait for resources to appear: ``$ASVP_RESOURCE_TIMEOUT_S`` when set, else ``configured``.
+
+    Raises:
+        ConfigError: the variable is set but not a positive number.
+    """
+    from asvp_ray.errors import ConfigError
+
+    raw = os.environ.get(RESOURCE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return float(configured)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{RESOURCE_TIMEOUT_ENV}={raw!r} is not a positive number of seconds; set it to e.g. 600 "
+                          "or unset it")
+    return value
+
+
+def _alive_nodes() -> list:
+    import ray
+
+    return [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits(bundle: Dict[str, float], node: Dict[str, float]) -> bool:
+    return all(node.get(r, 0.0) + 1e-9 >= n for r, n in bundle.items())
+
+
+def wait_for_resources(bundle: Dict[str, float], count: int, what: str, fix: str, timeout_s: float) -> None:
+    """Make sure ``count`` bundles of ``bundle`` can ever be placed, asking an autoscaler for nodes if needed.
+
+    When the alive nodes can hold them (by their total resources; busy ones free up later,
+    which ``check_nested`` reports) this returns at once. Otherwise a Ray autoscaler only adds a
+    node for *pending demand*, so this places it: a placement group of ``count`` such bundles,
+    waited on for up to ``timeout_s`` and then removed (the new nodes stay for the work that
+    follows; an autoscaler removes a node only after it idles). A cluster without an
+    autoscaler just waits the timeout for a node someone starts by hand.
+
+    Args:
+        bundle: resources one unit reserves, e.g. ``{"CPU": 1, "GPU": 1}`` or ``{"CPU": 1, "extract_node": 1}``
+            (zero amounts are ignored).
+        count: how many such units must be placeable at once (GPU workers: one per worker).
+        what: what asks, for the messages ("extract.device=cuda actors").
+        fix: the settings that would avoid the wait, for the error.
+        timeout_s: seconds to wait (see ``resource_timeout``).
+
+    Raises:
+        ConfigError: the resources did not appear within ``timeout_s``; names each missing resource,
+            how much the alive nodes have, and the fix.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from asvp_ray.errors import ConfigError
+
+    bundle = {r: float(n) for r, n in bundle.items() if n > 0}
+    if not bundle or count < 1:
+        return
+
+    def placeable(nodes) -> bool:
+        left = [dict(n) for n in nodes]
+        for _ in range(count):  # first fit by node totals: is there room for count units at all
+            node = next((n for n in left if _fits(bundle, n)), None)
+            if node is None:
+                return False
+            for r, n in bundle.items():
+                node[r] = node.get(r, 0.0) - n
+        return True
+
+    if placeable(_alive_nodes()):
+        return
+    total = ray.cluster_resources()
+    log.warning("%s need %d x %s, which the cluster's nodes cannot hold now (it has %s); asking the autoscaler for "
+                "nodes and waiting up to %.0f s (%s overrides it)", what, count, _fmt(bundle), _fmt(total), timeout_s,
+                RESOURCE_TIMEOUT_ENV)
+    t0 = time.monotonic()
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    finally:
+        remove_placement_group(pg)
+    if ready:
+        log.info("%s: the resources appeared after %.0f s (the cluster now has %s)", what, time.monotonic() - t0,
+                 _fmt(ray.cluster_resources()))
+        return
+    nodes = _alive_nodes()
+    total = ray.cluster_resources()
+    missing = [r for r in bundle if not any(n.get(r, 0.0) + 1e-9 >= bundle[r] for n in nodes)]
+    if missing:
+        why = "; ".join(f"no node has {bundle[r]:g} {r} (the cluster has {float(total.get(r, 0.0)):g} {r} in all)"
+                        for r in missing)
+    else:
+        why = f"no set of nodes holds {count} x {_fmt(bundle)} at once (the cluster has {_fmt(total)})"
+    raise ConfigError(
+        f"{what} waited {timeout_s:.0f} s for {count} x {_fmt(bundle)} but the resources never appeared: {why}. "
+        f"Start a node that has them (on an autoscaling cluster: a node type declaring "
+        f"{', '.join(missing or list(bundle))} with max_workers > 0; `ray status` shows the pending demand), "
+        f"raise the timeout ({RESOURCE_TIMEOUT_ENV} or the config's resource_timeout_s), or {fix}")
+
+
+def _fmt(res: Dict[str, float]) -> str:
+    keys = [k for k in res if not k.startswith(("node:", "accelerator_type:")) and "memory" not in k]
+    return "{" + ", ".join(f"{k}: {float(res[k]):g}" for k in sorted(keys)) + "}"

@@ -12,16 +12,21 @@ entry. GPU actors receive uint8 batches, upload them from pinned memory and resi
 on the device, in channels-last layout with cuDNN autotuning; CPU actors are unchanged
 (float32, host preprocessing).
 
-Resource sizing: on a small machine an actor pool that takes every CPU leaves none for the read
-and decode tasks feeding it, and the job hangs. CPU actors therefore leave at least one CPU of
-the cluster free; an explicit setting that would take them all is refused with the fix.
+Resource sizing (``plan_actors``): the pool autoscales between ``extract.min_actors`` (default 1)
+and ``extract.max_actors`` (default: what the cluster holds when the extraction starts). On a
+small machine an actor pool that takes every CPU leaves none for the read and decode tasks
+feeding it, and the job hangs: CPU actors therefore leave at least one CPU of the cluster free,
+and a minimum that would take them all is refused with the fix. GPU actors (``extract.device:
+cuda``) and ``extract.resources_per_actor`` that no alive node has are waited for
+(``wait_for_actors``) by placing the demand an autoscaler adds nodes for, up to
+``extract.resource_timeout_s``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -31,7 +36,7 @@ from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
-from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
+from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested, resource_timeout, wait_for_resources
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +90,27 @@ def resolve_compute(cfg, plan: Optional["ActorPlan"] = None) -> Compute:
     On GPU actors the precision depends on the card, so a small task reserving a GPU (like the
     actors will) reads its compute capability first; CPU extraction is always float32.
 
+    A GPU plan first waits for the cluster to hold its actors (``wait_for_actors``: an
+    autoscaler adds a GPU node for the demand).
+
     Raises:
-        ConfigError: ``extract.amp: bf16`` on a card older than compute capability 8.0, or the
-            ``plan_actors`` errors.
+        ConfigError: ``extract.amp: bf16`` on a card older than compute capability 8.0, no GPU
+            node within ``extract.resource_timeout_s``, or the ``plan_actors`` errors.
     """
     from asvp_ray.device import choose_precision
 
     plan = plan or plan_actors(cfg)
     if plan.device != "cuda":
         return Compute("cpu", choose_precision(cfg.amp, "cpu"), cfg.amp)
+    wait_for_actors(cfg, plan)
     if cfg.amp == "off":
         return Compute("cuda", "fp32", cfg.amp)
     import ray
 
     log.info("reading the compute capability of a cluster GPU to choose extract.amp=%s", cfg.amp)
-    facts = ray.get(ray.remote(_probe_gpu).options(num_cpus=0, num_gpus=plan.num_gpus).remote())
+    probe = ray.remote(_probe_gpu).options(num_cpus=0, num_gpus=plan.num_gpus, **(
+        {"resources": plan.resources} if plan.resources else {}))
+    facts = ray.get(probe.remote())
     cap = tuple(facts["capability"])
     precision = choose_precision(cfg.amp, "cuda", cap, facts["gpu"], key="extract.amp")
     log.info("extraction on %s (compute capability %d.%d): %s", facts["gpu"], cap[0], cap[1], precision)
@@ -108,17 +119,62 @@ def resolve_compute(cfg, plan: Optional["ActorPlan"] = None) -> Compute:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the extraction actor pool is sized."""
+    """How the extraction actor pool is sized.
 
-    num_actors: int
+    Attributes:
+        min_actors: actors the pool starts with and keeps.
+        max_actors: the most it grows to while batches wait (Ray Data's actor-pool autoscaling;
+            actors the cluster cannot hold yet stay pending, which an autoscaler adds nodes for).
+        num_cpus, num_gpus: what each actor reserves.
+        torch_threads: intra-op threads per actor.
+        device: ``cpu`` or ``cuda``.
+        resources: custom resources each actor also reserves (``extract.resources_per_actor``).
+        why: how the sizes were chosen, for the log.
+    """
+
+    min_actors: int
+    max_actors: int
     num_cpus: float
     num_gpus: float
     torch_threads: int
     device: str
+    resources: Dict[str, float] = field(default_factory=dict)
+    why: str = ""
+
+    @property
+    def num_actors(self) -> int:
+        """The most actors the pool holds at once (what it may reserve: the ledger, a Tune trial's share)."""
+        return self.max_actors
+
+    def actor_bundle(self) -> Dict[str, float]:
+        """The resources one actor reserves."""
+        return {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+
+
+def _pool_size(cfg, fit: int, unit: str) -> Tuple[int, int, str]:
+    """(min, max, why) from the config and ``fit``, the actors the cluster holds now (see ``plan_actors``)."""
+    if cfg.num_actors is not None:
+        return cfg.num_actors, cfg.num_actors, f"extract.num_actors={cfg.num_actors} (fixed size)"
+    lo = cfg.min_actors or 1
+    if cfg.max_actors is not None:
+        hi, why = cfg.max_actors, f"max extract.max_actors={cfg.max_actors}"
+    else:
+        hi, why = max(fit, lo), f"max {max(fit, lo)}: {unit} (extract.max_actors grows it further)"
+    if hi > fit:
+        log.info("extract: up to %d actors but the cluster holds %d now; the rest start when nodes are added", hi, fit)
+    return lo, hi, f"min {'extract.min_actors=' if cfg.min_actors else ''}{lo}, {why}"
 
 
 def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     """Size the actor pool from the config and the cluster's resources.
+
+    The pool autoscales between ``min_actors`` (default 1) and ``max_actors``. The default
+    maximum is what the cluster holds when the extraction starts: its GPUs / ``num_gpus_per_actor``
+    for GPU actors, its CPUs minus one (kept for the read and decode tasks) / ``num_cpus_per_actor``
+    for CPU actors. Ray cannot see an autoscaler's node limit, so growing past the current size
+    needs ``extract.max_actors``; actors beyond what the nodes hold stay pending until the
+    autoscaler adds nodes (``extract.device: cuda`` with no GPU up yet plans one GPU actor and
+    ``extract`` waits for the GPU node, see ``wait_for_resources``).
 
     Args:
         cfg: an ``ExtractConfig``.
@@ -126,7 +182,7 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
             study's trial, else ``ray.cluster_resources()``).
 
     Raises:
-        ConfigError: the settings would starve the read tasks or ask for GPUs that do not exist.
+        ConfigError: the minimum pool would starve the read tasks of CPUs.
     """
     if resources is None:
         import ray
@@ -134,33 +190,55 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
         resources = _budget() or ray.cluster_resources()
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
+    custom = {str(k): float(v) for k, v in (getattr(cfg, "resources_per_actor", None) or {}).items()}
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_gpus_per_actor)
     if use_gpu:
-        if gpus < cfg.num_gpus_per_actor:
-            raise ConfigError(f"extract.device=cuda but the cluster has {gpus:g} GPU(s); set extract.device: cpu "
-                              "(or auto) or add GPU nodes")
-        n = cfg.num_actors or max(1, int(gpus // cfg.num_gpus_per_actor))
+        fit = int(gpus // cfg.num_gpus_per_actor)
+        lo, hi, why = _pool_size(cfg, fit, f"the cluster's {gpus:g} GPU(s) now at {cfg.num_gpus_per_actor:g} per actor")
         num_cpus = min(1.0, max(cpus - 1, 0.5))
         threads = cfg.torch_threads or 2
-        return ActorPlan(n, num_cpus, float(cfg.num_gpus_per_actor), threads, "cuda")
+        return ActorPlan(lo, hi, num_cpus, float(cfg.num_gpus_per_actor), threads, "cuda", custom, why)
     free_for_actors = cpus - 1.0  # one CPU stays for the read/decode tasks
-    max_actors = max(1, int(free_for_actors // cfg.num_cpus_per_actor)) if free_for_actors >= cfg.num_cpus_per_actor else 0
-    if max_actors == 0:
-        if cfg.num_actors is not None or cfg.num_cpus_per_actor > 1:
+    fit = int(free_for_actors // cfg.num_cpus_per_actor) if free_for_actors >= cfg.num_cpus_per_actor else 0
+    device_why = "" if cfg.device == "cpu" else f"; CPU actors: extract.device=auto and the cluster has {gpus:g} GPU(s)"
+    if fit == 0:
+        asked = max(cfg.num_actors or 0, cfg.min_actors or 0)
+        if asked > 1 or cfg.num_cpus_per_actor > 1:
             raise ConfigError(
-                f"extract.num_cpus_per_actor={cfg.num_cpus_per_actor:g} leaves no CPU for reading images on this "
-                f"{cpus:g}-CPU cluster and the job would hang; set extract.num_cpus_per_actor to at most "
-                f"{max(cpus - 1, 0.5):g}")
+                f"extract.num_cpus_per_actor={cfg.num_cpus_per_actor:g} x {max(asked, 1)} actor(s) leaves no CPU for "
+                f"reading images on this {cpus:g}-CPU cluster and the job would hang; set extract.num_cpus_per_actor "
+                f"to at most {max(cpus - 1, 0.5):g} with one actor (extract.min_actors: 1)")
         num_cpus = max(cpus - 1.0, 0.5)  # a 1-CPU machine: share it
-        return ActorPlan(1, num_cpus, 0.0, cfg.torch_threads or max(1, int(cpus)), "cpu")
-    n = cfg.num_actors or max_actors
-    if n > max_actors:
+        hi = cfg.max_actors or 1
+        return ActorPlan(1, hi, num_cpus, 0.0, cfg.torch_threads or max(1, int(cpus)), "cpu", custom,
+                         f"min 1, max {hi}: a {cpus:g}-CPU cluster, one actor shares it with the read tasks{device_why}")
+    lo, hi, why = _pool_size(cfg, fit, f"the cluster's {cpus:g} CPUs now, less 1 for reads, at "
+                                       f"{cfg.num_cpus_per_actor:g} per actor")
+    if lo > fit and not custom:
+        key = "num_actors" if cfg.num_actors is not None else "min_actors"
         raise ConfigError(
-            f"extract.num_actors={n} x num_cpus_per_actor={cfg.num_cpus_per_actor:g} takes every CPU of this "
-            f"{cpus:g}-CPU cluster, which starves the read tasks and hangs; use extract.num_actors <= {max_actors} "
-            "or leave it unset (auto)")
-    threads = cfg.torch_threads or max(1, int(cpus // n))
-    return ActorPlan(n, float(cfg.num_cpus_per_actor), 0.0, threads, "cpu")
+            f"extract.{key}={lo} x num_cpus_per_actor={cfg.num_cpus_per_actor:g} takes every CPU of this "
+            f"{cpus:g}-CPU cluster, which starves the read tasks and hangs; use extract.{key} <= {fit}, or "
+            "extract.max_actors for a pool that grows when the cluster does")
+    threads = cfg.torch_threads or max(1, int(cpus // hi))
+    return ActorPlan(lo, hi, float(cfg.num_cpus_per_actor), 0.0, threads, "cpu", custom, why + device_why)
+
+
+def wait_for_actors(cfg, plan: ActorPlan) -> None:
+    """Wait until the cluster can hold the pool's ``min_actors`` (GPUs, ``extract.resources_per_actor``):
+    an autoscaling cluster adds the nodes for the demand this places. Returns at once when the
+    alive nodes already can.
+
+    Raises:
+        ConfigError: they did not appear within ``extract.resource_timeout_s`` (or
+            ``$ASVP_RESOURCE_TIMEOUT_S``); the message names the missing resource.
+    """
+    asked = (f"extract.device={cfg.device} actors" if plan.device == "cuda" else "the extraction actors") + (
+        f" with extract.resources_per_actor={plan.resources}" if plan.resources else "")
+    fixes = (["set extract.device: cpu (or auto)"] if plan.device == "cuda" else []) + (
+        ["change extract.resources_per_actor"] if plan.resources else []) + ["lower extract.min_actors"]
+    wait_for_resources(plan.actor_bundle(), plan.min_actors, asked, " or ".join(fixes),
+                       resource_timeout(cfg.resource_timeout_s))
 
 
 class FeatureExtractor:
@@ -275,13 +353,17 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
     from ray.data import ActorPoolStrategy
 
     plan = plan_actors(cfg)
+    wait_for_actors(cfg, plan)
     compute = compute or resolve_compute(cfg, plan)
     if compute.device != plan.device:
         raise ConfigError(f"the extraction was planned on {compute.device} but the cluster now gives {plan.device} "
                           "actors (its GPUs changed); rerun, or set extract.device explicitly")
-    log.info("extraction plan: %s, precision %s", plan, compute.precision)
-    check_nested({"CPU": plan.num_actors * plan.num_cpus + 1.0, "GPU": plan.num_actors * plan.num_gpus},
-                 "the extraction actors and a read task", "extract.num_actors / extract.num_cpus_per_actor")
+    log.info("extraction plan: %d to %d %s actor(s) x {CPU: %g, GPU: %g%s}, %d torch thread(s), precision %s (%s)",
+             plan.min_actors, plan.max_actors, plan.device, plan.num_cpus, plan.num_gpus,
+             "".join(f", {k}: {v:g}" for k, v in plan.resources.items()), plan.torch_threads, compute.precision,
+             plan.why)
+    check_nested({"CPU": plan.min_actors * plan.num_cpus + 1.0, "GPU": plan.min_actors * plan.num_gpus},
+                 "the extraction actors and a read task", "extract.min_actors / extract.num_cpus_per_actor")
     ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
     ds = ds.map_batches(
         FeatureExtractor,
@@ -289,9 +371,10 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
                                    device=plan.device, amp=cfg.amp, with_head=with_head,
                                    precision=compute.precision),
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=plan.num_actors),
+        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
+        **({"resources": plan.resources} if plan.resources else {}),
         batch_format="numpy",
         runtime_env={"env_vars": fault_env()} if fault_env() else None,
         # Ray Data's actor pools restart a dead actor and retry its batches by default

@@ -6,6 +6,7 @@ happen in ``TrainConfig.plan`` when the job starts, and every error names the fi
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
@@ -13,6 +14,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
                       model_validator)
 
 from asvp_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,12 @@ class TrainConfig(BaseModel):
 
     num_workers: PositiveInt = Field(1, description="DDP workers (Ray Train workers)")
     use_gpu: Union[Literal["auto"], bool] = Field(
-        "auto", description="auto: one GPU per worker when the cluster has enough GPUs, else CPU")
+        "auto", description="auto: one GPU per worker when the cluster has enough GPUs now, else CPU (logged, with "
+                            "why); true: GPU workers only, waiting up to resource_timeout_s for GPU nodes (an "
+                            "autoscaler adds them), never CPU; false: CPU workers")
+    resource_timeout_s: PositiveFloat = Field(
+        600.0, description="with use_gpu: true, how long to wait for the cluster to have a GPU per worker before "
+                           "failing with the missing resource; $ASVP_RESOURCE_TIMEOUT_S overrides it")
     cpus_per_worker: Optional[PositiveFloat] = Field(
         None, description="CPUs each worker reserves (and its torch threads); unset: 1 on CPU workers, 4 on GPU "
                           "workers (fewer where a GPU node has fewer CPUs per GPU), for the loader workers")
@@ -153,30 +161,49 @@ class TrainConfig(BaseModel):
              nodes: Optional[List[Dict[str, float]]] = None) -> WorkerPlan:
         """Resolve ``use_gpu`` and the worker resources against the cluster.
 
+        ``use_gpu: true`` never falls back to CPU: on the live cluster (``resources`` not given)
+        it first waits up to ``resource_timeout_s`` for a GPU per worker, placing the demand an
+        autoscaler adds GPU nodes for (``wait_for_resources``). ``auto`` logs its choice and why.
+
         Args:
             resources: cluster resources (default: ``ray.cluster_resources()``).
             nodes: per-node resources, for the GPU workers' default CPUs (default: the alive
                 nodes of ``ray.nodes()`` when ``resources`` is not given).
 
         Raises:
-            ConfigError: GPUs asked for but missing, or more CPUs/GPUs than the cluster has
-                (the job would wait forever).
+            ConfigError: GPUs asked for but missing (after the wait, on the live cluster), or more
+                CPUs/GPUs than the cluster has (the job would wait forever).
         """
+        n = self.num_workers
         if resources is None:
             import ray
 
+            if self.use_gpu is True and float(ray.cluster_resources().get("GPU", 0)) < n:
+                from asvp_ray.ray_utils import resource_timeout, wait_for_resources
+
+                wait_for_resources({"GPU": 1.0}, n, f"train.use_gpu=true with num_workers={n}",
+                                   f"set use_gpu: auto (CPU workers when no GPU is up) or num_workers: "
+                                   f"{max(1, int(ray.cluster_resources().get('GPU', 0)))}",
+                                   resource_timeout(self.resource_timeout_s))
             resources = ray.cluster_resources()
             if nodes is None:
-                nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+                nodes = [x.get("Resources", {}) for x in ray.nodes() if x.get("Alive")]
         cpus = float(resources.get("CPU", 0))
         gpus = float(resources.get("GPU", 0))
-        n = self.num_workers
         if self.use_gpu is True and gpus == 0:
             raise ConfigError("use_gpu=True but the cluster has no GPU; set use_gpu: auto or false")
         use_gpu = self.use_gpu is True or (self.use_gpu == "auto" and gpus >= n)
         if use_gpu and gpus < n:
             raise ConfigError(f"num_workers={n} with use_gpu=True needs {n} GPUs but the cluster has {gpus:g}; "
                               f"set num_workers: {int(gpus)} (one worker per GPU) or use_gpu: auto")
+        if self.use_gpu == "auto":
+            if use_gpu:
+                log.info("use_gpu=auto: the cluster has %g GPU(s) for %d worker(s); training on GPU workers", gpus, n)
+            elif gpus == 0:
+                log.info("use_gpu=auto: no GPU in the cluster now (CPU: %g); training on CPU workers", cpus)
+            else:
+                log.info("use_gpu=auto: the cluster has %g GPU(s) now, fewer than num_workers=%d (one GPU each); "
+                         "training on CPU workers (set num_workers: %d for GPU workers)", gpus, n, int(gpus))
         per_worker = self.cpus_per_worker
         if per_worker is None:
             per_worker = default_worker_cpus(use_gpu, nodes)
