@@ -3,12 +3,31 @@
 Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers (float32), NCCL on GPU
 workers with the mixed precision ``train.amp`` resolves to on the worker's card (bf16 on compute
 capability >= 8.0, else fp16 with a ``GradScaler``; ``asvp_ray.device``), channels-last
-tensors and cuDNN autotuning. On GPU workers un-augmented batches (and the eval set) travel as
-uint8 from pinned memory and are resized and normalised on the device; augmented ones are made
-by ``train.loader_workers`` DataLoader processes. The labelled set is small next to the pool, so the driver decodes it once
-(through the source's Ray Dataset) and hands it to the workers through the object store;
-training then needs no Ray Data read tasks, which on a small machine would have no CPU left
-once the workers take theirs.
+tensors and cuDNN autotuning.
+
+How the images get there: through Ray Data. The labelled ids (and the eval set) become Ray
+Datasets of the pool source (``source.to_dataset(ids=...)``); Ray Data tasks decode them and
+attach the labels by id, and the datasets are materialized into the object store *before* the
+worker group starts, while the CPUs the workers will take are still free. The calling process
+(the driver) holds block references only, never an image array, so its memory does not grow with
+the labelled set. The trainer gets them as ``datasets={"train", "eval"}``: each rank iterates
+its shard (``get_dataset_shard("train").iter_torch_batches``; equal shards, so DDP ranks step
+together; the eval set is split without dropping rows), shuffled per epoch by a seeded local
+shuffle over the whole shard. Reading materialized blocks needs no Ray Data task, so workers that
+take every CPU (two 1-CPU workers on a 2-CPU machine) cannot starve their own input; the read
+tasks need one CPU before training, inside what the Train phase reserves anyway
+(``asvp_ray.tune.resources``). Ray Data's prefetch threads in the worker collate the next
+batches while one trains: augmentation (random resized crop, flip) or the eval preprocessing on
+CPU workers; on GPU workers un-augmented batches (and the eval set) travel as uint8 from pinned
+memory and are resized and normalised on the device, and augmentation runs in
+``train.loader_workers`` prefetch threads. Images keep their decoded size in the object store
+(a resize there would change the crops augmentation draws and round what the eval
+preprocessing computes in float).
+
+Determinism: shuffling and augmentation are seeded by (``train.seed``, epoch, rank), the
+augmentation per batch from its first id rather than from global random state, so with one
+worker the same call trains the same model. With several workers, which blocks each rank reads
+can vary between runs.
 
 Failure and restart: every ``checkpoint_every`` epochs (and after the last) rank 0 reports a
 Ray Train checkpoint holding the model, optimizer, scheduler, epoch, history and the best model
@@ -63,7 +82,7 @@ class FinetuneResult:
         checkpoint: path of the kept model file (``backbone``, ``head``, ``num_classes``, ``spec``,
             ``method``, ``epochs`` ...); loads with ``create_backbone(spec, checkpoint=...)``.
         test_accuracy: accuracy of the kept model on the eval set, when one was given.
-        seconds: wall seconds of the whole call (decode, training, checkpoint copy).
+        seconds: wall seconds of the whole call (reading the images, training, checkpoint copy).
         history: one dict per epoch (epoch, phase, lr, train_loss, train_accuracy,
             eval_accuracy, seconds, train_seconds, images (all ranks), images_per_s (all ranks),
             param_checksums: (sum, sum of squares) of the parameters on each rank).
