@@ -213,6 +213,7 @@ def _peak_rss_growth(fn) -> int:
     return peak[0] - base
 
 
+@pytest.mark.slow
 def test_caller_memory_does_not_grow_with_the_labelled_set(ray_local, big_images, tmp_path):
     """Images are decoded by Ray Data tasks and read by the workers from the object store: the
     process that calls ``finetune`` holds no image array, so its peak memory stays far below the
