@@ -46,7 +46,7 @@ from asvp_ray.data.sources import FashionMNISTSource  # noqa: E402
 from asvp_ray.features.backbones import BackboneSpec, data_config  # noqa: E402
 from asvp_ray.train.config import TrainConfig  # noqa: E402
 from asvp_ray.train.finetune import (  # noqa: E402
-    _Indices, _optimizer, _set_mode, _TrainCollate, _train_epoch, build_classifier, finetune)
+    _Collate, _optimizer, _set_mode, _train_epoch, build_classifier, finetune)
 
 
 def plain_loop(spec: BackboneSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, threads: int,
@@ -55,14 +55,20 @@ def plain_loop(spec: BackboneSpec, images: np.ndarray, labels: np.ndarray, cfg: 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_classifier(spec, 10, seed=cfg.seed)
-    collate = _TrainCollate(images, labels, data_config(spec, model.backbone), cfg.augment, cfg.crop_scale)
-    loader = torch.utils.data.DataLoader(_Indices(len(labels)), batch_size=cfg.batch_size, shuffle=True,
-                                         collate_fn=collate, num_workers=cfg.loader_workers or 0)
+    dcfg = data_config(spec, model.backbone)
+    ids = np.arange(len(labels), dtype=np.int64)
     opt, _ = _optimizer(model, "ft", cfg, epochs)
     _set_mode(model, "ft")
     device = torch.device("cpu")
+    rng = np.random.default_rng(cfg.seed)
     rates = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        # The workers' batch function (augmentation included) on in-memory batches: what a loop
+        # without Ray does per batch, with no reading or shuffling machinery around it.
+        collate = _Collate(dcfg, cfg.augment, cfg.crop_scale, seed=epoch)
+        order = rng.permutation(len(labels))
+        loader = (collate({"id": ids[b], "image": images[b], "label": labels[b]})
+                  for b in (order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)))
         t0 = time.perf_counter()
         sums = _train_epoch(model, loader, opt, device, amp=False)
         rates.append(int(sums["seen"]) / (time.perf_counter() - t0))

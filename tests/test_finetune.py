@@ -168,6 +168,76 @@ def test_eval_every_skips_epochs_but_never_the_last(ray_local, fm, tmp_path):
     assert res.test_accuracy == max(res.history[e]["eval_accuracy"] for e in evaluated)
 
 
+# --------------------------------------------------------------------------- memory of the caller
+MEM_SIZE = 96  # px: 2,000 RGB images decode to 55 MB, far above the caller's noise
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    """2,000 random 96x96 RGB PNGs in two class folders (an image_folder source)."""
+    from asvp_ray.data.sources import ImageFolderSource
+    from tests.conftest import write_images
+
+    root = tmp_path_factory.mktemp("big_images")
+    for k, name in enumerate(("a", "b")):
+        write_images(root / name, 1000, size=(MEM_SIZE, MEM_SIZE), seed=k)
+    return ImageFolderSource(str(root))
+
+
+def _peak_rss_growth(fn) -> int:
+    """Bytes the calling process's RSS rose above its value before ``fn()`` at its peak (sampled
+    every 10 ms in a thread)."""
+    import threading
+
+    import ray  # noqa: F401 - Ray ships psutil and puts it on the path
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    return peak[0] - base
+
+
+@pytest.mark.slow
+def test_caller_memory_does_not_grow_with_the_labelled_set(ray_local, big_images, tmp_path):
+    """Images are decoded by Ray Data tasks and read by the workers from the object store: the
+    process that calls ``finetune`` holds no image array, so its peak memory stays far below the
+    decoded labelled set (2,000 x 96 x 96 x 3 bytes = 55 MB)."""
+    import gc
+
+    src = big_images
+    cfg = TrainConfig(batch_size=100, epochs=1, augment=False, eval_every=0, max_failures=0)
+
+    def run(n, name):
+        ids = src.ids[:n]
+        return finetune(src, ids, src.label_of(ids), 2, SPEC, cfg, tmp_path / name)
+
+    run(200, "warm-up")  # imports, Ray Data and Ray Train start-up state in this process
+    gc.collect()
+    small = _peak_rss_growth(lambda: run(200, "n200"))
+    gc.collect()
+    big = _peak_rss_growth(lambda: run(2000, "n2000"))
+    decoded = 2000 * MEM_SIZE * MEM_SIZE * 3
+    print(f"caller peak RSS growth: 200 images {small / 2**20:.1f} MB, 2,000 images {big / 2**20:.1f} MB "
+          f"(decoded 2,000: {decoded / 2**20:.1f} MB)")
+    assert big < 0.5 * decoded, (small, big, decoded)
+
+
 # --------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_two_ddp_workers_train_one_model(ray_local, fm, tmp_path):

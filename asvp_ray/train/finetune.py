@@ -3,12 +3,31 @@
 Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers (float32), NCCL on GPU
 workers with the mixed precision ``train.amp`` resolves to on the worker's card (bf16 on compute
 capability >= 8.0, else fp16 with a ``GradScaler``; ``asvp_ray.device``), channels-last
-tensors and cuDNN autotuning. On GPU workers un-augmented batches (and the eval set) travel as
-uint8 from pinned memory and are resized and normalised on the device; augmented ones are made
-by ``train.loader_workers`` DataLoader processes. The labelled set is small next to the pool, so the driver decodes it once
-(through the source's Ray Dataset) and hands it to the workers through the object store;
-training then needs no Ray Data read tasks, which on a small machine would have no CPU left
-once the workers take theirs.
+tensors and cuDNN autotuning.
+
+How the images get there: through Ray Data. The labelled ids (and the eval set) become Ray
+Datasets of the pool source (``source.to_dataset(ids=...)``); Ray Data tasks decode them and
+attach the labels by id, and the datasets are materialized into the object store *before* the
+worker group starts, while the CPUs the workers will take are still free. The calling process
+(the driver) holds block references only, never an image array, so its memory does not grow with
+the labelled set. The trainer gets them as ``datasets={"train", "eval"}``: each rank iterates
+its shard (``get_dataset_shard("train").iter_torch_batches``; equal shards, so DDP ranks step
+together; the eval set is split without dropping rows), shuffled per epoch by a seeded local
+shuffle over the whole shard. Reading materialized blocks needs no Ray Data task, so workers that
+take every CPU (two 1-CPU workers on a 2-CPU machine) cannot starve their own input; the read
+tasks need one CPU before training, inside what the Train phase reserves anyway
+(``asvp_ray.tune.resources``). Ray Data's prefetch threads in the worker collate the next
+batches while one trains: augmentation (random resized crop, flip) or the eval preprocessing on
+CPU workers; on GPU workers un-augmented batches (and the eval set) travel as uint8 from pinned
+memory and are resized and normalised on the device, and augmentation runs in
+``train.loader_workers`` prefetch threads. Images keep their decoded size in the object store
+(a resize there would change the crops augmentation draws and round what the eval
+preprocessing computes in float).
+
+Determinism: shuffling and augmentation are seeded by (``train.seed``, epoch, rank), the
+augmentation per batch from its first id rather than from global random state, so with one
+worker the same call trains the same model. With several workers, which blocks each rank reads
+can vary between runs.
 
 Failure and restart: every ``checkpoint_every`` epochs (and after the last) rank 0 reports a
 Ray Train checkpoint holding the model, optimizer, scheduler, epoch, history and the best model
@@ -30,7 +49,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -40,6 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
 from asvp_ray.errors import BadInputError, ConfigError
@@ -63,7 +82,7 @@ class FinetuneResult:
         checkpoint: path of the kept model file (``backbone``, ``head``, ``num_classes``, ``spec``,
             ``method``, ``epochs`` ...); loads with ``create_backbone(spec, checkpoint=...)``.
         test_accuracy: accuracy of the kept model on the eval set, when one was given.
-        seconds: wall seconds of the whole call (decode, training, checkpoint copy).
+        seconds: wall seconds of the whole call (reading the images, training, checkpoint copy).
         history: one dict per epoch (epoch, phase, lr, train_loss, train_accuracy,
             eval_accuracy, seconds, train_seconds, images (all ranks), images_per_s (all ranks),
             param_checksums: (sum, sum of squares) of the parameters on each rank).
@@ -126,81 +145,141 @@ def build_classifier(spec: BackboneSpec, num_classes: int, init_checkpoint: Opti
 
 
 # --------------------------------------------------------------------------- data
-class _Indices(torch.utils.data.Dataset):
-    """Positions 0..n-1; the collate function turns a list of them into a batch."""
+def _with_labels(batch: Dict[str, np.ndarray], ids: np.ndarray, labels: np.ndarray) -> Dict[str, np.ndarray]:
+    """A decoded source batch -> ``{"id", "image", "label"}``, the labels looked up by id.
 
-    def __init__(self, n: int):
-        self.n = int(n)
+    Runs in Ray Data tasks. ``ids`` (sorted int64) and ``labels`` (aligned) travel by value: a
+    few bytes per labelled image.
+    """
+    got = np.asarray(batch["id"], dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ids, got), len(ids) - 1)
+    bad = ids[pos] != got
+    if bad.any():
+        raise BadInputError(f"the source returned other ids than asked for, e.g. {got[bad][:5].tolist()}")
+    return {"id": got, "image": batch["image"], "label": labels[pos]}
 
-    def __len__(self) -> int:
-        return self.n
 
-    def __getitem__(self, i: int) -> int:
-        return int(i)
+def _labelled_dataset(source, ids: np.ndarray, labels: np.ndarray, what: str):
+    """The images of ``ids`` with their ``labels``, decoded by Ray Data tasks into the object store.
+
+    The dataset is materialized (in source order, so a seed gives the same epochs every time)
+    before the Ray Train workers start: the read and decode tasks run while the workers' CPUs
+    are still free, and the driver holds only block references. Training then reads the blocks
+    and needs no Ray Data task, so workers that take every CPU cannot starve their own input.
+
+    Returns:
+        a ``MaterializedDataset`` with columns ``id`` (int64), ``image`` (uint8 HxW[xC]) and
+        ``label`` (int64).
+
+    Raises:
+        BadInputError: the source returned fewer or other images than ``ids``.
+    """
+    order = np.argsort(ids, kind="stable")
+    ds = source.to_dataset(ids=ids).map_batches(
+        _with_labels, fn_kwargs={"ids": ids[order], "labels": labels[order]}, batch_size=None,
+        batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # block order = source order, not completion order
+    ds = ds.materialize()
+    n = ds.count()
+    if n != len(ids):
+        raise BadInputError(f"{what}: the source returned {n} images for {len(ids)} ids; some ids are missing")
+    return ds
 
 
-class _TrainCollate:
-    """Positions -> (images float (B,3,S,S), labels int64 (B,)).
+def _ingest_config():
+    """Ray Train's ``DataConfig``: the training set split in equal shards (DDP ranks must step
+    the same number of times), the eval set split without dropping rows (ranks sum their counts)."""
+    from ray.train import DataConfig
 
-    With augmentation: timm's training transform (random resized crop, horizontal flip,
-    normalise) per image, grayscale turned into RGB first. Without: the eval ``Preprocessor``,
-    or with ``raw_uint8`` (GPU workers, same-size images) the uint8 images themselves, which the
-    worker preprocesses on its device.
+    class _Ingest(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            if set(datasets) != {"eval"}:
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            ds = datasets["eval"].copy(datasets["eval"])
+            ds.context.execution_options = self._resolve_execution_options("eval")
+            hints = worker_node_ids if self._enable_shard_locality else None
+            return [{"eval": split} for split in ds.streaming_split(world_size, equal=False, locality_hints=hints)]
+
+    return _Ingest()
+
+
+def _crop_box(rng: np.random.Generator, w: int, h: int, scale: Tuple[float, float],
+              ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """A random resized crop's box (left, top, right, bottom): timm's and torchvision's rule (area
+    in ``scale``, log-uniform aspect ratio, ten tries, then the centre crop of the clamped ratio)."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        cw, ch = int(round(h * max(ratio))), h
+    else:
+        cw, ch = w, h
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+class _Collate(NumpyBatchCollateFn):
+    """A numpy batch ``{"id", "image", "label"}`` -> (images (B,3,S,S) float, labels int64 (B,)).
+
+    With augmentation: a random resized crop and a horizontal flip per image (grayscale turned
+    into RGB first), then normalised. The random numbers come from a generator seeded by
+    ``seed`` and the batch's first id, never from global state: Ray Data calls this in its
+    prefetch threads, and the same seed gives the same batches however the threads interleave.
+    Without augmentation: the eval ``Preprocessor``, or with ``raw_uint8`` (GPU workers,
+    same-size images) the uint8 images themselves, which the worker preprocesses on its device.
+
+    Args:
+        dcfg: the backbone's data config (input size, mean, std, interpolation).
+        augment: draw random crops and flips.
+        crop_scale: the crop's area range.
+        raw_uint8: return un-augmented same-size batches as uint8.
+        seed: this epoch's (and rank's) augmentation seed.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, dcfg: Dict[str, Any], augment: bool,
-                 crop_scale: Tuple[float, float], raw_uint8: bool = False):
-        self.images = images
-        self.raw_uint8 = bool(raw_uint8 and not augment and isinstance(images, np.ndarray)
-                              and images.dtype == np.uint8)
-        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
-        self.augment = augment
+    def __init__(self, dcfg: Dict[str, Any], augment: bool, crop_scale: Tuple[float, float],
+                 raw_uint8: bool = False, seed: int = 0):
+        super().__init__()
         self.pre = Preprocessor(dcfg)
-        self.transform = None
-        if augment:
-            import timm.data
+        self.size = int(dcfg["input_size"][-1])
+        self.augment, self.crop_scale = bool(augment), tuple(crop_scale)
+        self.raw_uint8 = bool(raw_uint8 and not augment)
+        self.seed = int(seed)
+        self.resample = {"bicubic": 3, "nearest": 0}.get(dcfg.get("interpolation", "bilinear"), 2)
+        self.mean = torch.tensor(dcfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(dcfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-            self.transform = timm.data.create_transform(
-                input_size=dcfg["input_size"], is_training=True, scale=tuple(crop_scale), hflip=0.5,
-                color_jitter=None, auto_augment=None, interpolation=dcfg.get("interpolation", "bilinear"),
-                mean=dcfg["mean"], std=dcfg["std"])
-
-    def __call__(self, idx: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(idx, dtype=np.int64)
-        y = self.labels[idx]
-        if self.transform is None:
-            if self.raw_uint8:
-                return torch.from_numpy(self.images[idx]), y
-            return self.pre(self.images[idx]), y
+    def _augmented(self, images, first_id: int) -> torch.Tensor:
         from PIL import Image
 
-        x = torch.stack([self.transform(Image.fromarray(np.asarray(self.images[i])).convert("RGB")) for i in idx])
-        return x, y
+        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF, int(first_id) & 0x7FFF_FFFF_FFFF_FFFF])
+        out = np.empty((len(images), self.size, self.size, 3), dtype=np.uint8)
+        for k, im in enumerate(images):
+            img = Image.fromarray(np.asarray(im)).convert("RGB")
+            box = _crop_box(rng, img.width, img.height, self.crop_scale)
+            img = img.resize((self.size, self.size), resample=self.resample, box=box)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out[k] = np.asarray(img)
+        x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self.mean) / self.std).contiguous()
 
-
-def _decode(source, ids: np.ndarray) -> np.ndarray:
-    """Decode ``ids`` of ``source`` in the driver, in the order of ``ids``.
-
-    Returns: uint8 (N,H,W[,C]) when all images share a shape, else an object array of arrays.
-    """
-    got_ids: List[np.ndarray] = []
-    images: List[np.ndarray] = []
-    for batch in source.to_dataset(ids=ids).iter_batches(batch_size=None, batch_format="numpy"):
-        got_ids.append(np.asarray(batch["id"], dtype=np.int64))
-        images.extend(list(batch["image"]))
-    got = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
-    if len(got) != len(ids):
-        raise BadInputError(f"the source returned {len(got)} images for {len(ids)} ids; some ids are missing")
-    order = np.argsort(got, kind="stable")
-    pos = order[np.minimum(np.searchsorted(got[order], ids), len(got) - 1)]
-    if not np.array_equal(got[pos], ids):
-        raise BadInputError(f"the source returned other ids than asked for, e.g. {ids[got[pos] != ids][:5].tolist()}")
-    picked = [images[p] for p in pos]
-    if picked and all(im.shape == picked[0].shape for im in picked):
-        return np.stack(picked).astype(np.uint8, copy=False)
-    out = np.empty(len(picked), dtype=object)
-    out[:] = picked
-    return out
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"]
+        y = torch.from_numpy(np.array(batch["label"], dtype=np.int64))  # a writable copy
+        if self.augment:
+            return self._augmented(images, int(batch["id"][0]) if len(y) else 0), y
+        if self.raw_uint8 and isinstance(images, np.ndarray) and images.dtype == np.uint8:
+            return torch.from_numpy(np.ascontiguousarray(images)), y
+        return self.pre(images), y
 
 
 def _check_labels(labels, n: int, num_classes: int, what: str) -> np.ndarray:
@@ -294,26 +373,32 @@ def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: Union[b
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocessor, device: torch.device,
-              amp: Union[bool, str], rank: int = 0, world: int = 1) -> Tuple[int, int]:
-    """(correct, total) on this rank's share of the eval set (every ``world``-th image).
+def _evaluate(model: nn.Module, shard, pre: Preprocessor, device: torch.device,
+              amp: Union[bool, str]) -> Tuple[int, int]:
+    """(correct, total) on this rank's share of the eval set.
 
-    ``pre`` may be a ``Preprocessor`` (host) or an ``asvp_ray.device.DevicePreprocessor``."""
+    Args:
+        shard: this rank's ``DataIterator`` over rows ``{"image", "label"}`` (or any iterable of
+            such numpy batches).
+        pre: a ``Preprocessor`` (host) or an ``asvp_ray.device.DevicePreprocessor``.
+    """
     from asvp_ray.device import autocast
 
     precision = _precision_of(amp) if device.type == "cuda" else "fp32"
     was_training = model.training
     model.eval()
-    idx = np.arange(rank, len(labels), world)
-    correct = 0
-    for s in range(0, len(idx), _EVAL_BATCH):
-        b = idx[s:s + _EVAL_BATCH]
-        x = pre(images[b]).to(device, non_blocking=True)
+    batches = shard.iter_batches(batch_size=_EVAL_BATCH, batch_format="numpy", prefetch_batches=1) \
+        if hasattr(shard, "iter_batches") else shard
+    correct, total = 0, 0
+    for batch in batches:
+        labels = np.asarray(batch["label"])
+        x = pre(batch["image"]).to(device, non_blocking=True)
         with autocast(precision):
             pred = model(x).float().argmax(1).cpu().numpy()
-        correct += int((pred == labels[b]).sum())
+        correct += int((pred == labels).sum())
+        total += len(labels)
     model.train(was_training)
-    return correct, len(idx)
+    return correct, total
 
 
 def _checksum(model: nn.Module, device: torch.device) -> torch.Tensor:
@@ -369,7 +454,6 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     cfg = TrainConfig(**config["cfg"])
     spec = BackboneSpec(**config["spec"])
     method, num_classes = config["method"], int(config["num_classes"])
-    data = ray.get(config["data"])
     from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
 
     device = ray.train.torch.get_device()
@@ -423,23 +507,18 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         nodes = [None] * world
         dist.all_gather_object(nodes, node)
 
-    # Augmentation (timm draws crops from Python's random) and shuffling: seeded per rank and attempt.
-    aug_seed = cfg.seed * 7919 + rank + 1000 * len(resumes)
-    random.seed(aug_seed)
-    np.random.seed(aug_seed % 2**32)
-    torch.manual_seed(aug_seed)
     on_gpu = device.type == "cuda"
-    loader_workers = int(config.get("loader_workers", cfg.loader_workers or 0))
-    collate = _TrainCollate(data["train_images"], data["train_labels"], dcfg, cfg.augment, cfg.crop_scale,
-                            raw_uint8=on_gpu)
-    loader = torch.utils.data.DataLoader(_Indices(len(data["train_labels"])), batch_size=cfg.batch_size,
-                                         shuffle=True, collate_fn=collate, num_workers=loader_workers,
-                                         persistent_workers=loader_workers > 0,
-                                         drop_last=False, pin_memory=on_gpu)
-    loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler when world > 1
+    # Ray Data's prefetch threads collate (and augment) the next batches while this one trains;
+    # on GPU workers the loader CPUs they reserved run that many threads.
+    prefetch = max(1, int(config.get("loader_workers", cfg.loader_workers or 0)))
+    train_shard = ray.train.get_dataset_shard("train")
+    # The whole shard in the shuffle buffer: each epoch is a full permutation of this rank's rows
+    # (the buffer holds block views of the object store, not copies).
+    shuffle_rows = max(cfg.batch_size, -(-int(config["n_train"]) // world))
+    has_eval = bool(config.get("has_eval"))
+    eval_shard = ray.train.get_dataset_shard("eval") if has_eval else None
     eval_pre = DevicePreprocessor(Preprocessor(dcfg), device, channels_last=True) if on_gpu else Preprocessor(dcfg)
     train_prep = eval_pre if on_gpu else None
-    has_eval = data.get("eval_labels") is not None
 
     net, phase, opt, sched = None, None, None, None
     for epoch in range(start, total):
@@ -455,8 +534,14 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             if state is not None and state["phase"] == phase and int(state["epoch"]) + 1 == epoch:
                 opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
-        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch + 100_003 * cfg.seed)
+        # Shuffling and augmentation are seeded by (seed, epoch, rank): an epoch run again after a
+        # restart draws what it drew the first time.
+        epoch_seed = (cfg.seed * 1_000_003 + epoch * 7919 + rank) % 2**31
+        torch.manual_seed(epoch_seed)
+        collate = _Collate(dcfg, cfg.augment, cfg.crop_scale, raw_uint8=on_gpu, seed=epoch_seed)
+        loader = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=collate, device="cpu", pin_memory=on_gpu,
+            prefetch_batches=prefetch, local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=epoch_seed)
         _set_mode(model, phase, cfg.freeze_bn)
         lr = float(opt.param_groups[-1]["lr"])
         t0 = time.perf_counter()
@@ -472,7 +557,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         last = epoch == total - 1
         eval_now = has_eval and (last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0))
         if eval_now:
-            c, t = _evaluate(model, data["eval_images"], data["eval_labels"], eval_pre, device, amp, rank, world)
+            c, t = _evaluate(model, eval_shard, eval_pre, device, amp)
             counts = torch.cat([counts, torch.tensor([c, t], dtype=torch.float64, device=device)])
         check = _checksum(model, device)
         if distributed:
@@ -578,13 +663,18 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     plan = cfg.plan()
     create_backbone(spec, init_checkpoint)  # fails fast on a bad model name or weights file
 
-    data: Dict[str, Any] = {"train_images": _decode(source, ids), "train_labels": y}
-    ev_ids = None
+    ev_ids, ev_y = None, None
     if eval_source is not None:
         ev_ids = eval_source.ids if eval_ids is None else np.asarray(eval_ids, dtype=np.int64)
-        ev_y = eval_source.label_of(ev_ids) if eval_labels is None else eval_labels
-        data["eval_images"] = _decode(eval_source, ev_ids)
-        data["eval_labels"] = _check_labels(ev_y, len(ev_ids), num_classes, "eval set")
+        ev_y = _check_labels(eval_source.label_of(ev_ids) if eval_labels is None else eval_labels, len(ev_ids),
+                             num_classes, "eval set")
+    # Images are read and decoded by Ray Data tasks into the object store, before the workers
+    # take their CPUs; this process holds block references only.
+    check_nested({"CPU": 1.0}, "the image-reading tasks of the fine-tune (Ray Data)",
+                 "nothing here: give the calling process fewer CPUs", grace_s=1.0)
+    datasets = {"train": _labelled_dataset(source, ids, y, "labelled set")}
+    if ev_ids is not None:
+        datasets["eval"] = _labelled_dataset(eval_source, ev_ids, ev_y, "eval set")
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -592,11 +682,12 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         method=method, cfg=cfg.model_dump(mode="json"), spec=asdict(spec), num_classes=int(num_classes), ids=ids,
         labels=y, init=init_checkpoint, eval=ev_ids if ev_ids is not None else [])
     config = {"cfg": cfg.model_dump(mode="json"), "spec": asdict(spec), "method": method,
-              "num_classes": int(num_classes), "init_checkpoint": init_checkpoint, "data": ray.put(data),
+              "num_classes": int(num_classes), "init_checkpoint": init_checkpoint,
+              "n_train": len(ids), "has_eval": "eval" in datasets,
               "torch_threads": plan.torch_threads, "loader_workers": plan.loader_workers,
               "on_epoch_end": on_epoch_end}
     trainer = TorchTrainer(
-        _train_worker, train_loop_config=config,
+        _train_worker, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=plan.resources_per_worker),
         run_config=ray.train.RunConfig(

@@ -3,7 +3,9 @@
 A trial is an asvp-ray run inside a Tune trial actor. Besides that actor (the run's driver:
 proxy training, selection, the alignment monitor) it starts nested Ray work in phases, one at a
 time: a Ray Train worker group (refresh fine-tunes, standard AL's per-round fine-tunes, the final
-model) and a Ray Data extraction actor pool (re-extraction after a refresh, standard AL's pool
+model; the fine-tune first reads its labelled images with Ray Data tasks, one CPU at least, and
+the group starts once they are in the object store, so the two never hold CPUs together) and a
+Ray Data extraction actor pool (re-extraction after a refresh, standard AL's pool
 scoring, features v0 when the study could not extract them up front).
 
 Why not one placement group per trial holding all of it: Ray Train v2 (the default in Ray 2.60,
@@ -93,7 +95,9 @@ class TrialNeed:
 
     Attributes:
         head: the trial actor itself (``--cpus-per-trial``, ``--gpus-per-trial``).
-        train: its Ray Train worker group (zero when it never fine-tunes).
+        train: its Ray Train worker group (zero when it never fine-tunes). The fine-tune's image
+            reading (Ray Data tasks, 1 CPU at least) finishes before the group starts, so the
+            phase needs the larger of the two: at least 1 CPU.
         extract: its extraction actor pool plus one CPU for the read tasks (zero when it never extracts).
         extract_budget: what the extraction inside the trial is sized to (``extract.plan_actors``).
         why_train, why_extract: the settings that make it fine-tune / extract.
@@ -129,6 +133,7 @@ def trial_need(cfg: Config, capacity: Dict[str, float], head: Dict[str, float], 
         plan = cfg.train.plan(capacity)
         per = plan.resources_per_worker
         train = {r: plan.num_workers * float(per.get(r, 0.0)) for r in RESOURCES}
+        train["CPU"] = max(train["CPU"], 1.0)  # its Ray Data read tasks, before the workers start
         detail["train"] = (f"train.num_workers={plan.num_workers} x train.cpus_per_worker={per.get('CPU', 0):g}"
                            + (" and 1 GPU (train.use_gpu)" if plan.use_gpu else ""))
     extract = {r: 0.0 for r in RESOURCES}
