@@ -34,7 +34,7 @@ from asvp_ray._faults import fault_env, fault_point
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
 from asvp_ray.features.model_file import load_head
-from asvp_ray.features.store import POOL, FeatureStore, rows_per_part, write_part
+from asvp_ray.features.store import POOL, FeatureStore
 from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ def _write_features(batch: Dict[str, np.ndarray], folder: str) -> Dict[str, np.n
         one row: the part's record (``store.write_part``; ``file`` empty when no row was
         readable) and ``skipped``, a JSON list of ``[id, reason]``.
     """
+    from asvp_ray.features.store import write_part
+
     ids = np.asarray(batch["id"], dtype=np.int64)
     errors = np.asarray(batch["error"], dtype=object)
     ok = errors == ""
@@ -421,6 +423,8 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         BadInputError: an unreadable image (unless skipped), NaN or infinite features.
         AsvpError: the parts written do not account for every image (nothing is committed).
     """
+    from asvp_ray.features.store import rows_per_part
+
     t0 = time.perf_counter()
     model = create_backbone(spec, checkpoint)  # fails fast on a bad name or weights, before any Ray work
     compute = compute or resolve_compute(cfg)
