@@ -45,6 +45,15 @@ Usage::
     .venv/bin/python bench/extract.py --actor-threads 1    # try other actor sizing
     # on a machine shared with other jobs: level the OpenMP spinning and the Ray worker nice level
     .venv/bin/python bench/extract.py --omp-wait-policy passive --worker-niceness 0
+    # the driver's memory while extract_to_store writes a feature version (no throughput figures)
+    .venv/bin/python bench/extract.py --driver-rss --model test_efficientnet --weights none
+
+``--driver-rss`` runs ``extract_to_store`` into a temporary feature store instead: a warm-up
+extraction of 256 images (imports, Ray Data start-up), then the timed one of ``--images``, while
+a thread samples this process's resident memory (``/proc/self/statm``) every 20 ms. It prints
+the baseline before the timed extraction, the peak during it and their difference: the memory
+the driver needs to write a version (the workers write the Parquet parts; the driver should
+hold no feature).
 """
 from __future__ import annotations
 
@@ -210,6 +219,49 @@ def _figures(t0, t_ready, t_first, t_end, rows, dim, compute) -> Dict[str, float
 
 
 # --------------------------------------------------------------------------- report
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_driver_rss(source, spec, cfg) -> int:
+    """``extract_to_store`` of ``source`` into a temporary store, sampling the driver's RSS."""
+    import tempfile
+    import threading
+
+    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.features.extract import extract_to_store
+    from asvp_ray.features.store import FeatureStore
+
+    with tempfile.TemporaryDirectory(prefix="asvp-bench-rss-") as tmp:
+        store = FeatureStore(Path(tmp) / "features")
+        warm = FashionMNISTSource(root=str(source.root), split="train", limit=256)
+        extract_to_store(store, 0, warm, spec, cfg)
+        base = rss_mb()
+        peak = [base]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mb())
+                time.sleep(0.02)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        t0 = time.time()
+        meta = extract_to_store(store, 1, source, spec, cfg)
+        wall = time.time() - t0
+        stop.set()
+        t.join()
+        end = rss_mb()
+        size = sum(f.stat().st_size for f in store.path(1).rglob("*.parquet")) / 2**20
+    print(f"extract_to_store: {meta['rows']:,} x {meta['dim']} features ({size:.1f} MB of Parquet) in {wall:.1f} s")
+    print(f"driver RSS: baseline {base:.1f} MB, peak {peak[0]:.1f} MB, after {end:.1f} MB; "
+          f"growth above baseline: peak {peak[0] - base:+.1f} MB, after {end - base:+.1f} MB")
+    return 0
+
+
 def summarise(runs: List[Dict[str, float]]) -> Dict[str, float]:
     out = {}
     for key in ("startup_s", "first_s", "total_s"):
@@ -262,6 +314,8 @@ def main(argv=None) -> int:
                     help="RAY_worker_niceness for the local Ray instance (Ray's default runs workers, hence the "
                          "extraction actor, at nice 15, so other jobs on a shared machine outrank it while the plain "
                          "loop runs at the shell's nice; 0 puts both on an equal footing)")
+    ap.add_argument("--driver-rss", action="store_true",
+                    help="measure the driver's memory during extract_to_store of --images instead (see above)")
     args = ap.parse_args(argv)
     if args.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
@@ -296,6 +350,9 @@ def main(argv=None) -> int:
     t_init = time.perf_counter() - t
     res = ray.cluster_resources()
     plan = plan_actors(cfg, res)
+    if args.driver_rss:
+        print(f"actor plan: {plan}; model {spec.name} weights={spec.weights}; {n:,} images, batch {args.batch_size}")
+        return run_driver_rss(source, spec, cfg)
 
     print(f"machine: {cpus} CPUs (os), Ray cluster: {res.get('CPU', 0):g} CPU / {res.get('GPU', 0):g} GPU; "
           f"ray {ray.__version__}, torch {torch.__version__}")

@@ -116,17 +116,17 @@ def test_crash_mid_write_leaves_no_complete_version(ray_local, tmp_path, monkeyp
     store = FeatureStore(tmp_path / "features")
     pool = FashionMNISTSource(split="train", limit=150)
     calls = {"n": 0}
-    real_add = store_mod._SplitWriter.add
+    real_add = store_mod._SplitWriter.add_part
 
-    def dying_add(self, ids, feats):
+    def dying_add(self, record):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real_add(self, ids, feats)
+        return real_add(self, record)
 
-    monkeypatch.setattr(store_mod._SplitWriter, "add", dying_add)
+    monkeypatch.setattr(store_mod._SplitWriter, "add_part", dying_add)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_store(store, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False))
+        extract_to_store(store, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False), part_rows=50)
     assert store.versions() == [] and store.latest() is None
     monkeypatch.undo()
     # a partial folder from a hard kill (no cleanup ran) is ignored and then removed
@@ -186,3 +186,100 @@ def test_nan_in_a_feature_file_is_reported(tmp_path):
     pq.write_table(features_to_arrow(np.arange(4), bad), part)
     with pytest.raises(BadInputError, match=r"NaN or infinite values for ids \[2\].*delete"):
         store.read(0)
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_workers_write_checksummed_parts_and_damage_is_reported(ray_local, tmp_path):
+    import pyarrow.parquet as pq
+
+    from asvp_ray.data.fashion_mnist import read_idx
+    from asvp_ray.errors import RunDirError
+    from asvp_ray.features.store import arrow_to_features, features_to_arrow
+
+    pool = FashionMNISTSource(split="train", limit=300)
+    store = FeatureStore(tmp_path / "features")
+    meta = extract_to_store(store, 0, pool, SPEC, CFG, test=FashionMNISTSource(split="test", limit=70), part_rows=64)
+    # the write tasks made several parts; meta.json lists each with its rows, size and sha256
+    pool_parts = [p for p in meta["parts"] if p["split"] == "pool"]
+    assert len(pool_parts) >= 4 and sum(p["rows"] for p in pool_parts) == meta["rows"] == 300
+    assert [p["file"] for p in pool_parts] == [f"part-{k:05d}.parquet" for k in range(len(pool_parts))]
+    assert sum(p["rows"] for p in meta["parts"] if p["split"] == "test") == meta["splits"]["test"]["rows"] == 70
+    for p in meta["parts"]:
+        f = store.path(0) / p["file"]
+        assert f.stat().st_size == p["bytes"] and _sha256(f) == p["sha256"]
+    assert sorted(f.name for f in store.path(0).glob("*.parquet")) == [p["file"] for p in pool_parts]
+    # the same features as the backbone computes in this process, for the same ids
+    ids, feats = store.read(0)
+    assert np.array_equal(ids, pool.ids)
+    np.testing.assert_allclose(feats, direct_features(read_idx(pool.images_path)[:300]), rtol=1e-4, atol=1e-4)
+    store.verify(0)
+
+    # a part rewritten with other (finite, well-formed) values no longer matches its checksum
+    victim = store.path(0) / pool_parts[1]["file"]
+    p_ids, p_feats = arrow_to_features(pq.read_table(victim))
+    pq.write_table(features_to_arrow(p_ids, p_feats + 1.0), victim)
+    with pytest.raises(RunDirError, match=rf"part .*{victim.name} does not match the size and sha256.*delete"):
+        store.read(0)
+    with pytest.raises(RunDirError, match=rf"{victim.name} (has \d+ bytes where meta.json lists|does not match)"):
+        store.verify(0)
+    # a truncated part: the cheap readers notice it too
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(RunDirError, match=rf"{victim.name} has 100 bytes where meta.json lists {pool_parts[1]['bytes']}"):
+        store.part_files(0)
+    with pytest.raises(RunDirError, match=rf"{victim.name} has 100 bytes"):
+        store.read_ids(0)
+    victim.unlink()
+    with pytest.raises(RunDirError, match=rf"part .*{victim.name} is missing; delete .*v0 and rerun"):
+        store.read_ids(0)
+
+
+KILLED_EXTRACTION = """
+import sys
+import ray
+from asvp_ray.config import ExtractConfig
+from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.features.backbones import BackboneSpec
+from asvp_ray.features.extract import extract_to_store
+from asvp_ray.features.store import FeatureStore
+
+ray.init(address=sys.argv[1])
+extract_to_store(FeatureStore(sys.argv[2]), 0, FashionMNISTSource(split="train", limit=300),
+                 BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=1.0),
+                 ExtractConfig(batch_size=64, progress=False), part_rows=64)
+print("finished")
+"""
+
+
+def test_killed_extraction_leaves_no_readable_version_and_a_rerun_writes_it(ray_local, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from asvp_ray.errors import RunDirError
+
+    root = tmp_path / "features"
+    env = dict(os.environ, ASVP_KILL_AT="extract:v0:batch2")  # SIGKILL once the 2nd part is reported
+    r = subprocess.run([sys.executable, "-c", KILLED_EXTRACTION, ray_local.get_runtime_context().gcs_address,
+                        str(root)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9 and "finished" not in r.stdout, r.stderr[-3000:]
+    partial = [d for d in root.iterdir() if d.name.startswith(".v0.partial-")]
+    assert len(partial) == 1 and len(list(partial[0].glob("part-w*.parquet"))) >= 2  # workers wrote parts
+    assert not (partial[0] / "meta.json").exists()
+    store = FeatureStore(root)
+    assert store.versions() == [] and store.latest() is None
+    with pytest.raises(RunDirError, match="v0 is missing or incomplete"):
+        store.read(0)
+    pool = FashionMNISTSource(split="train", limit=300)
+    meta = extract_to_store(store, 0, pool, SPEC, CFG, part_rows=64)
+    assert store.versions() == [0] and meta["rows"] == 300
+    assert [d.name for d in root.iterdir()] == ["v0"]  # the half version is gone
+    from asvp_ray.data.fashion_mnist import read_idx
+
+    ids, feats = store.read(0)
+    assert np.array_equal(ids, pool.ids)
+    np.testing.assert_allclose(feats, direct_features(read_idx(pool.images_path)[:300]), rtol=1e-4, atol=1e-4)

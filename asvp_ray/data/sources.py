@@ -203,11 +203,32 @@ def path_id(relpath: str) -> int:
     return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+# One pyarrow filesystem per worker process and URI scheme + host (+ query: region, endpoint...):
+# opening one per image costs a credentials lookup and a new connection pool each time.
+_FILESYSTEMS: Dict[str, Any] = {}
+_HOST_IN_PATH = ("s3", "gs", "gcs", "abfs", "abfss", "az")  # bucket / container: part of the inner path
+
+
+def _filesystem(uri: str):
+    """``(filesystem, path inside it)`` of a URI, the filesystem cached per scheme, host and query."""
+    from urllib.parse import unquote, urlsplit
+
+    import pyarrow.fs as pafs
+
+    u = urlsplit(uri)
+    key = f"{u.scheme}://{u.netloc}?{u.query}"
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+        _FILESYSTEMS[key] = fs
+        return fs, inner
+    path = unquote(u.path)
+    return fs, (u.netloc + path if u.scheme in _HOST_IN_PATH else path)
+
+
 def _read_image_bytes(path: str) -> bytes:
     if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
+        fs, p = _filesystem(path)
         with fs.open_input_stream(p) as f:
             return f.read()
     with open(path, "rb") as f:

@@ -1,8 +1,11 @@
 """Distributed feature extraction: Ray Data ``map_batches`` over an actor pool.
 
 Each actor loads the backbone once (GPU actors where the cluster has GPUs, CPU actors otherwise)
-and turns batches of decoded images into pooled features. The driver streams the results into
-the feature store, with a progress bar (images done, images/s, ETA).
+and turns batches of decoded images into pooled features. ``extract_to_store`` adds a write stage:
+Ray Data tasks gather the actors' rows into Parquet parts of about ``store.PART_BYTES`` and write
+them straight into the version's partial folder (``store.write_part``). The driver receives one
+small record per part (file, rows, size, sha256) and the skipped images, never a feature, shows
+a progress bar (images done, images/s, ETA), and commits meta.json once every part is there.
 
 Device and precision: ``plan_actors`` decides CPU or GPU actors from the cluster's resources;
 on GPU actors ``extract.amp`` is resolved to bf16/fp16/fp32 from the compute capability of a GPU
@@ -23,6 +26,7 @@ cuda``) and ``extract.resources_per_actor`` that no alive node has are waited fo
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,7 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
@@ -326,9 +330,40 @@ class FeatureExtractor:
         return out
 
 
+# CPUs of one write task: it encodes and writes a part, mostly I/O; a small share lets it run next
+# to the read tasks in the CPU the actor plan leaves free.
+WRITE_TASK_CPUS = 0.25
+
+
+def _write_features(batch: Dict[str, np.ndarray], folder: str) -> Dict[str, np.ndarray]:
+    """Ray Data write task: the rows read without error become one part in ``folder``.
+
+    Returns:
+        one row: the part's record (``store.write_part``; ``file`` empty when no row was
+        readable) and ``skipped``, a JSON list of ``[id, reason]``.
+    """
+    from asvp_ray.features.store import write_part
+
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    errors = np.asarray(batch["error"], dtype=object)
+    ok = errors == ""
+    rec: Dict[str, Any] = {"file": "", "rows": 0, "dim": 0, "bytes": 0, "sha256": "", "min_id": 0}
+    if ok.any():
+        feats = batch["feature"]
+        if feats.dtype == object:  # a batch of only unreadable images has (B, 1) zeros: ragged
+            feats = np.stack([np.asarray(f, dtype=np.float32) for f in feats[ok]])
+        else:
+            feats = feats[ok]
+        rec = write_part(folder, ids[ok], np.asarray(feats, dtype=np.float32))
+    out = {k: np.array([v]) for k, v in rec.items()}
+    out["skipped"] = np.array([json.dumps([[int(i), str(m)] for i, m in zip(ids[~ok], errors[~ok])])])
+    return out
+
+
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
             skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
-            with_head: bool = False, compute: Optional[Compute] = None) -> Iterator[Tuple]:
+            with_head: bool = False, compute: Optional[Compute] = None, write_to: Optional[str] = None,
+            part_rows: int = 16_384) -> Iterator[Tuple]:
     """Stream features of a source's images through the actor pool.
 
     Args:
@@ -341,10 +376,15 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         on_rows: called with the number of rows finished after each batch (progress).
         with_head: also score with the head of ``checkpoint`` (a ``finetune`` model file).
         compute: the device and precision (default: ``resolve_compute(cfg)``).
+        write_to: a folder (on storage every node sees): Ray Data tasks write the features there
+            as Parquet parts of ``part_rows`` rows (``store.write_part``) and only their records
+            come back.
+        part_rows: rows per part with ``write_to``.
 
     Yields:
         (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order;
-        with ``with_head``, a fourth item: class probabilities float32 (B, C).
+        with ``with_head``, a fourth item: class probabilities float32 (B, C). With ``write_to``:
+        (record, skipped) per part written, the record as ``store.write_part`` returns it.
 
     Raises:
         BadInputError: an unreadable image (unless skipped), naming its id and path.
@@ -380,6 +420,9 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         # Ray Data's actor pools restart a dead actor and retry its batches by default
         # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
     )
+    if write_to is not None:
+        yield from _written_parts(ds, str(write_to), part_rows, on_rows)
+        return
     with asvp_errors_unwrapped():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             b_ids = np.asarray(batch["id"], dtype=np.int64)
@@ -393,6 +436,21 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
                 yield b_ids[ok], feats[ok], skipped, np.asarray(batch["probs"], dtype=np.float32)[ok]
             else:
                 yield b_ids[ok], feats[ok], skipped
+
+
+def _written_parts(ds, folder: str, part_rows: int, on_rows: Optional[Callable[[int], None]]) -> Iterator[Tuple]:
+    """Add the write stage to the extraction dataset; yield (record, skipped) per part."""
+    ds = ds.map_batches(_write_features, fn_kwargs={"folder": folder}, batch_size=int(part_rows),
+                        num_cpus=WRITE_TASK_CPUS, batch_format="numpy")
+    with asvp_errors_unwrapped():
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in range(len(batch["file"])):
+                rec = {key: batch[key][k] for key in ("file", "rows", "dim", "bytes", "sha256", "min_id")}
+                rec = {key: (str(v) if key in ("file", "sha256") else int(v)) for key, v in rec.items()}
+                skipped = [(int(i), str(m)) for i, m in json.loads(str(batch["skipped"][k]))]
+                if on_rows is not None:
+                    on_rows(rec["rows"] + len(skipped))
+                yield rec, skipped
 
 
 class _Progress:
@@ -427,15 +485,29 @@ class _Progress:
 def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec, cfg, *, test=None,
                      checkpoint: Optional[str] = None, skip_unreadable: bool = False,
                      extra_meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None,
-                     compute: Optional[Compute] = None) -> Dict[str, Any]:
+                     compute: Optional[Compute] = None, part_rows: Optional[int] = None) -> Dict[str, Any]:
     """Extract the pool (and the test source) into feature version ``version`` atomically.
+
+    Ray Data tasks write the features into the version's partial folder; this process receives
+    each part's record (rows, bytes, sha256) and the skipped images, checks that every image is
+    accounted for, and commits meta.json (listing the parts and their checksums) last. A crash
+    before that leaves only a partial folder, which no reader lists and the next writer removes.
 
     ``compute`` (default: ``resolve_compute(cfg)``) is recorded in meta.json: ``device``,
     ``precision``, ``amp``, ``gpu``, ``capability``.
 
+    Args:
+        part_rows: rows per Parquet part (default: about ``store.PART_BYTES`` of features).
+
     Returns:
         the version's metadata (what meta.json holds), with ``seconds`` of wall time.
+
+    Raises:
+        BadInputError: an unreadable image (unless skipped), NaN or infinite features.
+        AsvpError: the parts written do not account for every image (nothing is committed).
     """
+    from asvp_ray.features.store import rows_per_part
+
     t0 = time.perf_counter()
     model = create_backbone(spec, checkpoint)  # fails fast on a bad name or weights, before any Ray work
     compute = compute or resolve_compute(cfg)
@@ -450,6 +522,8 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         **compute.to_meta(),
         **(extra_meta or {}),
     }
+    part_rows = part_rows or rows_per_part(getattr(model, "head_hidden_size", None) or
+                                           getattr(model, "num_features", 1280))
     del model
     show = cfg.progress if progress is None else progress
     skipped: List[Tuple[str, int, str]] = []
@@ -458,13 +532,21 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
             if src is None:
                 continue
             bar = _Progress(len(src), f"features v{version} {split}", show)
+            n_skipped = 0
             try:
-                for ids, feats, sk in extract(src, spec, cfg, checkpoint=checkpoint,
-                                              skip_unreadable=skip_unreadable, on_rows=bar, compute=compute):
-                    w.add(ids, feats, split)
+                for rec, sk in extract(src, spec, cfg, checkpoint=checkpoint, skip_unreadable=skip_unreadable,
+                                       on_rows=bar, compute=compute, write_to=str(w.folder(split)),
+                                       part_rows=part_rows):
+                    if rec["rows"]:
+                        w.add_part(rec, split)
                     skipped += [(split, i, m) for i, m in sk]
+                    n_skipped += len(sk)
             finally:
                 bar.close()
+            written = w.splits[split].rows
+            if written + n_skipped != len(src):  # a lost or doubled part: never commit it
+                raise AsvpError(f"extracting features v{version} ({split}): the workers wrote {written} rows and "
+                                f"skipped {n_skipped} of {len(src)} images; nothing was committed, rerun")
         w.meta["skipped"] = [{"split": s, "id": i, "reason": m} for s, i, m in sorted(skipped)]
         w.meta["seconds"] = round(time.perf_counter() - t0, 3)
         w.commit()

@@ -8,11 +8,20 @@ Layout of one version::
 
 A version is written into a hidden ``.v{k}.partial-*`` folder and renamed into place only when
 every file (and meta.json, last) is flushed to disk, so a crash never leaves a half version that
-looks complete; leftovers are removed by the next writer.
+looks complete; leftovers are removed by the next writer. The parts are written either by the
+driver (``VersionWriter.add``) or by the extraction's Ray workers straight into the partial
+folder (``write_part``, then ``VersionWriter.add_part`` with what the worker reports); on a
+cluster of several nodes the store's folder must then be on storage every node sees.
+
+meta.json lists every part (``parts``: file, split, rows, bytes, sha256 of the file's bytes), so
+a reader never uses a file the writer did not commit: a missing part, one of another size, or
+one whose bytes no longer match its checksum is reported naming the file and the fix.
+Versions written before the list existed are read by globbing ``part-*.parquet``, unchecked.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -30,6 +39,9 @@ from asvp_ray._faults import fault_point
 from asvp_ray.errors import BadInputError, RunDirError
 
 ROWS_PER_FILE = 262_144
+# Parts the extraction workers write: about PART_BYTES of features each, within these row bounds.
+PART_BYTES = 32 << 20
+MIN_ROWS_PER_PART, MAX_ROWS_PER_PART = 1024, 16_384
 _VERSION_RE = re.compile(r"^v(\d+)$")
 POOL = "pool"
 
@@ -97,6 +109,59 @@ def arrow_to_features(table: pa.Table) -> Tuple[np.ndarray, np.ndarray]:
     return ids, values.reshape(-1, dim).astype(np.float32, copy=False)
 
 
+def check_finite(ids: np.ndarray, feats: np.ndarray) -> None:
+    """Raises BadInputError naming the ids whose features hold NaN or infinity."""
+    finite = np.isfinite(feats).all(axis=1)
+    if not finite.all():
+        raise BadInputError(f"features of ids {np.asarray(ids)[~finite][:10].tolist()} contain NaN or infinity; check "
+                            "the backbone weights and the images (or disable AMP)")
+
+
+def file_digest(path: Path) -> Dict[str, Any]:
+    """``bytes`` and ``sha256`` (hex) of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def rows_per_part(dim: int) -> int:
+    """Rows of a worker-written part: about ``PART_BYTES`` of float32 features."""
+    return int(min(MAX_ROWS_PER_PART, max(MIN_ROWS_PER_PART, PART_BYTES // (4 * max(int(dim), 1)))))
+
+
+def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[str, Any]:
+    """Write one Parquet part of a version being written (run by extraction workers).
+
+    The file gets a unique name (``part-w<random>.parquet``; a retried task writes another, and
+    the commit removes the one nobody reported) and is flushed to disk before this returns.
+
+    Args:
+        folder: the split's folder inside the version's partial folder (it must exist).
+        ids: int64 (N,); feats: float32 (N, D), N > 0.
+
+    Returns:
+        the part's record for ``VersionWriter.add_part``: file, rows, dim, bytes, sha256, min_id.
+
+    Raises:
+        BadInputError: NaN or infinite features, naming their ids.
+    """
+    check_finite(ids, feats)
+    sink = pa.BufferOutputStream()
+    pq.write_table(features_to_arrow(ids, feats), sink)
+    data = sink.getvalue()
+    path = Path(folder) / f"part-w{uuid.uuid4().hex[:16]}.parquet"
+    with open(path, "xb") as f:  # never a fresh folder: an aborted version's folder stays gone
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": path.name, "rows": int(len(ids)), "dim": int(feats.shape[1]), "bytes": int(data.size),
+            "sha256": hashlib.sha256(memoryview(data)).hexdigest(), "min_id": int(np.min(ids))}
+
+
 class _SplitWriter:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -107,14 +172,12 @@ class _SplitWriter:
         self.rows = 0
         self.dim: Optional[int] = None
         self.ids: List[np.ndarray] = []
+        self.parts: List[Dict[str, Any]] = []  # closed parts: file (name), rows, bytes, sha256
 
     def add(self, ids: np.ndarray, feats: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        if not np.isfinite(feats).all():
-            bad = ids[~np.isfinite(feats).all(axis=1)][:10].tolist()
-            raise BadInputError(f"features of ids {bad} contain NaN or infinity; check the backbone weights "
-                                "and the images (or disable AMP)")
+        check_finite(ids, feats)
         if self.dim is None:
             self.dim = int(feats.shape[1])
         table = features_to_arrow(ids, feats)
@@ -134,10 +197,41 @@ class _SplitWriter:
             path = self.folder / f"part-{self.part - 1:05d}.parquet"
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+            self.parts.append({"file": path.name, "rows": self.rows_in_part, **file_digest(path)})
             self.writer = None
+
+    def add_part(self, record: Dict[str, Any]) -> None:
+        """Take over a part a worker wrote into this folder (``write_part``'s record)."""
+        if self.dim is not None and int(record["dim"]) != self.dim:
+            raise BadInputError(f"part {record['file']} holds {record['dim']}-value features, others {self.dim}")
+        self.dim = int(record["dim"])
+        self.parts.append({k: record[k] for k in ("file", "rows", "bytes", "sha256", "min_id")})
+        self.rows += int(record["rows"])
+
+    def finish_worker_parts(self) -> None:
+        """Check the workers' parts, remove files no record names (a retried write task's first
+        try), and rename the parts ``part-NNNNN.parquet`` in the order of their smallest id."""
+        listed = {p["file"] for p in self.parts}
+        for f in self.folder.glob("part-w*.parquet"):
+            if f.name not in listed:
+                f.unlink()
+        own = [p for p in self.parts if "min_id" not in p]
+        theirs = sorted((p for p in self.parts if "min_id" in p), key=lambda p: p["min_id"])
+        for k, p in enumerate(theirs, start=len(own)):
+            src = self.folder / p["file"]
+            p.pop("min_id")
+            size = src.stat().st_size if src.is_file() else None
+            if size != p["bytes"]:
+                raise RunDirError(f"part {src} written by an extraction worker is {'missing' if size is None else f'{size} bytes'}"
+                                  f", its worker reported {p['bytes']}; rerun the extraction")
+            name = f"part-{k:05d}.parquet"
+            os.rename(src, self.folder / name)
+            p["file"] = name
+        self.parts = own + theirs
 
     def close(self) -> None:
         self._close_part()
+        self.finish_worker_parts()
         if self.ids:
             all_ids = np.concatenate(self.ids)
             if len(np.unique(all_ids)) != len(all_ids):
@@ -171,22 +265,42 @@ class VersionWriter:
         self.splits: Dict[str, _SplitWriter] = {}
         self.committed = False
 
-    def add(self, ids: np.ndarray, feats: np.ndarray, split: str = POOL) -> None:
-        """Append rows of ``split`` (``pool`` or ``test``)."""
+    def _split(self, split: str) -> _SplitWriter:
         if split not in self.splits:
             self.splits[split] = _SplitWriter(self.tmp if split == POOL else self.tmp / split)
-        self.splits[split].add(ids, feats)
+        return self.splits[split]
+
+    def add(self, ids: np.ndarray, feats: np.ndarray, split: str = POOL) -> None:
+        """Append rows of ``split`` (``pool`` or ``test``)."""
+        self._split(split).add(ids, feats)
+        self._count_batch()
+
+    def folder(self, split: str = POOL) -> Path:
+        """The (existing) folder workers write ``split``'s parts into (``write_part``)."""
+        return self._split(split).folder
+
+    def add_part(self, record: Dict[str, Any], split: str = POOL) -> None:
+        """Register a part a worker wrote into :meth:`folder` (``write_part``'s record); it is
+        checked and renamed ``part-NNNNN.parquet`` at :meth:`commit`."""
+        self._split(split).add_part(record)
+        self._count_batch()
+
+    def _count_batch(self) -> None:
         self._batches = getattr(self, "_batches", 0) + 1
         fault_point(f"extract:v{self.version}:batch{self._batches}")
 
     def commit(self) -> Path:
-        """Flush everything, write meta.json last, and rename the folder into place."""
+        """Flush everything, write meta.json last (with every part's size and sha256), and rename
+        the folder into place."""
         for w in self.splits.values():
             w.close()
         meta = dict(self.meta)
         meta["version"] = self.version
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["splits"] = {name: {"rows": w.rows, "dim": w.dim} for name, w in self.splits.items()}
+        meta["parts"] = [{"file": p["file"] if name == POOL else f"{name}/{p['file']}", "split": name,
+                          **{k: p[k] for k in ("rows", "bytes", "sha256")}}
+                         for name, w in self.splits.items() for p in w.parts]
         meta["rows"] = meta["splits"].get(POOL, {}).get("rows", 0)
         meta["dim"] = meta["splits"].get(POOL, {}).get("dim")
         _fill_cost(meta)
@@ -265,42 +379,99 @@ class FeatureStore:
                               f"complete versions: {self.versions()}")
         return json.loads(p.read_text())
 
-    def _files(self, version: int, split: str) -> List[Path]:
-        folder = self.path(version) if split == POOL else self.path(version) / split
-        files = sorted(folder.glob("part-*.parquet"))
-        if not files:
+    def _parts(self, version: int, split: str, check_size: bool = False) -> List[Tuple[Path, Optional[Dict]]]:
+        """The split's parts with their meta.json records (None for versions written before
+        meta.json listed them); missing listed parts (and, with ``check_size``, parts of another
+        size) raise."""
+        meta = self.meta(version)
+        if "parts" not in meta:  # written before parts were listed: every part-*.parquet, unchecked
+            folder = self.path(version) if split == POOL else self.path(version) / split
+            files = sorted(folder.glob("part-*.parquet"))
+            if not files:
+                raise RunDirError(f"feature version v{version} has no {split!r} split in {self.root}")
+            return [(f, None) for f in files]
+        parts = [(self.path(version) / p["file"], p) for p in meta["parts"] if p["split"] == split]
+        if not parts:
             raise RunDirError(f"feature version v{version} has no {split!r} split in {self.root}")
-        return files
+        for path, rec in parts:
+            size = path.stat().st_size if path.is_file() else None
+            if size is None or (check_size and size != rec["bytes"]):
+                self._damaged(version, path, "is missing" if size is None else
+                              f"has {size} bytes where meta.json lists {rec['bytes']}")
+        return parts
+
+    def _damaged(self, version: int, path: Path, what: str) -> None:
+        raise RunDirError(f"feature version v{version} is damaged: its part {path} {what}; delete "
+                          f"{self.path(version)} and rerun to extract it again")
+
+    def _files(self, version: int, split: str) -> List[Path]:
+        return [p for p, _ in self._parts(version, split)]
+
+    def verify(self, version: int) -> None:
+        """Check every part of ``version`` against meta.json: present, same size, same sha256.
+
+        Raises:
+            RunDirError: naming the first damaged part and the fix.
+        """
+        for split in self.meta(version).get("splits", {POOL: None}):
+            for path, rec in self._parts(version, split, check_size=True):
+                if rec is not None and file_digest(path)["sha256"] != rec["sha256"]:
+                    self._damaged(version, path, "does not match the sha256 meta.json lists")
 
     def read(self, version: int, split: str = POOL) -> Tuple[np.ndarray, np.ndarray]:
-        """All rows of a split in memory, sorted by id.
+        """All rows of a split in memory, sorted by id; every part is checked against the size
+        and sha256 meta.json lists while it is read.
 
         Returns:
             ids: int64 (N,), ascending; features: float32 (N, D), row i belongs to ids[i].
+
+        Raises:
+            BadInputError: NaN or infinite values (naming the ids).
+            RunDirError: a part is missing, or its bytes are not those meta.json lists.
         """
-        self.meta(version)
-        table = pa.concat_tables([pq.read_table(f) for f in self._files(version, split)])
+        tables, mismatched = [], []
+        for path, rec in self._parts(version, split):
+            with open(path, "rb") as f:
+                data = f.read()
+            if rec is not None and (len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]):
+                mismatched.append(path)
+            try:
+                tables.append(pq.read_table(pa.BufferReader(data)))
+            except (pa.ArrowException, OSError) as e:
+                self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+            del data
+        table = pa.concat_tables(tables)
+        del tables
         ids, feats = arrow_to_features(table)
         finite = np.isfinite(feats).all(axis=1)
         if not finite.all():
             raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
                                 f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
                                 f"{self.path(version)} and rerun to extract it again")
+        if mismatched:
+            self._damaged(version, mismatched[0], "does not match the size and sha256 meta.json lists")
         order = np.argsort(ids, kind="stable")
         if not np.all(order == np.arange(len(ids))):
             ids, feats = ids[order], feats[order]
         return ids, np.ascontiguousarray(feats)
 
     def read_ids(self, version: int, split: str = POOL) -> np.ndarray:
-        """The split's ids only (int64, sorted): 8 bytes a row, no feature is read."""
-        self.meta(version)
-        ids = np.concatenate([pq.read_table(f, columns=["id"]).column(0).to_numpy() for f in self._files(version, split)])
+        """The split's ids only (int64, sorted): 8 bytes a row, no feature is read. A part that
+        cannot be read is checked against meta.json's size and sha256 to say what is wrong."""
+        cols = []
+        for path, rec in self._parts(version, split):
+            try:
+                cols.append(pq.read_table(path, columns=["id"]).column(0).to_numpy())
+            except (pa.ArrowException, OSError) as e:
+                self.verify(version)
+                self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+        ids = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         return np.sort(ids.astype(np.int64, copy=False), kind="stable")
 
     def part_files(self, version: int, split: str = POOL) -> List[Path]:
-        """The split's Parquet parts (for readers in other processes: shard actors)."""
-        self.meta(version)
-        return self._files(version, split)
+        """The split's Parquet parts (for readers in other processes: shard actors), each checked
+        to exist with the size meta.json lists."""
+        return [p for p, _ in self._parts(version, split, check_size=True)]
 
     def lookup(self, version: int, ids: np.ndarray, split: str = POOL) -> np.ndarray:
         """Features of the given ids, in the given order (float32 (len(ids), D))."""
