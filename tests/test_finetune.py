@@ -295,7 +295,10 @@ def test_two_node_cluster_places_workers_on_both_nodes(tmp_path):
     assert sorted(out["worker_nodes"]) == sorted(out["node_ids"])  # one rank on each node
     for epoch_sums in out["param_checksums"]:
         assert epoch_sums[0] == epoch_sums[1]
-    assert out["test_accuracy"] is not None and out["losses"][-1] < out["losses"][0]
+    # it learned: above the untrained head (0.14 on these 100 test images) by a clear margin
+    before = untrained_accuracy(FashionMNISTSource(split="test", limit=100))
+    assert out["test_accuracy"] is not None and out["test_accuracy"] > before + 0.15, (before, out)
+    assert out["losses"][-1] < out["losses"][0], out["losses"]
     assert Path(out["checkpoint"]).is_file()
 
 
@@ -314,7 +317,8 @@ def _cluster_job(out_dir: str) -> None:
         init_ray()  # already connected: only quiets Ray Data
         pool = FashionMNISTSource(split="train", limit=200)
         test = FashionMNISTSource(split="test", limit=100)
-        cfg = TrainConfig(num_workers=2, cpus_per_worker=1, batch_size=32, epochs=3)
+        # batches of 16: 7 steps an epoch per worker, enough for the loss to move in 3 epochs
+        cfg = TrainConfig(num_workers=2, cpus_per_worker=1, batch_size=16, epochs=3)
         res = finetune(pool, pool.ids, None, 10, SPEC, cfg, out_dir, method="ft", eval_source=test)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         Path(out_dir, "cluster.json").write_text(json.dumps({

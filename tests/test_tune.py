@@ -350,7 +350,7 @@ def test_asvp_every_round_study_refreshes_inside_its_trials_and_finishes(tmp_pat
     assert summary["rounds"][0]["refreshed"] and summary["rounds"][0]["feature_version"] == 1
     log = (Path(rows[0]["run_dir"]) / "run.log").read_text()
     assert "extracting feature version v1" in log
-    assert "num_cpus=0.5" in log  # the actor pool sized to the trial's share (1.5 CPU), not to the machine
+    assert "actor(s) x {CPU: 0.5, GPU: 0}" in log  # the actor pool sized to the trial's share (1.5 CPU), not to the machine
 
 
 def test_a_study_that_cannot_fit_one_trial_says_so_before_it_starts(tmp_path, ray_local):
