@@ -42,12 +42,8 @@ $(LS_STAMP):
 
 labelstudio: $(LS_STAMP)  ## a separate venv with label-studio $(LS_VERSION) for the live labelling test
 
-# The suite waits more than it computes (Ray start-ups, subprocess runs, polling), so its files run
-# on TEST_WORKERS pytest-xdist processes (one file per worker at a time); TEST_WORKERS=0 runs serially.
-TEST_WORKERS ?= 3
-
 test: data $(LS_STAMP)  ## install, fetch data, run the whole test suite (with a live Label Studio)
-	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 -n $(TEST_WORKERS) --dist loadfile tests
+	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py

@@ -11,12 +11,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "smoke.yaml"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# `make test` runs the files on several pytest-xdist workers. Each gets a Ray temp dir of its own,
-# so a run that calls a bare `ray.init()` (the CLI does) starts its own instance instead of joining
-# the `ray start` cluster another worker's test brought up (Ray finds that through the temp dir).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["RAY_TMPDIR"] = f"/tmp/asvp-t{os.getuid()}-{os.environ['PYTEST_XDIST_WORKER']}"  # short: socket paths
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
