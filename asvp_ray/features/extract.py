@@ -325,6 +325,8 @@ class FeatureExtractor:
             if self.head is not None:
                 probs = np.zeros((len(ids), self.head.out_features), dtype=np.float32)
         out = {"id": ids, "feature": feats, "error": errors}
+        if "split" in batch:  # one job over the pool and the test set: the split travels with its rows
+            out["split"] = np.asarray(batch["split"])
         if probs is not None:
             out["probs"] = probs
         return out
@@ -335,39 +337,53 @@ class FeatureExtractor:
 WRITE_TASK_CPUS = 0.25
 
 
-def _write_features(batch: Dict[str, np.ndarray], folder: str) -> Dict[str, np.ndarray]:
-    """Ray Data write task: the rows read without error become one part in ``folder``.
+def _tag_split(batch: Dict[str, np.ndarray], split: str) -> Dict[str, np.ndarray]:
+    """Ray Data task (fused with the decode): mark a source's rows with the split they belong to."""
+    batch["split"] = np.full(len(batch["id"]), split, dtype=object)
+    return batch
+
+
+def _write_features(batch: Dict[str, np.ndarray], folders: Dict[str, str]) -> Dict[str, np.ndarray]:
+    """Ray Data write task: per split in the batch, the rows read without error become one part
+    in that split's folder.
 
     Returns:
-        one row: the part's record (``store.write_part``; ``file`` empty when no row was
-        readable) and ``skipped``, a JSON list of ``[id, reason]``.
+        one row per split present: ``split``, the part's record (``store.write_part``; ``file``
+        empty when no row was readable) and ``skipped``, a JSON list of ``[id, reason]``.
     """
     from asvp_ray.features.store import write_part
 
     ids = np.asarray(batch["id"], dtype=np.int64)
     errors = np.asarray(batch["error"], dtype=object)
-    ok = errors == ""
-    rec: Dict[str, Any] = {"file": "", "rows": 0, "dim": 0, "bytes": 0, "sha256": "", "min_id": 0}
-    if ok.any():
-        feats = batch["feature"]
-        if feats.dtype == object:  # a batch of only unreadable images has (B, 1) zeros: ragged
-            feats = np.stack([np.asarray(f, dtype=np.float32) for f in feats[ok]])
-        else:
-            feats = feats[ok]
-        rec = write_part(folder, ids[ok], np.asarray(feats, dtype=np.float32))
-    out = {k: np.array([v]) for k, v in rec.items()}
-    out["skipped"] = np.array([json.dumps([[int(i), str(m)] for i, m in zip(ids[~ok], errors[~ok])])])
-    return out
+    splits = np.asarray(batch["split"], dtype=object)
+    feats_all = batch["feature"]
+    rows: List[Dict[str, Any]] = []
+    for split in sorted(set(splits.tolist())):
+        ok = (errors == "") & (splits == split)
+        bad = (errors != "") & (splits == split)
+        rec: Dict[str, Any] = {"file": "", "rows": 0, "dim": 0, "bytes": 0, "sha256": "", "min_id": 0}
+        if ok.any():
+            if feats_all.dtype == object:  # some rows unreadable: (B, 1) zeros next to (B, D) rows, ragged
+                feats = np.stack([np.asarray(f, dtype=np.float32) for f in feats_all[ok]])
+            else:
+                feats = feats_all[ok]
+            rec = write_part(folders[split], ids[ok], np.asarray(feats, dtype=np.float32))
+        rec["split"] = split
+        rec["skipped"] = json.dumps([[int(i), str(m)] for i, m in zip(ids[bad], errors[bad])])
+        rows.append(rec)
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
             skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
-            with_head: bool = False, compute: Optional[Compute] = None, write_to: Optional[str] = None,
-            part_rows: int = 16_384) -> Iterator[Tuple]:
+            with_head: bool = False, compute: Optional[Compute] = None,
+            write_to: Optional[Dict[str, str]] = None, part_rows: int = 16_384) -> Iterator[Tuple]:
     """Stream features of a source's images through the actor pool.
 
     Args:
-        source: a ``PoolSource``.
+        source: a ``PoolSource``; with ``write_to``, a mapping split -> ``PoolSource`` (the pool
+            and the test set go through one dataset and one actor pool, so the actors and their
+            model load are paid once per version).
         spec: the backbone.
         cfg: an ``ExtractConfig``.
         ids: only these ids (default: all of the source).
@@ -376,15 +392,16 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         on_rows: called with the number of rows finished after each batch (progress).
         with_head: also score with the head of ``checkpoint`` (a ``finetune`` model file).
         compute: the device and precision (default: ``resolve_compute(cfg)``).
-        write_to: a folder (on storage every node sees): Ray Data tasks write the features there
-            as Parquet parts of ``part_rows`` rows (``store.write_part``) and only their records
-            come back.
+        write_to: split -> folder (on storage every node sees): Ray Data tasks write each split's
+            features there as Parquet parts of up to ``part_rows`` rows (``store.write_part``) and
+            only their records come back.
         part_rows: rows per part with ``write_to``.
 
     Yields:
         (ids int64 (B,), features float32 (B, D), skipped [(id, reason)]) per batch, in any order;
         with ``with_head``, a fourth item: class probabilities float32 (B, C). With ``write_to``:
-        (record, skipped) per part written, the record as ``store.write_part`` returns it.
+        (record, skipped) per part written, the record as ``store.write_part`` returns it plus
+        its ``split``.
 
     Raises:
         BadInputError: an unreadable image (unless skipped), naming its id and path.
@@ -404,7 +421,13 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
              plan.why)
     check_nested({"CPU": plan.min_actors * plan.num_cpus + 1.0, "GPU": plan.min_actors * plan.num_gpus},
                  "the extraction actors and a read task", "extract.min_actors / extract.num_cpus_per_actor")
-    ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
+    if write_to is not None:
+        tagged = [src.to_dataset(skip_unreadable=skip_unreadable).map_batches(
+            _tag_split, fn_kwargs={"split": split}, batch_size=None, batch_format="numpy")
+            for split, src in source.items()]
+        ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    else:
+        ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
@@ -421,7 +444,7 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
     )
     if write_to is not None:
-        yield from _written_parts(ds, str(write_to), part_rows, on_rows)
+        yield from _written_parts(ds, {k: str(v) for k, v in write_to.items()}, part_rows, on_rows)
         return
     with asvp_errors_unwrapped():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -438,15 +461,16 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
                 yield b_ids[ok], feats[ok], skipped
 
 
-def _written_parts(ds, folder: str, part_rows: int, on_rows: Optional[Callable[[int], None]]) -> Iterator[Tuple]:
+def _written_parts(ds, folders: Dict[str, str], part_rows: int,
+                   on_rows: Optional[Callable[[int], None]]) -> Iterator[Tuple]:
     """Add the write stage to the extraction dataset; yield (record, skipped) per part."""
-    ds = ds.map_batches(_write_features, fn_kwargs={"folder": folder}, batch_size=int(part_rows),
+    ds = ds.map_batches(_write_features, fn_kwargs={"folders": folders}, batch_size=int(part_rows),
                         num_cpus=WRITE_TASK_CPUS, batch_format="numpy")
     with asvp_errors_unwrapped():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in range(len(batch["file"])):
-                rec = {key: batch[key][k] for key in ("file", "rows", "dim", "bytes", "sha256", "min_id")}
-                rec = {key: (str(v) if key in ("file", "sha256") else int(v)) for key, v in rec.items()}
+                rec = {key: batch[key][k] for key in ("file", "rows", "dim", "bytes", "sha256", "min_id", "split")}
+                rec = {key: (str(v) if key in ("file", "sha256", "split") else int(v)) for key, v in rec.items()}
                 skipped = [(int(i), str(m)) for i, m in json.loads(str(batch["skipped"][k]))]
                 if on_rows is not None:
                     on_rows(rec["rows"] + len(skipped))
@@ -527,26 +551,27 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
     del model
     show = cfg.progress if progress is None else progress
     skipped: List[Tuple[str, int, str]] = []
+    sources = {POOL: pool, **({"test": test} if test is not None else {})}
     with store.writer(version, meta) as w:
-        for split, src in ((POOL, pool), ("test", test)):
-            if src is None:
-                continue
-            bar = _Progress(len(src), f"features v{version} {split}", show)
-            n_skipped = 0
-            try:
-                for rec, sk in extract(src, spec, cfg, checkpoint=checkpoint, skip_unreadable=skip_unreadable,
-                                       on_rows=bar, compute=compute, write_to=str(w.folder(split)),
-                                       part_rows=part_rows):
-                    if rec["rows"]:
-                        w.add_part(rec, split)
-                    skipped += [(split, i, m) for i, m in sk]
-                    n_skipped += len(sk)
-            finally:
-                bar.close()
+        folders = {split: str(w.folder(split)) for split in sources}
+        bar = _Progress(sum(len(src) for src in sources.values()),
+                        f"features v{version} ({' + '.join(sources)})", show)
+        n_skipped = {split: 0 for split in sources}
+        try:  # one dataset and one actor pool for both splits: the actors start and load the model once
+            for rec, sk in extract(sources, spec, cfg, checkpoint=checkpoint, skip_unreadable=skip_unreadable,
+                                   on_rows=bar, compute=compute, write_to=folders, part_rows=part_rows):
+                split = rec.pop("split")
+                if rec["rows"]:
+                    w.add_part(rec, split)
+                skipped += [(split, i, m) for i, m in sk]
+                n_skipped[split] += len(sk)
+        finally:
+            bar.close()
+        for split, src in sources.items():
             written = w.splits[split].rows
-            if written + n_skipped != len(src):  # a lost or doubled part: never commit it
+            if written + n_skipped[split] != len(src):  # a lost or doubled part: never commit it
                 raise AsvpError(f"extracting features v{version} ({split}): the workers wrote {written} rows and "
-                                f"skipped {n_skipped} of {len(src)} images; nothing was committed, rerun")
+                                f"skipped {n_skipped[split]} of {len(src)} images; nothing was committed, rerun")
         w.meta["skipped"] = [{"split": s, "id": i, "reason": m} for s, i, m in sorted(skipped)]
         w.meta["seconds"] = round(time.perf_counter() - t0, 3)
         w.commit()
