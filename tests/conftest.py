@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "smoke.yaml"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("ASVP_RAY_DASHBOARD", "0")  # local Ray instances (CLI runs too) start without it
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
