@@ -10,6 +10,9 @@ from typing import Dict, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
+# Ray Data's logging configuration for local instances: its default with a WARNING console
+RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = True) -> None:
     """Start or join Ray once per process.
@@ -32,6 +35,15 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
             # step; 0.5 s costs nothing on one machine (measured: a 1-epoch fine-tune on 100
             # images, 19.2 -> 15.8 s). A cluster keeps its own setting.
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+            # Ray Data in every process of the instance: no progress bars of its own (asvp-ray
+            # draws one per extraction) and INFO lines to its log file only, not the console.
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING_CONFIG)
+            # Ray Train's dataset manager sets an ExecutionOptions field that Ray Data itself has
+            # deprecated: a RayDeprecationWarning per fine-tune on the console that no user can act on.
+            ignore = "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options"
+            if ignore not in os.environ.get("PYTHONWARNINGS", ""):
+                os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), ignore]))
         kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
         if not address and os.environ.get("ASVP_RAY_DASHBOARD", "1") == "0":
             kwargs["include_dashboard"] = False  # CI and tests: a new local instance without the dashboard

@@ -65,6 +65,9 @@ def test_standard_smoke_run_through_the_cli(tmp_path):
     assert "final model: ft" in r.stdout
     # a console a newcomer can read: no per-epoch report line from every Ray Train worker
     assert "Reporting training result" not in r.stdout + r.stderr
+    # nor Ray Data's own progress notices and per-dataset "execution finished" lines
+    assert "execution finished" not in r.stdout + r.stderr and "Progress bars disabled" not in r.stdout + r.stderr
+    assert "RayDeprecationWarning" not in r.stdout + r.stderr  # Ray Train's own use of a deprecated field
     s = json.loads((out / "summary.json").read_text())
     assert s["method"] == "standard" and s["status"] == "finished"
     assert s["rounds"][1]["seconds"]["finetune"] > 0 and s["rounds"][1]["seconds"]["score_pool"] > 0
