@@ -15,7 +15,7 @@ import io
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +83,16 @@ class PoolSource(ABC):
         if bad.any():
             raise BadInputError(f"ids not in the pool: {ids[bad][:10].tolist()}")
         return self.labels[pos]
+
+
+def _is_sorted(ids: np.ndarray) -> bool:
+    return bool(len(ids) < 2 or (ids[1:] >= ids[:-1]).all())
+
+
+def _duplicates(ids: np.ndarray) -> np.ndarray:
+    """The ids that occur more than once, sorted (no sorted copy when ``ids`` are sorted already)."""
+    s = ids if _is_sorted(ids) else np.sort(ids)
+    return np.unique(s[1:][s[1:] == s[:-1]])
 
 
 def _positions(all_ids: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
@@ -276,12 +286,21 @@ def _decode_batch(batch: Dict[str, np.ndarray], skip_unreadable: bool, origin: s
 class _FileSource(PoolSource):
     """Shared part of sources backed by image files: an index table (id, path, label)."""
 
-    def __init__(self, ids: np.ndarray, paths: List[str], labels: Optional[np.ndarray],
+    def __init__(self, ids: np.ndarray, paths, labels: Optional[np.ndarray],
                  classes: Optional[List[str]], origin: str):
-        order = np.argsort(ids, kind="stable")
-        self._ids = np.asarray(ids, dtype=np.int64)[order]
-        self._paths = [paths[i] for i in order]
-        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)[order]
+        ids = np.asarray(ids, dtype=np.int64)
+        order = None if _is_sorted(ids) else np.argsort(ids, kind="stable")
+        self._ids = ids if order is None else ids[order]
+        # an Arrow string array: at a million images a Python list of str costs ~3x the bytes;
+        # None: no files (an embeddings pool without paths), named "<kind>:<id>" where asked
+        if paths is not None:
+            paths = paths if isinstance(paths, (pa.Array, pa.ChunkedArray)) else pa.array(paths, pa.large_string())
+            if order is not None:
+                paths = paths.take(pa.array(order))
+            if isinstance(paths, pa.ChunkedArray):
+                paths = paths.combine_chunks()
+        self._paths = paths
+        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)[slice(None) if order is None else order]
         self._classes = classes
         self.origin = origin
 
@@ -299,7 +318,9 @@ class _FileSource(PoolSource):
 
     def paths(self, ids):
         pos = _positions(self._ids, np.asarray(ids, dtype=np.int64))
-        return [self._paths[p] for p in pos]
+        if self._paths is None:
+            return [f"{self.kind}:{int(i)}" for i in self._ids[pos]]
+        return self._paths.take(pa.array(pos, pa.int64())).to_pylist()
 
     def to_dataset(self, ids=None, skip_unreadable=False):
         import ray.data
@@ -309,7 +330,7 @@ class _FileSource(PoolSource):
         for start in range(0, len(pos), ROWS_PER_BLOCK):
             p = pos[start:start + ROWS_PER_BLOCK]
             tables.append(pa.table({"id": pa.array(self._ids[p], pa.int64()),
-                                    "path": pa.array([self._paths[i] for i in p], pa.string())}))
+                                    "path": self._paths.take(pa.array(p, pa.int64())).cast(pa.string())}))
         ds = ray.data.from_arrow(tables)
         return ds.map_batches(_decode_batch, fn_kwargs={"skip_unreadable": skip_unreadable,
                                                         "origin": self.origin},
@@ -439,8 +460,7 @@ class ManifestSource(_FileSource):
         labels = None
         cls_out = list(classes) if classes else None
         if "label" in cols:
-            raw = table.column("label").to_pylist()
-            labels, cls_out = _labels_from_column(raw, classes, origin=f"manifest {path}", ids=ids)
+            labels, cls_out = _labels_from_column(table.column("label"), classes, origin=f"manifest {path}", ids=ids)
         self.path = str(mpath)
         super().__init__(ids, paths, labels, cls_out, origin=f"manifest {path}")
 
@@ -462,6 +482,38 @@ def open_parquet(path: str):
     if info.type == pafs.FileType.NotFound:
         raise BadInputError(f"embeddings {path!r} does not exist; fix data.pool.path (a Parquet file or folder)")
     return pads.dataset(inner, format="parquet", filesystem=fs)
+
+
+def embedding_rows(batch, dim: Optional[int], origin: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids int64 (m,), features float32 (m, D))`` of a record batch or table with columns ``id``
+    and ``feature`` (any list type), checked.
+
+    Raises:
+        BadInputError: rows with no feature, rows of another length than the first (or than
+            ``dim``), naming the ids and ``origin`` (the embeddings' path).
+    """
+    ids = np.asarray(batch.column(0).to_numpy(), dtype=np.int64)
+    col = batch.column(1)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        bad = ids[np.asarray(col.is_null())][:10].tolist()
+        raise BadInputError(f"embeddings {origin}: ids {bad} have no feature")
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+    else:
+        lengths = np.diff(col.offsets.to_numpy())
+        width = int(lengths[0]) if len(lengths) else 0
+        if (lengths != width).any():
+            bad = ids[lengths != width][:10].tolist()
+            raise BadInputError(f"embeddings {origin}: features of ids {bad} do not have {width} values "
+                                "like the first row; every feature needs the same length")
+    if dim is None:
+        dim = width
+    if width != dim:
+        raise BadInputError(f"embeddings {origin}: a file holds {width}-value features, another {dim}")
+    feats = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return ids, feats
 
 
 @SOURCES.register("embeddings")
@@ -513,9 +565,9 @@ class EmbeddingsSource(_FileSource):
             raise BadInputError(f"embeddings {path}: column id must hold integers with no empty value "
                                 f"(type {id_col.type}, {id_col.null_count} empty)")
         ids = id_col.to_numpy().astype(np.int64)
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise BadInputError(f"embeddings {path}: duplicate ids {uniq[counts > 1][:10].tolist()}; ids must be unique")
+        dups = _duplicates(ids)
+        if len(dups):
+            raise BadInputError(f"embeddings {path}: duplicate ids {dups[:10].tolist()}; ids must be unique")
         self.has_paths = "path" in names
         if self.has_paths:
             base = Path(path).resolve().parent if "://" not in path and Path(path).is_file() else Path(path)
@@ -526,11 +578,11 @@ class EmbeddingsSource(_FileSource):
                 raise BadInputError(f"embeddings {path}: ids {empty} have an empty path; give every row one or "
                                     "drop the path column")
         else:
-            paths = [f"embeddings:{int(i)}" for i in ids]
+            paths = None  # paths(ids) names them embeddings:<id> (query files of human rounds)
         labels = None
         cls_out = list(classes) if classes else None
         if "label" in names:
-            labels, cls_out = _labels_from_column(table.column("label").to_pylist(), classes,
+            labels, cls_out = _labels_from_column(table.column("label"), classes,
                                                   origin=f"embeddings {path}", ids=ids)
         super().__init__(ids, paths, labels, cls_out, origin=f"embeddings {path}")
 
@@ -541,8 +593,15 @@ class EmbeddingsSource(_FileSource):
                                 "them. Add a path column, or use method: svpp with final.training_method: none")
         return super().to_dataset(ids, skip_unreadable)
 
+    def files(self):
+        """``(pyarrow filesystem, [file paths])`` of the Parquet file or folder (the files a
+        ``pyarrow.dataset`` reads: names starting with ``_`` or ``.`` are not data)."""
+        dataset = open_parquet(self.path)
+        return dataset.filesystem, list(dataset.files)
+
     def iter_features(self, batch_rows: int = 65536):
-        """``(ids int64 (m,), features float32 (m, D))`` batches in file order.
+        """``(ids int64 (m,), features float32 (m, D))`` batches in file order, read in this
+        process (feature version v0 is written by Ray Data tasks instead: ``features.embeddings``).
 
         Raises:
             BadInputError: rows of different lengths, or NaN / infinite values (naming the ids).
@@ -552,25 +611,8 @@ class EmbeddingsSource(_FileSource):
         # one batch in flight (pyarrow reads ahead 16 batches and 4 files by default: gigabytes here)
         for batch in dataset.to_batches(columns=["id", "feature"], batch_size=batch_rows, batch_readahead=1,
                                         fragment_readahead=1):
-            ids = batch.column(0).to_numpy().astype(np.int64)
-            col = batch.column(1)
-            if col.null_count:
-                bad = ids[np.asarray(col.is_null())][:10].tolist()
-                raise BadInputError(f"embeddings {self.path}: ids {bad} have no feature")
-            if pa.types.is_fixed_size_list(col.type):
-                width = col.type.list_size
-            else:
-                lengths = np.diff(col.offsets.to_numpy())
-                width = int(lengths[0]) if len(lengths) else 0
-                if (lengths != width).any():
-                    bad = ids[lengths != width][:10].tolist()
-                    raise BadInputError(f"embeddings {self.path}: features of ids {bad} do not have {width} values "
-                                        "like the first row; every feature needs the same length")
-            if dim is None:
-                dim = width
-            if width != dim:
-                raise BadInputError(f"embeddings {self.path}: a file holds {width}-value features, another {dim}")
-            feats = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+            ids, feats = embedding_rows(batch, dim, self.path)
+            dim = feats.shape[1]
             yield ids, feats
 
     def describe(self):
@@ -585,31 +627,40 @@ def _is_int(v) -> bool:
         return False
 
 
-def _labels_from_column(raw: List[Any], classes: Optional[List[str]], origin: str, ids: np.ndarray):
-    """Map a label column (names or indices) to class indices, or raise naming the bad rows."""
-    if any(v is None for v in raw):
-        bad = [int(i) for i, v in zip(ids, raw) if v is None][:10]
-        raise BadInputError(f"{origin}: ids {bad} have no label; label every row or drop the label column")
+def _labels_from_column(raw, classes: Optional[List[str]], origin: str, ids: np.ndarray):
+    """Map a label column (names or indices; an Arrow array or a list) to class indices, or raise
+    naming the bad rows. Each distinct value is looked up once (a million-row column holds a few)."""
+    col = raw if isinstance(raw, (pa.Array, pa.ChunkedArray)) else pa.array(raw)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        bad = np.asarray(ids)[np.asarray(col.is_null())][:10].tolist()
+        raise BadInputError(f"{origin}: ids {[int(i) for i in bad]} have no label; label every row or drop the "
+                            "label column")
+    enc = col.dictionary_encode()
+    values = enc.dictionary.to_pylist()
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     if classes is None:
-        if all(isinstance(v, (int, np.integer)) for v in raw):
-            classes = [str(c) for c in range(max(raw) + 1)]
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            classes = [str(c) for c in range(max(values) + 1)] if values else []
         else:
-            classes = sorted({str(v) for v in raw})
+            classes = sorted({str(v) for v in values})
     index = {c: k for k, c in enumerate(classes)}
-    out, bad = [], []
-    for i, v in zip(ids, raw):
+    mapped = np.full(len(values), -1, dtype=np.int64)
+    for k, v in enumerate(values):
         if str(v) in index:
-            out.append(index[str(v)])
+            mapped[k] = index[str(v)]
         elif isinstance(v, (int, np.integer)) and 0 <= int(v) < len(classes):
-            out.append(int(v))
-        else:
-            bad.append((int(i), v))
-    if bad:
+            mapped[k] = int(v)
+    out = mapped[codes]
+    if (out < 0).any():
+        rows = np.flatnonzero(out < 0)[:10]
+        bad = [(int(ids[r]), values[codes[r]]) for r in rows]
         raise BadInputError(f"{origin}: label(s) not among the {len(classes)} classes ({', '.join(classes[:10])}"
                             f"{', ...' if len(classes) > 10 else ''}): " +
-                            ", ".join(f"id {i}: {v!r}" for i, v in bad[:10]) +
+                            ", ".join(f"id {i}: {v!r}" for i, v in bad) +
                             ". Fix the labels or list the classes in data.classes")
-    return np.array(out, dtype=np.int64), list(classes)
+    return out, list(classes)
 
 
 def build_source(cfg, classes: Optional[List[str]] = None) -> PoolSource:

@@ -23,7 +23,7 @@ import numpy as np
 from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
-from asvp_ray.device import memory_mb, node_cpus, set_compute_threads
+from asvp_ray.device import MemoryWatch, lean_arrow_memory, node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.methods import METHODS
@@ -65,6 +65,16 @@ def default_threads() -> int:
     return node_cpus()
 
 
+def _import_runtime_modules() -> None:
+    """Import what every run uses before the driver's memory baseline is taken (summary.json ->
+    driver_memory measures growth above it): Ray Data (extraction / the embeddings import), the
+    Parquet datasets, and torch's dynamo, which the proxy's first optimiser step imports (about
+    150 MB of modules, the same for every pool size)."""
+    import pyarrow.dataset  # noqa: F401
+    import ray.data  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
 class Driver:
     """Runs the rounds of one active-learning experiment in a run directory.
 
@@ -88,10 +98,13 @@ class Driver:
         self._log_handler = attach_run_log(self.rd)
         self._progress: Dict[str, Any] = {"phase": "starting"}
         self.threads = set_compute_threads(self.cfg.driver_threads or default_threads())
-        self._memory_start = memory_mb()["rss_mb"]  # after imports: the baseline growth is measured from
+        lean_arrow_memory()
+        _import_runtime_modules()
+        self.memory = MemoryWatch()  # after imports: the baseline growth is measured from
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
-        self.pool, self.test, self.classes = open_data(self.cfg)
+        with self.memory.phase("open_data"):
+            self.pool, self.test, self.classes = open_data(self.cfg)
         self.strategy = build_strategy(self.cfg.strategy, self.cfg.strategy_options)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")
@@ -118,7 +131,8 @@ class Driver:
     def prepare(self) -> Dict[str, Any]:
         """Extract features v0 if needed, load state, roll back uncommitted rows (see
         :func:`asvp_ray.loop.resume.load_state`), rebuild the proxy."""
-        load_state(self)
+        with self.memory.phase("prepare"):
+            load_state(self)
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
         self.summary["status"] = "finished" if self.finished else "running"
@@ -166,7 +180,8 @@ class Driver:
         fault_point(f"phase:{phase}:r{self.next_round}")
         t0 = time.perf_counter()
         try:
-            yield
+            with self.memory.phase(phase):
+                yield
         finally:
             dt = time.perf_counter() - t0
             seconds[phase] = round(seconds.get(phase, 0.0) + dt, 4)
@@ -280,10 +295,7 @@ class Driver:
         self.summary["status"] = "finished" if self.finished else "running"
         self.summary["cost"] = self.ledger.totals()
         self.summary["ledger"] = self.ledger.to_json()
-        mem = memory_mb()
-        self.summary["driver_memory"] = {"start_mb": self._memory_start, "peak_mb": mem["peak_mb"],
-                                         "peak_growth_mb": None if mem["peak_mb"] is None or self._memory_start is None
-                                         else round(mem["peak_mb"] - self._memory_start, 1)}
+        self.summary["driver_memory"] = self.memory.summary()
         self.rd.write_summary(self.summary)
         self.rd.write_state({"next_round": self.next_round, "feature_version": self.feature_version,
                              "n_labeled": int(len(self.labeled["id"])), "final_done": self.final_done,

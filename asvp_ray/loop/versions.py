@@ -248,31 +248,46 @@ class FeatureVersions:
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def import_embeddings(self) -> None:
-        """Write feature version v0 from an embeddings pool (and test set), batch by batch: no
-        extraction, no backbone. The driver holds one batch at a time."""
-        from asvp_ray.features.store import POOL
+        """Write feature version v0 from an embeddings pool (and test set): Ray Data tasks read the
+        Parquet files and write the version's parts; the driver gets their records and commits."""
+        from asvp_ray.features.embeddings import write_embedding_parts
+        from asvp_ray.features.extract import _Progress
+        from asvp_ray.features.store import POOL, rows_per_part
+        from asvp_ray.ray_utils import init_ray
 
-        self.on_progress({"phase": "import embeddings v0", "total": len(self.pool) + len(self.test or [])})
+        init_ray()
+        total = len(self.pool) + len(self.test or [])
+        self.on_progress({"phase": "import embeddings v0", "total": total})
         log.info("features v0 from the embeddings %s (%d pool rows%s)", self.pool.path, len(self.pool),
                  f", {len(self.test)} test rows from {self.test.path}" if self.test is not None else "")
         t0 = time.perf_counter()
         meta = {"backbone": None, "weights": "embeddings", "pool_source": self.pool.describe(),
                 "test_source": self.test.describe() if self.test is not None else None, "run": str(self.rd.path),
                 "cost": {"phase": "extract", "resources": {"cpus": 1.0, "gpus": 0.0}}, "skipped": []}
-        with self.store.writer(0, meta) as w:
-            for split, src in ((POOL, self.pool), ("test", self.test)):
-                if src is None:
-                    continue
-                for ids, feats in src.iter_features():
-                    w.add(ids, feats, split)
-            if self.test is not None and w.splits["test"].dim != w.splits[POOL].dim:
-                from asvp_ray.errors import BadInputError
+        bar = _Progress(total, "features v0 (embeddings)", self.cfg.extract.progress)
+        try:
+            with self.store.writer(0, meta) as w:
+                for split, src in ((POOL, self.pool), ("test", self.test)):
+                    if src is None:
+                        continue
+                    part_rows = rows_per_part(src.dim or 1024)
+                    for rec in write_embedding_parts(src, str(w.folder(split)), part_rows, on_rows=bar):
+                        w.add_part(rec, split)
+                    if w.splits[split].rows != len(src):  # a lost or doubled part: never commit it
+                        from asvp_ray.errors import AsvpError
 
-                raise BadInputError(f"the test embeddings {self.test.path} have {w.splits['test'].dim} values per row "
-                                    f"but the pool's {self.pool.path} have {w.splits[POOL].dim}; both must come from "
-                                    "the same model")
-            w.meta["seconds"] = round(time.perf_counter() - t0, 3)
-            w.commit()
+                        raise AsvpError(f"importing the embeddings {src.path}: the workers wrote "
+                                        f"{w.splits[split].rows} of {len(src)} rows; nothing was committed, rerun")
+                if self.test is not None and w.splits["test"].dim != w.splits[POOL].dim:
+                    from asvp_ray.errors import BadInputError
+
+                    raise BadInputError(f"the test embeddings {self.test.path} have {w.splits['test'].dim} values per "
+                                        f"row but the pool's {self.pool.path} have {w.splits[POOL].dim}; both must "
+                                        "come from the same model")
+                w.meta["seconds"] = round(time.perf_counter() - t0, 3)
+                w.commit()
+        finally:
+            bar.close()
         m = self.store.meta(0)
         log.info("feature version v0: %d x %d from embeddings in %.1fs", m["rows"], m["dim"], m["seconds"])
 

@@ -415,7 +415,8 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
 
     Two streamed passes over the parts (local paths or URIs through ``pyarrow.fs``), one batch
     in flight at a time: the id column first, to size the result, then the features, each row
-    written straight to its sorted place. The peak is the rows kept plus one batch.
+    written straight to its sorted place. Parts (and row groups) whose id statistics lie outside
+    ``[lo, hi]`` are skipped unread. The peak is the rows kept plus one batch.
     """
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -427,7 +428,8 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
     else:
         fs, paths = pafs.LocalFileSystem(), [str(f) for f in files]
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
-    scan = dict(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+    in_range = (pads.field("id") >= lo) & (pads.field("id") <= hi)
+    scan = dict(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1, filter=in_range)
     mine = []
     for batch in dataset.to_batches(columns=["id"], **scan):
         ids = batch.column(0).to_numpy()
@@ -462,6 +464,9 @@ class StoreShardHolder(ShardHolder):
     """
 
     def __init__(self, files: Sequence[str], lo: int, hi: int, start: int, expect: int):
+        from asvp_ray.device import lean_arrow_memory
+
+        lean_arrow_memory()
         ids, feats = load_id_range(files, int(lo), int(hi))
         if len(ids) != int(expect):
             raise AsvpError(f"shard of ids {lo}..{hi} found {len(ids)} rows in {files[0]}... but the version lists "
