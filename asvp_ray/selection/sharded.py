@@ -507,16 +507,20 @@ class StoreShards:
         positions = np.asarray(positions, dtype=np.int64)
         starts = np.array([s for s, _ in self.group.bounds])
         shard_of = np.searchsorted(starts, positions, side="right") - 1
-        parts, where = [], []
+        refs, where = [], []
         for k in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == k)
-            parts.append(self.group._get(self.group.actors[k].apply.remote(take_rows, positions[sel])))
+            refs.append(self.group.actors[k].apply.remote(take_rows, positions[sel]))
             where.append(sel)
-        if not parts:
+        if not refs:
             return np.zeros((0, 0), np.float32)
-        out = np.empty((len(positions), parts[0].shape[1]), dtype=np.float32)
-        for sel, rows in zip(where, parts):
+        out = None
+        for sel, ref in zip(where, refs):  # one shard's rows in this process at a time, besides ``out``
+            rows = self.group._get(ref)
+            if out is None:
+                out = np.empty((len(positions), rows.shape[1]), dtype=np.float32)
             out[sel] = rows
+            del rows
         return out
 
     def close(self) -> None:
