@@ -82,9 +82,10 @@ class PeakRSS(threading.Thread):
                     if name is None:
                         continue
                     for line in open(f"/proc/{pid}/status"):
-                        if line.startswith("VmHWM:"):
+                        if line.startswith(("VmHWM:", "RssShmem:")):
+                            key = (name, pid) if line.startswith("VmHWM:") else (name + " shmem", pid)
                             mb = int(line.split()[1]) / 1024
-                            self.peak[(name, pid)] = max(self.peak.get((name, pid), 0), mb)
+                            self.peak[key] = max(self.peak.get(key, 0), mb)
                 except OSError:
                     continue
             time.sleep(0.5)
@@ -155,10 +156,12 @@ def main(argv=None) -> int:
             mon.join()
             mem = s.get("driver_memory") or {}
             shard_peaks = sorted(v for (n, _), v in mon.peak.items() if n == "ray::StoreShardHolder")
+            # the object store's shared pages the driver touched (ray.get of shard replies), part of its RSS
+            shmem = max([v for (n, _), v in mon.peak.items() if n == "ray::Driver shmem"] or [0])
             rows.append({"strategy": name, "wall_s": round(wall, 1), "rounds": [r["seconds"] for r in s["rounds"]],
                          "import_v0_s": (s["feature_versions"][0].get("seconds")), "driver": mem,
                          "driver_growth_pct_of_pool": round(100 * (mem.get("peak_growth_mb") or 0) / pool_mb, 1),
-                         "shard_peaks_mb": [round(x) for x in shard_peaks]})
+                         "driver_shmem_max_mb": round(shmem), "shard_peaks_mb": [round(x) for x in shard_peaks]})
             print(json.dumps(rows[-1]), flush=True)
         checks = []
         if args.check_rows:

@@ -525,8 +525,8 @@ class EmbeddingsSource(_FileSource):
     millions of images. ``asvp`` and ``standard`` fine-tune the backbone on the images: they need
     the ``path`` column.
 
-    Only ``id``, ``label`` and ``path`` are read when the source opens; the features are read
-    batch by batch by :meth:`iter_features` when v0 is written.
+    Only ``id``, ``label`` and ``path`` are read when the source opens; the features are read by
+    Ray Data tasks that write feature version v0 (``features.embeddings``), never by the driver.
 
     Args:
         path: the file or folder.
