@@ -76,6 +76,10 @@ class PoolClusters:
         return out
 
 
+def _assign(features: np.ndarray, clusters: "PoolClusters") -> np.ndarray:
+    return clusters.assign(features)
+
+
 def feature_key(pool: PoolView) -> str:
     """A cheap fingerprint of the pool's ids and features: a new feature version gives a new key
     (for a pool held by shard actors: those actors, which the run replaces on a refresh)."""
@@ -83,6 +87,40 @@ def feature_key(pool: PoolView) -> str:
         return f"shards-{id(pool.shards)}-{len(pool)}"
     ids = hashlib.sha1(np.ascontiguousarray(pool.ids).tobytes()).hexdigest()
     return f"{ids}-{pool.features.shape}-{row_fingerprint(pool.features)}"
+
+
+def sample_positions(n_rows: int, sample_size: int, seed: int) -> np.ndarray:
+    """The pool positions the clustering is fitted on: a seeded sample of ``sample_size``, sorted."""
+    if n_rows <= sample_size:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=sample_size, replace=False))
+
+
+def _fit_clusters_from_shards(pieces, n_sample: int, threads: int, kwargs: dict) -> "PoolClusters":
+    """Ray task: fetch the sample's rows from the shard actors and cluster them, so the sample
+    (up to ``sample_size`` x D floats: 410 MB at 200,000 x 512) never enters the driver."""
+    from asvp_ray.device import set_compute_threads
+    from asvp_ray.selection.sharded import gather_rows
+
+    set_compute_threads(threads)
+    S = gather_rows(pieces, n_sample)
+    return fit_clusters(lambda rows: S, **kwargs)
+
+
+def fit_clusters_on_shards(shards, n_rows: int, n_clusters: Optional[int], coarse_clusters: int, sample_size: int,
+                           kmeans_iters: int, seed: int, key: str = "") -> "PoolClusters":
+    """:func:`fit_clusters` for a pool held by shard actors (``StoreShards``), run in a Ray task
+    that reads the sampled rows from the shards: the same sample, the same clusters, computed with
+    this process's thread count (the task reserves no CPU, as the driver does not)."""
+    import ray
+    import torch
+
+    rows = sample_positions(n_rows, sample_size, seed)
+    pieces = shards.rows_at_refs(rows)
+    task = ray.remote(_fit_clusters_from_shards).options(num_cpus=0)
+    kwargs = dict(n_clusters=n_clusters, coarse_clusters=coarse_clusters, sample_size=sample_size,
+                  kmeans_iters=kmeans_iters, seed=seed, key=key, n_rows=n_rows)
+    return ray.get(task.remote(pieces, len(rows), torch.get_num_threads(), kwargs))
 
 
 def fit_clusters(X, n_clusters: Optional[int], coarse_clusters: int, sample_size: int,
@@ -101,8 +139,7 @@ def fit_clusters(X, n_clusters: Optional[int], coarse_clusters: int, sample_size
     from sklearn.cluster import AgglomerativeClustering
 
     N = int(n_rows) if callable(X) else len(X)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(N, size=min(N, sample_size), replace=False)) if N > sample_size else np.arange(N)
+    rows = sample_positions(N, sample_size, seed)
     S = as_f32(X(rows) if callable(X) else X[rows])
     k = int(min(coarse_clusters, len(S)))
     if k == len(S):
@@ -200,9 +237,13 @@ class ClusterMargin(Strategy):
         X = need_features(self.name, pool, sharded_ok=True)
         key = feature_key(pool)
         if self.clusters_ is None or self.clusters_.key != key:
-            source = pool.shards.rows_at if X is None else X
-            self.clusters_ = fit_clusters(source, self.n_clusters, self.coarse_clusters, self.sample_size,
-                                          self.kmeans_iters, self.seed, key, n_rows=len(pool))
+            if X is None and hasattr(pool.shards, "rows_at_refs"):  # the sample goes from the shards to a task
+                self.clusters_ = fit_clusters_on_shards(pool.shards, len(pool), self.n_clusters, self.coarse_clusters,
+                                                        self.sample_size, self.kmeans_iters, self.seed, key)
+            else:
+                source = pool.shards.rows_at if X is None else X
+                self.clusters_ = fit_clusters(source, self.n_clusters, self.coarse_clusters, self.sample_size,
+                                              self.kmeans_iters, self.seed, key, n_rows=len(pool))
             log.info("cluster_margin: %d rows in %d clusters (%d centroids)", len(pool), self.clusters_.n_clusters,
                      len(self.clusters_.centroids))
         return self.clusters_
@@ -212,8 +253,11 @@ class ClusterMargin(Strategy):
         k = int(min(pool.n_unlabeled, math.ceil(self.margin_factor * n)))
         short = np.asarray(self.shortlist._select_positions(pool, k, rng), dtype=np.int64)
         rows = np.sort(short)
-        feats = pool.shards.rows_at(rows) if pool.features is None else pool.features[rows]
-        labels = clusters.assign(feats)
+        if pool.features is None and hasattr(pool.shards, "map_rows"):  # assigned where the rows are
+            labels = pool.shards.map_rows(rows, _assign, clusters)
+        else:
+            feats = pool.shards.rows_at(rows) if pool.features is None else pool.features[rows]
+            labels = clusters.assign(feats)
         labels = labels[np.argsort(np.argsort(short))]  # back to the shortlist's order
         picks = round_robin(short, labels, n, rng)
         self.last_stats_ = {"shortlist": k, "clusters_in_shortlist": int(len(np.unique(labels))),

@@ -447,6 +447,28 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
     return mine, out
 
 
+def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[Callable] = None) -> np.ndarray:
+    """One (n, D) float32 matrix from :meth:`StoreShards.rows_at_refs`'s pieces, fetching one
+    piece at a time (this process holds the result and one shard's reply, no more)."""
+    if get is None:
+        import ray
+
+        get = ray.get
+    out = None
+    for sel, ref in pieces:
+        rows = get(ref)
+        if out is None:
+            out = np.empty((n, rows.shape[1]), dtype=np.float32)
+        out[sel] = rows
+        del rows
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def apply_at(features: np.ndarray, start: int, positions: np.ndarray, fn: Callable, *args):
+    """``fn`` on a shard's rows at pool ``positions`` (all inside the shard)."""
+    return fn(features[np.asarray(positions, dtype=np.int64) - start], *args)
+
+
 def take_rows(features: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
     """Rows of a shard at pool ``positions`` (all inside the shard)."""
     return np.asarray(features[np.asarray(positions, dtype=np.int64) - start])
@@ -502,26 +524,41 @@ class StoreShards:
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         return n_rows == self.n_rows and bool(self.group.actors)
 
-    def rows_at(self, positions: np.ndarray) -> np.ndarray:
-        """Features at pool ``positions`` (any order), fetched from the shards that hold them."""
+    def rows_at_refs(self, positions: np.ndarray) -> List[Tuple[np.ndarray, Any]]:
+        """Where the rows at pool ``positions`` will be: ``(indices into positions, ObjectRef of
+        those rows' float32 features)`` per shard that holds some. Nothing is fetched: another
+        Ray task or actor can ``ray.get`` them, so the rows never pass through this process."""
         positions = np.asarray(positions, dtype=np.int64)
         starts = np.array([s for s, _ in self.group.bounds])
         shard_of = np.searchsorted(starts, positions, side="right") - 1
-        refs, where = [], []
+        out = []
         for k in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == k)
-            refs.append(self.group.actors[k].apply.remote(take_rows, positions[sel]))
-            where.append(sel)
-        if not refs:
-            return np.zeros((0, 0), np.float32)
-        out = None
-        for sel, ref in zip(where, refs):  # one shard's rows in this process at a time, besides ``out``
-            rows = self.group._get(ref)
-            if out is None:
-                out = np.empty((len(positions), rows.shape[1]), dtype=np.float32)
-            out[sel] = rows
-            del rows
+            out.append((sel, self.group.actors[k].apply.remote(take_rows, positions[sel])))
         return out
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Features at pool ``positions`` (any order), fetched from the shards that hold them."""
+        pieces = self.rows_at_refs(positions)
+        return gather_rows(pieces, len(positions), self.group._get)
+
+    def map_rows(self, positions: np.ndarray, fn: Callable, *args) -> np.ndarray:
+        """``fn(features at positions, *args)`` computed on the shards that hold the rows (one
+        result row per position, in ``positions``' order): the features stay in the shards."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = np.array([s for s, _ in self.group.bounds])
+        shard_of = np.searchsorted(starts, positions, side="right") - 1
+        pieces = []
+        for k in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == k)
+            pieces.append((sel, self.group.actors[k].apply.remote(apply_at, positions[sel], fn, *args)))
+        out = None
+        for sel, ref in pieces:
+            res = np.asarray(self.group._get(ref))
+            if out is None:
+                out = np.empty((len(positions),) + res.shape[1:], dtype=res.dtype)
+            out[sel] = res
+        return out if out is not None else np.zeros(0)
 
     def close(self) -> None:
         """Kill the actors: their rows go with them."""
