@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -308,23 +308,30 @@ class MemoryWatch:
         self.start = memory_mb()["rss_mb"]
         self.peak = memory_mb()["peak_mb"]
         self.by_phase: Dict[str, float] = {}
+        self._open: List[List[Any]] = []  # [name, largest peak seen] of the phases entered, outermost first
 
     def _fold(self) -> Optional[float]:
         p = memory_mb()["peak_mb"]
         if p is not None:
             self.peak = p if self.peak is None else max(self.peak, p)
+            for entry in self._open:  # a nested phase's reset must not hide an outer phase's peak
+                entry[1] = max(entry[1], p)
         return p
 
     @contextlib.contextmanager
     def phase(self, name: str):
         self._fold()
         exact = _reset_peak()
+        entry = [name, memory_mb()["rss_mb"] or 0.0]
+        self._open.append(entry)
         try:
             yield
         finally:
             p = self._fold() if exact else memory_mb()["rss_mb"]
+            self._open.remove(entry)
             if p is not None and self.start is not None:
-                self.by_phase[name] = round(max(self.by_phase.get(name, float("-inf")), p - self.start), 1)
+                top = max(p, entry[1]) if exact else p
+                self.by_phase[name] = round(max(self.by_phase.get(name, float("-inf")), top - self.start), 1)
             release_free_memory()  # what the phase freed goes back, so the next starts lower
 
     def summary(self) -> Dict[str, Any]:

@@ -25,3 +25,16 @@ def test_each_phase_gets_its_own_peak_and_the_overall_peak_is_the_largest():
     assert s["by_phase"]["small"] < s["by_phase"]["big"] - 200, s
     assert s["peak_growth_mb"] >= s["by_phase"]["big"] - 1, s
     assert s["peak_mb"] >= s["start_mb"] + 250, s
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_nested_phase_does_not_hide_the_outer_phases_peak():
+    watch = MemoryWatch()
+    with watch.phase("outer"):
+        a = np.ones(300 * 2**20 // 8)
+        del a
+        with watch.phase("inner"):  # resets the kernel's peak on entry
+            pass
+    s = watch.summary()
+    assert s["by_phase"]["outer"] >= 250, s
+    assert s["by_phase"]["inner"] < s["by_phase"]["outer"] - 200, s
