@@ -347,7 +347,9 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
         run_dir = cluster.tmp / "runs" / "smoke"  # a path both nodes reach (same machine)
         job_id = f"asvp-smoke-{uuid.uuid4().hex[:8]}"
         # 3 extraction actors of 1 CPU and 3 training workers of 1 CPU cannot fit on one 2-CPU node.
-        sets = ["--set", "extract.num_actors=3", "--set", "extract.num_cpus_per_actor=1"]
+        # ASVP with one refresh at 80 labels: a fine-tune and a re-extraction (v1) on both nodes too.
+        sets = ["--set", "extract.num_actors=3", "--set", "extract.num_cpus_per_actor=1",
+                "--set", "method=asvp", "--set", "refresh.policy=at_labels", "--set", "refresh.at=[80]"]
         if "train" in Config.model_fields and "final" in Config.model_fields:
             sets += ["--set", "train.num_workers=3", "--set", "train.cpus_per_worker=1",
                      "--set", "final.training_method=ft"]
@@ -365,6 +367,9 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
         assert [x["n_labeled"] for x in summary["rounds"]] == [40, 80, 120]
         assert all(0 <= x["proxy_test_accuracy"] <= 1 for x in summary["rounds"])
         assert (run_dir / "features" / "v0" / "meta.json").is_file()
+        assert [x["refreshed"] for x in summary["rounds"]] == [False, True, False]
+        assert (run_dir / "features" / "v1" / "meta.json").is_file()
+        assert summary["rounds"][-1]["feature_version"] == 1
 
         nodes = [n for n in cluster.state("nodes") if n["state"] == "ALIVE"]
         head = next(n["node_id"] for n in nodes if n["is_head_node"])
@@ -373,8 +378,10 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
         # one) the node of its worker process.
         node_of_pid = {w["pid"]: w["node_id"] for w in cluster.state("workers")}
         placed = [(a["class_name"] or "", a["node_id"] or node_of_pid.get(a["pid"])) for a in cluster.state("actors")]
-        extractors = {n for c, n in placed if "FeatureExtractor" in c}
-        assert extractors == {n["node_id"] for n in nodes}, f"extraction actors on {extractors}"
+        extractors = [n for c, n in placed if "FeatureExtractor" in c]
+        assert set(extractors) == {n["node_id"] for n in nodes}, f"extraction actors on {extractors}"
+        # v0's pool and v1's (the refresh) each had 3 actors: one node alone could not hold 3
+        assert len(extractors) >= 6, f"{len(extractors)} extraction actors: {placed}"
         assert {n for c, n in placed if c == "Driver"} == {head}, "the asvp-ray driver actor is not on the head node"
         if "train.num_workers=3" in sets:
             assert summary["final"]["test_accuracy"] is not None
