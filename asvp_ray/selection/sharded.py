@@ -447,21 +447,25 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
     return mine, out
 
 
-def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[Callable] = None) -> np.ndarray:
-    """One (n, D) float32 matrix from :meth:`StoreShards.rows_at_refs`'s pieces, fetching one
-    piece at a time (this process holds the result and one shard's reply, no more)."""
+def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[Callable] = None,
+                empty: Optional[np.ndarray] = None) -> np.ndarray:
+    """One (n, ...) array from per-shard pieces (:meth:`StoreShards.rows_at_refs`: float32
+    features), fetching one piece at a time (this process holds the result and one shard's reply,
+    no more); ``empty`` (default a (0, 0) float32 array) when there is no piece."""
     if get is None:
         import ray
 
         get = ray.get
     out = None
     for sel, ref in pieces:
-        rows = get(ref)
+        rows = np.asarray(get(ref))
         if out is None:
-            out = np.empty((n, rows.shape[1]), dtype=np.float32)
+            out = np.empty((n,) + rows.shape[1:], dtype=rows.dtype)
         out[sel] = rows
         del rows
-    return out if out is not None else np.zeros((0, 0), np.float32)
+    if out is None:
+        return empty if empty is not None else np.zeros((0, 0), np.float32)
+    return out
 
 
 def apply_at(features: np.ndarray, start: int, positions: np.ndarray, fn: Callable, *args):
@@ -524,41 +528,33 @@ class StoreShards:
     def matches(self, features: Optional[np.ndarray], n_rows: int) -> bool:
         return n_rows == self.n_rows and bool(self.group.actors)
 
-    def rows_at_refs(self, positions: np.ndarray) -> List[Tuple[np.ndarray, Any]]:
-        """Where the rows at pool ``positions`` will be: ``(indices into positions, ObjectRef of
-        those rows' float32 features)`` per shard that holds some. Nothing is fetched: another
-        Ray task or actor can ``ray.get`` them, so the rows never pass through this process."""
+    def _per_shard(self, positions: np.ndarray, fn: Callable, *args) -> List[Tuple[np.ndarray, Any]]:
+        """``(indices into positions, ObjectRef of fn(features, start, positions there, *args))``
+        per shard that holds some of ``positions``; nothing is fetched."""
         positions = np.asarray(positions, dtype=np.int64)
         starts = np.array([s for s, _ in self.group.bounds])
         shard_of = np.searchsorted(starts, positions, side="right") - 1
         out = []
         for k in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == k)
-            out.append((sel, self.group.actors[k].apply.remote(take_rows, positions[sel])))
+            out.append((sel, self.group.actors[k].apply.remote(fn, positions[sel], *args)))
         return out
+
+    def rows_at_refs(self, positions: np.ndarray) -> List[Tuple[np.ndarray, Any]]:
+        """Where the rows at pool ``positions`` will be: ``(indices into positions, ObjectRef of
+        those rows' float32 features)`` per shard that holds some. Nothing is fetched: another
+        Ray task or actor can ``ray.get`` them, so the rows never pass through this process."""
+        return self._per_shard(positions, take_rows)
 
     def rows_at(self, positions: np.ndarray) -> np.ndarray:
         """Features at pool ``positions`` (any order), fetched from the shards that hold them."""
-        pieces = self.rows_at_refs(positions)
-        return gather_rows(pieces, len(positions), self.group._get)
+        return gather_rows(self.rows_at_refs(positions), len(positions), self.group._get)
 
     def map_rows(self, positions: np.ndarray, fn: Callable, *args) -> np.ndarray:
         """``fn(features at positions, *args)`` computed on the shards that hold the rows (one
         result row per position, in ``positions``' order): the features stay in the shards."""
-        positions = np.asarray(positions, dtype=np.int64)
-        starts = np.array([s for s, _ in self.group.bounds])
-        shard_of = np.searchsorted(starts, positions, side="right") - 1
-        pieces = []
-        for k in np.unique(shard_of):
-            sel = np.flatnonzero(shard_of == k)
-            pieces.append((sel, self.group.actors[k].apply.remote(apply_at, positions[sel], fn, *args)))
-        out = None
-        for sel, ref in pieces:
-            res = np.asarray(self.group._get(ref))
-            if out is None:
-                out = np.empty((len(positions),) + res.shape[1:], dtype=res.dtype)
-            out[sel] = res
-        return out if out is not None else np.zeros(0)
+        return gather_rows(self._per_shard(positions, apply_at, fn, *args), len(positions), self.group._get,
+                           empty=np.zeros(0))
 
     def close(self) -> None:
         """Kill the actors: their rows go with them."""
