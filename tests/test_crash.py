@@ -46,8 +46,7 @@ def test_sigkill_at_many_points_then_resume_equals_straight_run(tmp_path):
 
     out = tmp_path / "killed"
     points = ["extract:v0:batch2",        # mid-extraction of v0
-              "phase:proxy_train:r1",     # proxy training, round 1
-              "phase:select:r2",          # selection, round 2
+              "phase:proxy_train:r1",     # proxy training, round 1 (labels bought, round not committed)
               "phase:refresh_extract:r2", # a refresh (fine-tuned, re-extracting v1)
               "phase:final_train:r3"]     # the final training
     for point in points:
