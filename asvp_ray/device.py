@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -367,3 +368,48 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def unmap_shared_pages(arr: np.ndarray) -> int:
+    """Drop this process's mapping of the whole pages under ``arr``, a read-only view into Ray's
+    object store (``ray.get`` of a numpy array), once its values have been copied out.
+
+    The pages belong to the object store, not to this process, but each one read stays mapped and
+    counted in this process's RSS (``RssShmem``) until the store unmaps it. ``madvise(DONTNEED)``
+    on a shared mapping only drops the page-table entries: the data stays in the store and a
+    later read maps it again. Returns the bytes released (0 where it does not apply: an array
+    that owns its memory, a non-Linux system)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    if arr.flags.owndata or not arr.nbytes or not sys.platform.startswith("linux"):
+        return 0
+    start = arr.__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page
+    hi = (start + arr.nbytes) // page * page
+    if hi <= lo or not _shared_mapping(lo, hi):
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) != 0:  # MADV_DONTNEED
+            return 0
+    except (OSError, AttributeError):
+        return 0
+    return hi - lo
+
+
+def _shared_mapping(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi)`` lies in one shared (``s``) mapping of this process: on private memory
+    ``madvise(DONTNEED)`` would zero the pages, so nothing else is ever advised."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                rng, perms = line.split(None, 2)[:2]
+                a, b = (int(x, 16) for x in rng.split("-"))
+                if a <= lo < b:
+                    return hi <= b and perms[3:4] == "s"
+    except (OSError, ValueError):
+        pass
+    return False

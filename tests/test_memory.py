@@ -38,3 +38,43 @@ def test_a_nested_phase_does_not_hide_the_outer_phases_peak():
     s = watch.summary()
     assert s["by_phase"]["outer"] >= 250, s
     assert s["by_phase"]["inner"] < s["by_phase"]["outer"] - 200, s
+
+
+def _rss_shmem_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_rows_read_from_the_object_store_leave_no_shared_pages_in_this_process(ray_local):
+    """StoreShards.rows_at's replies are copied out and their object-store pages unmapped: the
+    driver's RSS holds the result once, and the object (and the result) keep their values."""
+    from asvp_ray.device import unmap_shared_pages
+    from asvp_ray.selection.sharded import gather_rows
+
+    ray = ray_local
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((20_000, 512), dtype=np.float32)  # 41 MB in two replies
+    # the replies are written by another process, as a shard actor's are
+    make = ray.remote(num_cpus=0)(lambda seed, lo, hi: np.random.default_rng(seed).standard_normal(
+        (20_000, 512), dtype=np.float32)[lo:hi])
+    refs = [make.remote(0, 0, 12_000), make.remote(0, 12_000, 20_000)]
+    ray.wait(refs, num_returns=2)
+    pieces = [(np.arange(12_000), refs[0]), (np.arange(12_000, 20_000), refs[1])]
+    before = _rss_shmem_mb()
+    got = gather_rows(pieces, 20_000)
+    assert np.array_equal(got, want)
+    assert _rss_shmem_mb() - before < 8, "the replies' shared pages stayed in this process's RSS"
+    # the store's copy is intact: reading it again maps the pages back, with the same values
+    again = ray.get(refs[0])
+    assert np.array_equal(again, want[:12_000])
+    assert _rss_shmem_mb() - before > 20  # 24.6 MB (this read is not unmapped: the check above could fail)
+    assert unmap_shared_pages(again) > 20 << 20
+    assert _rss_shmem_mb() - before < 8
+
+    # memory this process owns, or a view into it, is never advised (it would be zeroed)
+    view = want[5:]
+    assert unmap_shared_pages(view) == 0 and unmap_shared_pages(want) == 0
+    assert np.array_equal(view, got[5:])

@@ -456,12 +456,15 @@ def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[
         import ray
 
         get = ray.get
+    from asvp_ray.device import unmap_shared_pages
+
     out = None
     for sel, ref in pieces:
         rows = np.asarray(get(ref))
         if out is None:
             out = np.empty((n,) + rows.shape[1:], dtype=rows.dtype)
         out[sel] = rows
+        unmap_shared_pages(rows)  # copied out: the object store's pages need not stay in this RSS
         del rows
     if out is None:
         return empty if empty is not None else np.zeros((0, 0), np.float32)
