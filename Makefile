@@ -10,7 +10,7 @@ LS_VENV    ?= .venv-ls
 LS_VERSION ?= 1.23.2
 LS_STAMP   := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: demo test venv data labelstudio bench clean help
+.PHONY: demo test test-long venv data labelstudio bench clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -42,8 +42,11 @@ $(LS_STAMP):
 
 labelstudio: $(LS_STAMP)  ## a separate venv with label-studio $(LS_VERSION) for the live labelling test
 
-test: data $(LS_STAMP)  ## install, fetch data, run the whole test suite (with a live Label Studio)
-	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 tests
+test: data $(LS_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio), all but the long scenarios
+	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
+
+test-long: data $(LS_STAMP)  ## the long end-to-end scenarios (SIGKILL sweep, Tune studies, two-node job); CI runs them after make test
+	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py

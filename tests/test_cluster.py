@@ -338,6 +338,7 @@ class LoopbackCluster:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work():
     from asvp_ray.config import Config
 

@@ -37,6 +37,7 @@ def outcome(out):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_at_many_points_then_resume_equals_straight_run(tmp_path):
     straight = tmp_path / "straight"
     r = run_cli(straight)

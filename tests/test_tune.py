@@ -132,6 +132,7 @@ def _finished_trials(out: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_study_end_to_end_interrupted_and_resumed(tmp_path):
     """`asvp-ray tune` as a user runs it: Ctrl+C after the first trial, then the same command again."""
     out = tmp_path / "study"
@@ -318,6 +319,7 @@ def _check_study_outputs(out: Path, n_trials: int, tmp_path: Path, rerun_best: b
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_readme_tune_command_finishes_with_default_concurrency_and_final_models(tmp_path):
     """The README's command, unchanged but for --out: every trial trains a final model (Ray Train)
     and the study admits only as many trials as fit with their workers, so none waits forever."""
@@ -334,6 +336,7 @@ def test_readme_tune_command_finishes_with_default_concurrency_and_final_models(
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_asvp_every_round_study_refreshes_inside_its_trials_and_finishes(tmp_path):
     """Trials that fine-tune and re-extract the pool (Ray Train, then a Ray Data actor pool sized to
     the trial's share) and train a final model."""
