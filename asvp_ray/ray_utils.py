@@ -29,7 +29,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
         if not address:
+            if os.environ.get("ASVP_RAY_DASHBOARD", "1") == "0":
+                kwargs["include_dashboard"] = False  # CI and tests: a new local instance without the dashboard
             # A local instance inherits this process's environment. Ray Train's controller polls
             # its workers every 2 s by default, so a short fine-tune ends up to 2 s after its last
             # step; 0.5 s costs nothing on one machine (measured: a 1-epoch fine-tune on 100
@@ -49,9 +52,6 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
             ignore = "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options"
             if ignore not in os.environ.get("PYTHONWARNINGS", ""):
                 os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), ignore]))
-        kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
-        if not address and os.environ.get("ASVP_RAY_DASHBOARD", "1") == "0":
-            kwargs["include_dashboard"] = False  # CI and tests: a new local instance without the dashboard
         if address:
             ray.init(address=address, **kwargs)
         elif num_cpus is not None:  # always a fresh local instance of that size
