@@ -140,6 +140,9 @@ class PeakRSS(threading.Thread):
 
 
 def run(out: Path, address: str, sets, timeout: int = 7200):
+    """A fresh `asvp-ray run` into ``out`` (an earlier run there is removed: resuming a finished
+    run would measure nothing)."""
+    shutil.rmtree(out, ignore_errors=True)
     args = [CLI, "run", str(SMOKE), "--out", str(out), "--address", address]
     for s in sets:
         args += ["--set", s]
@@ -263,7 +266,6 @@ def main(argv=None) -> int:
                 picked = {}
                 for mode in ("driver", "shards"):
                     d = out / f"check-{name}-{mode}"
-                    shutil.rmtree(d, ignore_errors=True)
                     run(d, address, [x for x in base if not x.startswith("pool_shards.mode")] +
                         [f"pool_shards.mode={mode}", f"strategy={STRATEGY_SETS[name]}"])
                     picked[mode] = labelled_by_round(d)

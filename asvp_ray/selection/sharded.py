@@ -410,13 +410,14 @@ class PoolShards:
 
 
 # ---------------------------------------------------------------------------- store-backed shards
-def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
+def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 8192) -> Tuple[np.ndarray, np.ndarray]:
     """Rows with ``lo <= id <= hi`` of a feature version's Parquet parts, sorted by id.
 
     Two streamed passes over the parts (local paths or URIs through ``pyarrow.fs``), one batch
     in flight at a time: the id column first, to size the result, then the features, each row
     written straight to its sorted place. Parts (and row groups) whose id statistics lie outside
-    ``[lo, hi]`` are skipped unread. The peak is the rows kept plus one batch.
+    ``[lo, hi]`` are skipped unread. The peak is the rows kept plus a few batches (the scanner
+    reads ahead): batches of 8,192 rows (16 MB at 512 values), not 65,536 (134 MB each).
     """
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -443,7 +444,10 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 6553
         if not len(keep):
             continue
         feats = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        out[np.searchsorted(mine, ids[keep])] = feats[keep]
+        if len(keep) == len(ids):  # the whole batch: no gathered copy
+            out[np.searchsorted(mine, ids)] = feats
+        else:
+            out[np.searchsorted(mine, ids[keep])] = feats[keep]
     return mine, out
 
 
