@@ -577,7 +577,7 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         w.commit()
     if skipped:
         log.warning("skipped %d unreadable image(s); their ids are listed in %s", len(skipped),
-                    store.path(version) / "meta.json")
+                    store.location(version, "meta.json"))
     return store.meta(version)
 
 
