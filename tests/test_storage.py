@@ -128,7 +128,8 @@ def outcome(out):
     """What a user compares between two runs: the labelled ids per round and the proxy's accuracies."""
     lab = pq.read_table(out / "labeled.parquet").to_pydict()
     rounds = json.loads((out / "summary.json").read_text())["rounds"]
-    return lab, [(r["round"], r["n_labeled"], r["selected_by"], r["proxy_test_accuracy"]) for r in rounds]
+    return lab, [(r["round"], r["n_labeled"], r["selected_by"], r["proxy_test_accuracy"], r["feature_version"])
+                 for r in rounds]
 
 
 def run_driver(out, overrides=()):
@@ -171,6 +172,19 @@ def test_run_with_its_store_on_s3_equals_the_local_run(s3_server, local_run, tmp
     assert "stay in shard actors that load them from s3://asvp/runs/s3shards-" in (out2 / "run.log").read_text()
 
 
+# ASVP with one refresh at 70 labels: round 2 fine-tunes the backbone and extracts v1 (small and quick)
+ASVP = ["method=asvp", "refresh.policy=at_labels", "refresh.at=[70]", "train.epochs=1", "train.lp_epochs=1",
+        "data.pool.limit=240", "data.test.limit=100"]
+
+
+@pytest.fixture(scope="module")
+def local_asvp_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local_asvp") / "run"
+    res = run_driver(out, ASVP)
+    assert [r[-1] for r in res[1]] == [0, 0, 1]  # round 2 refreshed to v1
+    return res
+
+
 def run_cli(out, sets, kill_at=None):
     env = dict(os.environ, TQDM_DISABLE="1")
     env.pop("ASVP_KILL_AT", None)
@@ -183,30 +197,41 @@ def run_cli(out, sets, kill_at=None):
 
 
 @pytest.mark.slow
-def test_killed_runs_on_s3_leave_no_readable_half_version_and_resume_to_the_same_end(s3_server, local_run,
+def test_killed_runs_on_s3_leave_no_readable_half_version_and_resume_to_the_same_end(s3_server, local_asvp_run,
                                                                                       tmp_path):
+    """ASVP with a refresh, its store on S3, killed while v0 and then v1 were being written: each
+    time the bucket holds the parts but no meta.json (nothing readable); the resumed run removes
+    them, writes the versions whole and ends exactly where the same run with a local store ends."""
     from asvp_ray.features.store import FeatureStore
 
-    sets = [f"storage={s3_server['uri']('crash')}"]
+    sets = ASVP + [f"storage={s3_server['uri']('crash')}"]
     out = tmp_path / "killed"
-    # killed after the workers wrote every part of v0, before meta.json: nothing readable
-    r = run_cli(out, sets, kill_at="extract:v0:batch2")
+    fs = s3_server["fs"]
+    r = run_cli(out, sets, kill_at="extract:v0:batch2")  # after both of v0's parts, before meta.json
     assert r.returncode != 0, r.stdout[-2000:]
     rec, prefix = _run_prefix(out)
-    left = _objects(s3_server["fs"], prefix)
+    left = _objects(fs, prefix)
     assert sorted(n.rsplit("/", 1)[0] for n in left) == ["v0", "v0/test"], left  # a part each, no meta.json
     assert all(n.rsplit("/", 1)[1].startswith("part-w") for n in left), left
     assert FeatureStore(rec["features"]).versions() == []
-    # the rerun removes the leftovers, writes v0 whole and ends where the uninterrupted run ends
-    r = run_cli(out, sets)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "removed half-written feature versions left by a crash: ['v0']" in (out / "run.log").read_text()
+
+    r = run_cli(out, sets, kill_at="extract:v1:batch2")  # the refresh of round 2, mid-commit of v1
+    assert r.returncode != 0, r.stdout[-2000:]
+    log = (out / "run.log").read_text()
+    assert "removed half-written feature versions left by a crash: ['v0']" in log
     store = FeatureStore(rec["features"])
     assert store.versions() == [0]
-    assert _objects(s3_server["fs"], prefix) == sorted(
-        ["v0/meta.json"] + [f"v0/{p['file']}" for p in store.meta(0)["parts"]])
-    assert not set(left) & set(_objects(s3_server["fs"], prefix))
-    assert outcome(out) == local_run
+    v0 = sorted(["v0/meta.json"] + [f"v0/{p['file']}" for p in store.meta(0)["parts"]])
+    assert not set(left) & set(v0)  # the first try's parts are gone, v0 was written whole
+    assert sorted(n for n in _objects(fs, prefix) if n.startswith("v0")) == v0
+    assert [n for n in _objects(fs, prefix) if n.startswith("v1")] and "v1/meta.json" not in _objects(fs, prefix)
+
+    r = run_cli(out, sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outcome(out) == local_asvp_run
+    assert store.versions() == [0, 1]
+    assert _objects(fs, prefix) == sorted(v0 + ["v1/meta.json"] + [f"v1/{p['file']}" for p in store.meta(1)["parts"]])
+    assert not (out / "features").exists()
     r = run_cli(out, sets)
     assert r.returncode == 0 and "already finished" in r.stdout, r.stdout[-2000:]
 
