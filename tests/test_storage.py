@@ -249,3 +249,35 @@ def test_storage_key_is_checked_at_load_and_at_run_start(s3_server, tmp_path):
         Driver(load_config(str(SMOKE), [f"storage={missing}"]), str(tmp_path / "r1"))
     with pytest.raises(ConfigError, match=r"'storage' .*Unexpected query parameter .*fix the URI"):
         Driver(load_config(str(SMOKE), [f"storage={s3_server['uri']('x')}&colour=red"]), str(tmp_path / "r2"))
+
+
+def test_embeddings_on_s3_become_v0_on_s3_bit_for_bit(s3_server, ray_local, tmp_path):
+    """Bring-your-own embeddings read from the bucket; the import's Ray Data tasks write v0's
+    parts straight into the run's folder on the bucket; v0 holds the file's rows exactly."""
+    from asvp_ray.features.store import FeatureStore
+    from tests.test_embeddings import _mixture, write_embeddings
+
+    fs = s3_server["fs"]
+    ids, feats, labels = _mixture(1500, 0, 5)
+    t_ids, t_feats, t_labels = _mixture(300, 1, 100_000)
+    for name, cols in (("pool.parquet", (ids, feats, labels)), ("test.parquet", (t_ids, t_feats, t_labels))):
+        local = write_embeddings(tmp_path / name, *cols)
+        with fs.open_output_stream(f"asvp/emb/{name}") as f:
+            f.write(local.read_bytes())
+        local.unlink()
+    sets = [f"data.pool={{kind: embeddings, path: '{s3_server['uri']('emb/pool.parquet')}'}}",
+            f"data.test={{kind: embeddings, path: '{s3_server['uri']('emb/test.parquet')}'}}",
+            "budget.schedule=[50,50]", "proxy.epochs=30", f"storage={s3_server['uri']('embruns')}"]
+    out = tmp_path / "run"
+    d = Driver(load_config(str(SMOKE), sets), str(out))
+    try:
+        summary = d.run()
+    finally:
+        d.close()
+    assert summary["status"] == "finished" and summary["rounds"][-1]["proxy_test_accuracy"] >= 0.9
+    rec, prefix = _run_prefix(out)
+    store = FeatureStore(rec["features"])
+    got_ids, got = store.read(0)
+    assert np.array_equal(got_ids, ids) and np.array_equal(got, feats)
+    assert np.array_equal(store.read(0, "test")[1], t_feats)
+    assert "v0/meta.json" in _objects(fs, prefix) and not (out / "features").exists()
