@@ -281,3 +281,34 @@ def test_embeddings_on_s3_become_v0_on_s3_bit_for_bit(s3_server, ray_local, tmp_
     assert np.array_equal(got_ids, ids) and np.array_equal(got, feats)
     assert np.array_equal(store.read(0, "test")[1], t_feats)
     assert "v0/meta.json" in _objects(fs, prefix) and not (out / "features").exists()
+
+
+def test_run_dir_records_its_folder_on_the_storage(tmp_path):
+    """A run's store folder under ``storage`` is chosen once, recorded in storage.json, and found
+    again on resume; another storage for the same run directory is refused."""
+    from asvp_ray.loop.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    assert rd.open_store(None).root == tmp_path / "run" / "features" and not rd.storage_path.exists()
+    store = rd.open_store(str(tmp_path / "shared"))
+    assert store.root.parent.parent == tmp_path / "shared" and store.root.name == "features"
+    assert store.root.parent.name.startswith("run-")
+    assert RunDir(tmp_path / "run").open_store(str(tmp_path / "shared")).root == store.root == rd.store.root
+    assert RunDir(tmp_path / "other").open_store(str(tmp_path / "shared")).root != store.root  # runs never meet
+    with pytest.raises(RunDirError, match=r"keeps its features at .*shared.*resume it with storage: "):
+        rd.open_store(None)
+
+
+def test_cli_extract_writes_to_the_storage(s3_server, tmp_path):
+    from asvp_ray.features.store import FeatureStore
+
+    out = tmp_path / "ex"
+    r = subprocess.run(CLI + ["extract", str(SMOKE), "--out", str(out), "--set", "data.pool.limit=100",
+                              "--set", "data.test=null", "--set", f"storage={s3_server['uri']('extract')}"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, TQDM_DISABLE="1"), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec, prefix = _run_prefix(out)
+    assert f"wrote {rec['features'].split('?')[0]}/v0?" in r.stdout
+    store = FeatureStore(rec["features"])
+    assert store.versions() == [0] and store.meta(0)["rows"] == 100 and not (out / "features").exists()
