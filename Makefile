@@ -17,7 +17,7 @@ S3_STAMP     := $(S3_VENV)/.installed-$(MOTO_VERSION)
 .PHONY: demo test test-long venv data labelstudio s3server bench clean help
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+	@grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/\t/'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

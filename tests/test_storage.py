@@ -197,6 +197,7 @@ def run_cli(out, sets, kill_at=None):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_killed_runs_on_s3_leave_no_readable_half_version_and_resume_to_the_same_end(s3_server, local_asvp_run,
                                                                                       tmp_path):
     """ASVP with a refresh, its store on S3, killed while v0 and then v1 were being written: each
