@@ -311,13 +311,12 @@ class Config(_Strict):
         return check_storage(v)
 
     @model_validator(mode="after")
-    def _storage_limits(self):
+    def _feature_cache_local(self):
         from asvp_ray.features.store import is_uri
 
-        if is_uri(self.storage) and self.feature_cache:
-            raise ConfigError(f"config keys 'storage' ({self.storage}) and 'feature_cache' ({self.feature_cache}): "
-                              "the feature cache hard-links local folders and cannot fill a store on object "
-                              "storage; set feature_cache: null, or storage to a local folder")
+        if is_uri(self.feature_cache):
+            raise ConfigError(f"config key 'feature_cache' ({self.feature_cache}) must be a local folder (it "
+                              "hard-links versions into run directories); use storage for object storage")
         return self
 
     @model_validator(mode="before")

@@ -155,8 +155,9 @@ def _run_prefix(out):
 
 def test_run_with_its_store_on_s3_equals_the_local_run(s3_server, local_run, tmp_path):
     storage = s3_server["uri"]("runs")
+    cache = tmp_path / "cache"  # the feature cache stays local: filled from the bucket, copied back to it
     out = tmp_path / "s3run"
-    assert run_driver(out, [f"storage={storage}"]) == local_run
+    assert run_driver(out, [f"storage={storage}", f"feature_cache={cache}"]) == local_run
     rec, prefix = _run_prefix(out)
     assert rec["storage"] == storage and prefix.startswith("asvp/runs/s3run-") and prefix.endswith("/features")
     names = _objects(s3_server["fs"], prefix)
@@ -166,10 +167,18 @@ def test_run_with_its_store_on_s3_equals_the_local_run(s3_server, local_run, tmp
     assert not (out / "features").exists()  # the run directory keeps the small commit files only
     assert {"state.json", "summary.json", "labeled.parquet", "run.log", "storage.json"} <= {
         p.name for p in out.iterdir()}
-    # the shard actors read the pool's rows from the bucket themselves: the same picks
+    cached = list(cache.glob("*/v0/meta.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["parts"] == meta["parts"]
+    # a second run takes v0 from the cache (copied into its folder on the bucket), and its shard
+    # actors read the pool's rows from the bucket themselves: the same picks
     out2 = tmp_path / "s3shards"
-    assert run_driver(out2, [f"storage={storage}", "pool_shards.mode=shards", "pool_shards.num_shards=2"]) == local_run
-    assert "stay in shard actors that load them from s3://asvp/runs/s3shards-" in (out2 / "run.log").read_text()
+    assert run_driver(out2, [f"storage={storage}", f"feature_cache={cache}", "pool_shards.mode=shards",
+                             "pool_shards.num_shards=2"]) == local_run
+    log = (out2 / "run.log").read_text()
+    assert "reusing features v0 from the feature cache" in log and "extracting feature version" not in log
+    assert "stay in shard actors that load them from s3://asvp/runs/s3shards-" in log
+    rec2, prefix2 = _run_prefix(out2)
+    assert _objects(s3_server["fs"], prefix2) == names
 
 
 # ASVP with one refresh at 70 labels: round 2 fine-tunes the backbone and extracts v1 (small and quick)
@@ -242,9 +251,8 @@ def test_storage_key_is_checked_at_load_and_at_run_start(s3_server, tmp_path):
         load_config(str(SMOKE), ["storage=ftp://x/y"])
     with pytest.raises(ConfigError, match=r"'storage' \(s3:///p\) names no bucket"):
         load_config(str(SMOKE), ["storage=s3:///p"])
-    with pytest.raises(ConfigError, match="feature_cache: null"):
-        load_config(str(SMOKE), [f"storage={s3_server['uri']('x')}", f"feature_cache={tmp_path}"])
-    load_config(str(SMOKE), [f"storage={tmp_path / 'shared'}", f"feature_cache={tmp_path / 'cache'}"])  # local: fine
+    with pytest.raises(ConfigError, match="'feature_cache' .* must be a local folder"):
+        load_config(str(SMOKE), [f"feature_cache={s3_server['uri']('x')}"])
     missing = s3_server["uri"]("x").replace("s3://asvp/", "s3://no-such-bucket/")
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist there; create it"):
         Driver(load_config(str(SMOKE), [f"storage={missing}"]), str(tmp_path / "r1"))

@@ -925,15 +925,15 @@ def legacy_cache_entries(cache_root: Path) -> List[Path]:
 def link_version(src: Path, dst_store: "FeatureStore", version: int,
                  meta_update: Optional[Dict[str, Any]] = None) -> Path:
     """Make ``src`` (a complete version folder) appear as ``version`` of ``dst_store``, with hard
-    links where the file system allows (no copy of the data), atomically.
+    links where the file system allows (no copy of the data), atomically. When either side is on
+    an object store, the parts are copied instead (:func:`_copy_version`).
 
     Args:
         meta_update: keys to set in the new copy's ``meta.json`` (written as a file of its own,
             so ``src``'s stays as it was), e.g. the ``cost`` the run that made it was charged.
     """
     if dst_store.remote or is_uri(src):
-        raise RunDirError(f"the feature cache links local folders only; it cannot copy {src} into "
-                          f"{dst_store.root}: set feature_cache: null with storage on an object store")
+        return _copy_version(src, dst_store, version, meta_update)
     dst_store.root.mkdir(parents=True, exist_ok=True)
     tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
 
@@ -950,5 +950,62 @@ def link_version(src: Path, dst_store: "FeatureStore", version: int,
         (tmp / "meta.json").unlink()  # a hard link to src's: do not write through it
         atomic_write_json(tmp / "meta.json", meta)
     os.rename(tmp, dst_store.path(version))
+    fsync_dir(dst_store.root)
+    return dst_store.path(version)
+
+
+def _copy_version(src: Union[Path, str], dst_store: "FeatureStore", version: int,
+                  meta_update: Optional[Dict[str, Any]] = None) -> Union[Path, str]:
+    """Copy a complete version between a local folder and an object store (the feature cache is
+    local; a run's store may be in a bucket): the parts meta.json lists first, then meta.json,
+    committed the destination's way (a local partial folder renamed into place; on an object
+    store, meta.json last in one PUT). A failed copy leaves nothing readable.
+
+    Raises:
+        RunDirError: ``src`` lists no parts (written by an older asvp-ray), or ``version`` exists.
+    """
+    if is_uri(src):
+        src_fs, src_dir = resolve_uri(str(src))
+    else:
+        src_fs, src_dir = pafs.LocalFileSystem(), str(local_path(src))
+    meta = json.loads(_read_all(src_fs, f"{src_dir}/meta.json"))
+    if "parts" not in meta:
+        raise RunDirError(f"feature version {src} lists no parts in its meta.json (written by an older asvp-ray); "
+                          "delete it and rerun to extract it again")
+    meta.update(meta_update or {})
+    data = (json.dumps(meta, indent=2, default=_json_default) + "\n").encode()
+    if dst_store.remote:
+        if version in dst_store.versions():
+            raise RunDirError(f"feature version {dst_store.path(version)} already exists; remove it or write "
+                              f"v{version + 1}")
+        dst_store.clean_partial()
+        dst_fs, dst_dir, tmp = dst_store.fs, dst_store._fs_path(version), None
+    else:
+        dst_store.root.mkdir(parents=True, exist_ok=True)
+        tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
+        dst_fs, dst_dir = pafs.LocalFileSystem(), str(tmp)
+    try:
+        for p in meta["parts"]:
+            if tmp is not None:
+                (tmp / p["file"]).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{src_dir}/{p['file']}", f"{dst_dir}/{p['file']}", source_filesystem=src_fs,
+                            destination_filesystem=dst_fs)
+            if tmp is not None:
+                with open(tmp / p["file"], "rb+") as f:
+                    os.fsync(f.fileno())
+        if tmp is None:
+            _put(dst_fs, f"{dst_dir}/meta.json", data)
+            return dst_store.path(version)
+        atomic_write_bytes(tmp / "meta.json", data)
+        os.rename(tmp, dst_store.path(version))
+    except BaseException:
+        if tmp is None:
+            try:
+                dst_store._delete_incomplete(version)
+            except OSError:  # the next writer removes it (clean_partial)
+                pass
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(dst_store.root)
     return dst_store.path(version)
