@@ -294,7 +294,9 @@ def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[
     Args:
         folder: the split's folder inside the version's partial folder (it must exist), or its
             URI on an object store (``VersionWriter.folder``): the object is written whole, in one
-            upload, straight from this worker.
+            upload, straight from this worker. An object store has no folder to be gone, so a task
+            still writing after its version was aborted leaves an object no meta.json lists; the
+            next writer of the store removes it (``clean_partial``, or the commit's clean-up).
         ids: int64 (N,); feats: float32 (N, D), N > 0.
 
     Returns:
