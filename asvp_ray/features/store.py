@@ -295,8 +295,10 @@ def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[
         folder: the split's folder inside the version's partial folder (it must exist), or its
             URI on an object store (``VersionWriter.folder``): the object is written whole, in one
             upload, straight from this worker. An object store has no folder to be gone, so a task
-            still writing after its version was aborted leaves an object no meta.json lists; the
-            next writer of the store removes it (``clean_partial``, or the commit's clean-up).
+            still writing after its version was aborted leaves an object no meta.json lists (never
+            read): the next writer removes it with the incomplete prefix (``clean_partial``), or
+            the commit does if it is there by then; one landing after a commit stays, unread, until
+            that version is removed.
         ids: int64 (N,); feats: float32 (N, D), N > 0.
 
     Returns:
