@@ -9,11 +9,15 @@ OUT    ?= runs/demo
 LS_VENV    ?= .venv-ls
 LS_VERSION ?= 1.23.2
 LS_STAMP   := $(LS_VENV)/.installed-$(LS_VERSION)
+# moto's S3-protocol server for the object-storage tests (storage: s3://...): its own venv too
+S3_VENV      ?= .venv-s3
+MOTO_VERSION ?= 5.2.5
+S3_STAMP     := $(S3_VENV)/.installed-$(MOTO_VERSION)
 
-.PHONY: demo test test-long venv data labelstudio bench clean help
+.PHONY: demo test test-long venv data labelstudio s3server bench clean help
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+	@grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/\t/'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,14 +46,23 @@ $(LS_STAMP):
 
 labelstudio: $(LS_STAMP)  ## a separate venv with label-studio $(LS_VERSION) for the live labelling test
 
-test: data $(LS_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio), all but the long scenarios
-	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
+$(S3_STAMP):
+	rm -rf $(S3_VENV)
+	$(PYTHON) -m venv $(S3_VENV)
+	$(S3_VENV)/bin/pip install -q --upgrade pip
+	$(S3_VENV)/bin/pip install -q 'moto[server]==$(MOTO_VERSION)'
+	touch $(S3_STAMP)
 
-test-long: data $(LS_STAMP)  ## the long end-to-end scenarios (SIGKILL sweep, Tune studies, two-node job); CI runs them after make test
-	ASVP_REQUIRE_LABELSTUDIO=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
+s3server: $(S3_STAMP)  ## a separate venv with moto[server] $(MOTO_VERSION): the S3 server of the storage tests
+
+test: data $(LS_STAMP) $(S3_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio and S3 server), all but the long scenarios
+	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
+
+test-long: data $(LS_STAMP) $(S3_STAMP)  ## the long end-to-end scenarios (SIGKILL sweeps, Tune studies, two-node job); CI runs them after make test
+	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py
 
 clean:  ## remove the virtual environments and local runs
-	rm -rf $(VENV) $(LS_VENV) runs
+	rm -rf $(VENV) $(LS_VENV) $(S3_VENV) runs

@@ -2,8 +2,8 @@
 ``<point>`` kill itself with SIGKILL, exactly as a power cut or the OOM killer would.
 
 Points: ``phase:<phase>:r<round>`` when a round phase starts (select, proxy_train, refresh_finetune,
-refresh_extract, final_train, ...), and ``extract:v<version>:batch<k>`` after the k-th batch of a
-feature version is written. Unset (the normal case) it costs one dictionary lookup.
+refresh_extract, final_train, ...), ``extract:v<version>:batch<k>`` after the k-th batch of a
+feature version is written, and ``commit:v<version>`` just before an object store's meta.json. Unset (the normal case) it costs one dictionary lookup.
 """
 from __future__ import annotations
 

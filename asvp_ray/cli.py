@@ -49,7 +49,8 @@ def _fail(e: BaseException) -> None:
 @app.command()
 def extract(
     config: Path = typer.Argument(..., help="YAML config (see examples/)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory; features go to OUT/features/v{k}/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory; features go to OUT/features/v{k}/ (with "
+                             "the storage key, to this directory's folder there, named in OUT/storage.json)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     version: Optional[int] = typer.Option(None, help="Feature version to write (default: the next free one)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
@@ -60,7 +61,8 @@ def extract(
     from asvp_ray.data.sources import build_source
     from asvp_ray.features.backbones import BackboneSpec
     from asvp_ray.features.extract import extract_to_store
-    from asvp_ray.features.store import FeatureStore
+    from asvp_ray.features.store import check_storage_reachable
+    from asvp_ray.loop.rundir import RunDir
     from asvp_ray.ray_utils import init_ray
 
     _setup_logging(None, verbose)
@@ -69,7 +71,8 @@ def extract(
         _setup_logging(out / "extract.log", verbose)
         pool = build_source(cfg.data.pool, cfg.data.classes)
         test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
-        store = FeatureStore(out / "features")
+        check_storage_reachable(cfg.storage)
+        store = RunDir(out).open_store(cfg.storage)
         v = version if version is not None else (0 if store.latest() is None else store.latest() + 1)
         init_ray(address)
         meta = extract_to_store(store, v, pool, BackboneSpec(**cfg.backbone.model_dump()), cfg.extract, test=test,

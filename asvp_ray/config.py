@@ -296,6 +296,28 @@ class Config(_Strict):
     feature_cache: Optional[str] = Field(
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")
+    storage: Optional[str] = Field(
+        None, description="where the feature store lives: null = DIR/features in the run directory; a local "
+                          "folder or an object-store URI (s3://bucket/prefix, gs://bucket/prefix; pyarrow.fs "
+                          "options after '?', e.g. ?endpoint_override=host:port&scheme=http). Each run gets its "
+                          "own folder there, recorded in DIR/storage.json; state.json, summary.json, "
+                          "labeled.parquet, the lock and run.log stay in the run directory")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_form(cls, v):
+        from asvp_ray.features.store import check_storage
+
+        return check_storage(v)
+
+    @model_validator(mode="after")
+    def _feature_cache_local(self):
+        from asvp_ray.features.store import is_uri
+
+        if is_uri(self.feature_cache):
+            raise ConfigError(f"config key 'feature_cache' ({self.feature_cache}) must be a local folder (it "
+                              "hard-links versions into run directories); use storage for object storage")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,12 @@ SMOKE = ROOT / "examples" / "smoke.yaml"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("ASVP_RAY_DASHBOARD", "0")  # local Ray instances (CLI runs too) start without it
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The loopback S3 server (s3_server) takes any credentials; set before Ray starts, so every worker
+# (and CLI subprocess) finds them. No instance metadata lookups.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "asvp-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "asvp-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +128,68 @@ def labelstudio_server(tmp_path_factory):
         startup = time.monotonic() - t0
         print(f"Label Studio up on {url} in {startup:.1f}s")
         yield {"url": url, "token": token, "root": root, "startup_seconds": startup, "log": base / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+S3_VENV = ROOT / ".venv-s3"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server (moto's server mode, ``.venv-s3`` made by ``make s3server``) on
+    127.0.0.1 and a free port, with one bucket ``asvp``.
+
+    Yields a dict: ``endpoint`` (host:port), ``bucket``, ``uri(prefix)`` (an ``s3://`` URI with
+    the endpoint options pyarrow reads), ``fs`` (a ``pyarrow.fs.S3FileSystem`` on it).
+    Under ``make test`` (ASVP_REQUIRE_S3=1) a missing venv or a server that does not come up
+    fails the test; elsewhere a missing venv skips it, saying how to get it.
+    """
+    import subprocess
+    import time
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    exe = S3_VENV / "bin" / "moto_server"
+    if not exe.is_file():
+        msg = f"the S3 test server (moto) is not installed in {S3_VENV}; run `make s3server` (make test does)"
+        if os.environ.get("ASVP_REQUIRE_S3") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    base = tmp_path_factory.mktemp("s3")
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    endpoint = f"127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited with code {proc.returncode}; log {base / 'server.log'}:\n"
+                            + (base / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}/", timeout=2):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 60:
+                pytest.fail(f"moto_server did not answer on {endpoint} within 60 s; log {base / 'server.log'}")
+            time.sleep(0.2)
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        fs.create_dir("asvp")
+
+        def uri(prefix: str = "") -> str:
+            return f"s3://asvp/{prefix.strip('/')}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+        yield {"endpoint": endpoint, "bucket": "asvp", "uri": uri, "fs": fs}
     finally:
         proc.terminate()
         try:

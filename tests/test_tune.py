@@ -104,6 +104,8 @@ def test_study_settings_are_checked_before_anything_runs(tmp_path):
         run_study(SMOKE, SPACE, tmp_path / "s", overrides=["data.test=null"])
     with pytest.raises(ConfigError, match="Did you mean 'proxy.epochs'"):
         run_study(SMOKE, SPACE, tmp_path / "s", overrides=["proxy.epoch=3"])
+    with pytest.raises(ConfigError, match="'storage' .*supports `asvp-ray run` for now"):
+        run_study(SMOKE, SPACE, tmp_path / "s", overrides=["storage=s3://bucket/studies"])
     assert not (tmp_path / "s").exists()
 
 

@@ -2,7 +2,8 @@
 
 The tasks read the embeddings' Parquet files (local or a URI, through ``pyarrow.fs``), check each
 batch (same length, no empty or non-finite feature) and write it as one feature-store part
-(``store.write_part``) into the version's partial folder; the caller gets only the parts' records,
+(``store.write_part``) into the version's partial folder (or its prefix on an object store: the
+``storage`` key); the caller gets only the parts' records,
 so no process holds more than a part of the pool (the driver of a 1,000,000 x 512 pool peaked at
 +2.5 GB when it streamed the rows through itself).
 """

@@ -3,7 +3,8 @@
 Each actor loads the backbone once (GPU actors where the cluster has GPUs, CPU actors otherwise)
 and turns batches of decoded images into pooled features. ``extract_to_store`` adds a write stage:
 Ray Data tasks gather the actors' rows into Parquet parts of about ``store.PART_BYTES`` and write
-them straight into the version's partial folder (``store.write_part``). The driver receives one
+them straight into the version's partial folder, or under the version's prefix on an object store
+(``store.write_part``). The driver receives one
 small record per part (file, rows, size, sha256) and the skipped images, never a feature, shows
 a progress bar (images done, images/s, ETA), and commits meta.json once every part is there.
 
@@ -392,7 +393,7 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         on_rows: called with the number of rows finished after each batch (progress).
         with_head: also score with the head of ``checkpoint`` (a ``finetune`` model file).
         compute: the device and precision (default: ``resolve_compute(cfg)``).
-        write_to: split -> folder (on storage every node sees): Ray Data tasks write each split's
+        write_to: split -> folder or object-store URI (storage every node sees): Ray Data tasks write each split's
             features there as Parquet parts of up to ``part_rows`` rows (``store.write_part``) and
             only their records come back.
         part_rows: rows per part with ``write_to``.
@@ -577,7 +578,7 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         w.commit()
     if skipped:
         log.warning("skipped %d unreadable image(s); their ids are listed in %s", len(skipped),
-                    store.path(version) / "meta.json")
+                    store.location(version, "meta.json"))
     return store.meta(version)
 
 

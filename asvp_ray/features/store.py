@@ -17,22 +17,34 @@ meta.json lists every part (``parts``: file, split, rows, bytes, sha256 of the f
 a reader never uses a file the writer did not commit: a missing part, one of another size, or
 one whose bytes no longer match its checksum is reported naming the file and the fix.
 Versions written before the list existed are read by globbing ``part-*.parquet``, unchecked.
+
+The store's root may also be a URI (``s3://bucket/prefix?endpoint_override=host:port&scheme=http``,
+``gs://bucket/prefix``; the config's ``storage`` key), reached through ``pyarrow.fs``. An object
+store has no atomic folder rename, so there a version commits manifest-last: the workers write
+their parts straight under ``v{k}/`` (``write_part`` with the folder's URI), the writer removes
+part files nobody reported and then writes ``v{k}/meta.json`` with one PUT. A version counts as
+complete only when its meta.json exists; readers use only the parts it lists; a ``v{k}/`` prefix
+without meta.json is a crash's leftover, removed by the next writer (``clean_partial``), and
+``remove`` deletes meta.json first. Parts keep the workers' unique names there (no rename).
 """
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from asvp_ray._faults import fault_point
@@ -45,6 +57,145 @@ PART_BYTES = 32 << 20
 MIN_ROWS_PER_PART, MAX_ROWS_PER_PART = 1024, 16_384
 _VERSION_RE = re.compile(r"^v(\d+)$")
 POOL = "pool"
+
+
+# ---------------------------------------------------------------------------- locations: paths or URIs
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# Object stores the storage key accepts (pyarrow.fs reaches them; credentials come from the
+# usual environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, gcloud, ...).
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
+
+
+def uri_scheme(location: Any) -> Optional[str]:
+    """The lower-case scheme of a URI (``s3``, ``gs``, ``file``), None for a plain path."""
+    m = _SCHEME_RE.match(str(location)) if isinstance(location, (str, os.PathLike)) else None
+    return m.group(1).lower() if m else None
+
+
+def is_uri(location: Any) -> bool:
+    """True for a URI other than ``file://``: a location reached through ``pyarrow.fs``."""
+    return uri_scheme(location) not in (None, "file")
+
+
+def local_path(location: Any) -> Path:
+    """A plain path of ``location`` (``file:///x`` -> ``/x``)."""
+    s = str(location)
+    return Path(urllib.parse.urlsplit(s).path) if uri_scheme(s) == "file" else Path(s)
+
+
+def join_uri(uri: str, *names: Any) -> str:
+    """``uri`` with path components appended, its query (``?endpoint_override=...``) kept last."""
+    base, sep, query = str(uri).partition("?")
+    base = base.rstrip("/")
+    for n in names:
+        n = str(n).strip("/")
+        if n:
+            base += "/" + n
+    return base + (sep + query if sep else "")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))[0]
+
+
+def resolve_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """The ``pyarrow.fs`` filesystem and the path inside it of a URI; one filesystem object per
+    process for each bucket and set of options (workers resolve the same folder many times)."""
+    parts = urllib.parse.urlsplit(str(uri))
+    scheme = parts.scheme.lower()
+    if scheme in OBJECT_STORE_SCHEMES:
+        return _filesystem(scheme, parts.netloc, parts.query), (parts.netloc + parts.path).rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(str(uri))
+    return fs, path.rstrip("/")
+
+
+def check_storage(storage: Optional[str]) -> Optional[str]:
+    """The ``storage`` key's value checked for its form (no network): None, a local path, or an
+    object-store URI ``s3://bucket[/prefix]`` / ``gs://bucket[/prefix]``.
+
+    Raises:
+        ConfigError: an unknown scheme or a URI without a bucket, naming the key and the fix.
+    """
+    from asvp_ray.errors import ConfigError
+
+    if storage is None:
+        return None
+    storage = str(storage).strip()
+    scheme = uri_scheme(storage)
+    if not storage:
+        raise ConfigError("config key 'storage' is empty; set it to a local folder, s3://bucket/prefix or "
+                          "gs://bucket/prefix, or null for the run directory")
+    if scheme is None or scheme == "file":
+        return storage
+    if scheme not in OBJECT_STORE_SCHEMES:
+        raise ConfigError(f"config key 'storage' ({storage}): unknown scheme {scheme!r}; use a local folder, "
+                          "s3://bucket/prefix or gs://bucket/prefix (options such as "
+                          "?endpoint_override=host:port&scheme=http after it)")
+    if not urllib.parse.urlsplit(storage).netloc:
+        raise ConfigError(f"config key 'storage' ({storage}) names no bucket; write {scheme}://BUCKET/prefix")
+    return storage
+
+
+def check_storage_reachable(storage: Optional[str]) -> None:
+    """At run start: an object-store ``storage`` must parse (pyarrow's options) and its bucket
+    must exist and answer. Local folders are created on first write.
+
+    Raises:
+        ConfigError: naming the key, what failed and the fix.
+    """
+    from asvp_ray.errors import ConfigError
+
+    if not is_uri(check_storage(storage)):
+        return
+    bucket = urllib.parse.urlsplit(storage).netloc
+    try:
+        fs, _ = resolve_uri(storage)
+    except (pa.ArrowInvalid, ValueError) as e:
+        raise ConfigError(f"config key 'storage' ({storage}): {e}; fix the URI (for s3: region, scheme, "
+                          "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them)") from None
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise ConfigError(f"config key 'storage' ({storage}): the object store does not answer ({e}); check the "
+                          "endpoint and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                          "AWS_ENDPOINT_URL or ?endpoint_override=)") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"config key 'storage' ({storage}): bucket {bucket!r} does not exist there; create it "
+                          "or name an existing one")
+
+
+def run_store_location(storage: str, run_dir: Path) -> str:
+    """A new run's own feature-store folder under ``storage``: ``<storage>/<run name>-<8 hex>/features``
+    (unique, so runs sharing a bucket never meet)."""
+    name = f"{Path(run_dir).resolve().name}-{uuid.uuid4().hex[:8]}"
+    if is_uri(storage):
+        return join_uri(storage, name, "features")
+    return str(local_path(storage).expanduser().resolve() / name / "features")
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """One object written whole (an object store makes it visible only once complete)."""
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _fs_digest(fs: pafs.FileSystem, path: str) -> Dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with fs.open_input_stream(path) as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
 
 
 def fsync_dir(path: Path) -> None:
@@ -141,7 +292,13 @@ def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[
     the commit removes the one nobody reported) and is flushed to disk before this returns.
 
     Args:
-        folder: the split's folder inside the version's partial folder (it must exist).
+        folder: the split's folder inside the version's partial folder (it must exist), or its
+            URI on an object store (``VersionWriter.folder``): the object is written whole, in one
+            upload, straight from this worker. An object store has no folder to be gone, so a task
+            still writing after its version was aborted leaves an object no meta.json lists (never
+            read): the next writer removes it with the incomplete prefix (``clean_partial``), or
+            the commit does if it is there by then; one landing after a commit stays, unread, until
+            that version is removed.
         ids: int64 (N,); feats: float32 (N, D), N > 0.
 
     Returns:
@@ -156,12 +313,17 @@ def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[
     # takes about 5x its bytes)
     pq.write_table(features_to_arrow(ids, feats), sink, row_group_size=ROW_GROUP_ROWS)
     data = sink.getvalue()
-    path = Path(folder) / f"part-w{uuid.uuid4().hex[:16]}.parquet"
-    with open(path, "xb") as f:  # never a fresh folder: an aborted version's folder stays gone
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"file": path.name, "rows": int(len(ids)), "dim": int(feats.shape[1]), "bytes": int(data.size),
+    name = f"part-w{uuid.uuid4().hex[:16]}.parquet"
+    if is_uri(folder):
+        fs, base = resolve_uri(str(folder))
+        _put(fs, f"{base}/{name}", data)
+    else:
+        path = Path(folder) / name
+        with open(path, "xb") as f:  # never a fresh folder: an aborted version's folder stays gone
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return {"file": name, "rows": int(len(ids)), "dim": int(feats.shape[1]), "bytes": int(data.size),
             "sha256": hashlib.sha256(memoryview(data)).hexdigest(), "min_id": int(np.min(ids))}
 
 
@@ -243,6 +405,55 @@ class _SplitWriter:
         fsync_dir(self.folder)
 
 
+class _ObjectSplitWriter(_SplitWriter):
+    """One split of a version on an object store: every part is written whole under the version's
+    prefix (by workers through ``write_part``, or by :meth:`add`, one part per call); nothing is
+    renamed, and parts nobody reported are deleted before meta.json is written."""
+
+    def __init__(self, store: "FeatureStore", version: int, split: str):
+        sub = () if split == POOL else (split,)
+        self.folder = join_uri(store.path(version), *sub)  # the URI workers write to
+        self.fs, self.fs_folder = store.fs, "/".join((store._fs_path(version),) + sub)
+        self.writer = None
+        self.rows = 0
+        self.dim: Optional[int] = None
+        self.ids: List[np.ndarray] = []
+        self.parts: List[Dict[str, Any]] = []
+
+    def add(self, ids: np.ndarray, feats: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        self.add_part(write_part(self.folder, ids, np.asarray(feats, dtype=np.float32)))
+        self.ids.append(np.asarray(ids, dtype=np.int64))
+
+    def _close_part(self):
+        pass
+
+    def finish_worker_parts(self) -> None:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.fs_folder, allow_not_found=True))
+        present = {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+        listed = {p["file"] for p in self.parts}
+        for name in present:
+            if name.startswith("part-w") and name not in listed:  # a retried write task's first try
+                self.fs.delete_file(f"{self.fs_folder}/{name}")
+        self.parts.sort(key=lambda p: p["min_id"])
+        for p in self.parts:
+            p.pop("min_id", None)
+            size = present.get(p["file"])
+            if size != p["bytes"]:
+                raise RunDirError(f"part {join_uri(self.folder, p['file'])} written by an extraction worker is "
+                                  f"{'missing' if size is None else f'{size} bytes'}, its worker reported "
+                                  f"{p['bytes']}; rerun the extraction")
+
+    def close(self) -> None:
+        self.finish_worker_parts()
+        if self.ids:
+            all_ids = np.concatenate(self.ids)
+            if len(np.unique(all_ids)) != len(all_ids):
+                u, c = np.unique(all_ids, return_counts=True)
+                raise BadInputError(f"duplicate ids written to the feature store: {u[c > 1][:10].tolist()}")
+
+
 def _fill_cost(meta: Dict[str, Any]) -> None:
     """What the version cost to make, from its wall ``seconds`` and the ``cost.resources`` its
     writer held (meta.json → ``cost``: ``phase``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``resources``,
@@ -263,14 +474,20 @@ class VersionWriter:
         self.store = store
         self.version = version
         self.meta = dict(meta)
-        self.tmp = store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
         self.splits: Dict[str, _SplitWriter] = {}
         self.committed = False
+        if store.remote:  # manifest-last: parts go straight under v{k}/, meta.json is the commit
+            self.tmp = None
+            return
+        self.tmp = store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
 
     def _split(self, split: str) -> _SplitWriter:
         if split not in self.splits:
-            self.splits[split] = _SplitWriter(self.tmp if split == POOL else self.tmp / split)
+            if self.store.remote:
+                self.splits[split] = _ObjectSplitWriter(self.store, self.version, split)
+            else:
+                self.splits[split] = _SplitWriter(self.tmp if split == POOL else self.tmp / split)
         return self.splits[split]
 
     def add(self, ids: np.ndarray, feats: np.ndarray, split: str = POOL) -> None:
@@ -278,8 +495,9 @@ class VersionWriter:
         self._split(split).add(ids, feats)
         self._count_batch()
 
-    def folder(self, split: str = POOL) -> Path:
-        """The (existing) folder workers write ``split``'s parts into (``write_part``)."""
+    def folder(self, split: str = POOL) -> Union[Path, str]:
+        """The (existing) folder workers write ``split``'s parts into (``write_part``); on an
+        object store, its URI."""
         return self._split(split).folder
 
     def add_part(self, record: Dict[str, Any], split: str = POOL) -> None:
@@ -307,6 +525,8 @@ class VersionWriter:
         meta["rows"] = meta["splits"].get(POOL, {}).get("rows", 0)
         meta["dim"] = meta["splits"].get(POOL, {}).get("dim")
         _fill_cost(meta)
+        if self.store.remote:
+            return self._commit_object_store(meta)
         atomic_write_json(self.tmp / "meta.json", meta)
         final = self.store.path(self.version)
         if final.exists():
@@ -316,7 +536,26 @@ class VersionWriter:
         self.committed = True
         return final
 
+    def _commit_object_store(self, meta: Dict[str, Any]) -> str:
+        """Every listed part is checked to be there with its size (``close``); meta.json is then
+        written with one PUT: the version exists from that moment, whole."""
+        store = self.store
+        if store.fs.get_file_info(store._fs_path(self.version, "meta.json")).type == pafs.FileType.File:
+            raise RunDirError(f"feature version {store.path(self.version)} already exists; remove it or write "
+                              f"v{self.version + 1}")
+        fault_point(f"commit:v{self.version}")
+        _put(store.fs, store._fs_path(self.version, "meta.json"),
+             (json.dumps(meta, indent=2, default=_json_default) + "\n").encode())
+        self.committed = True
+        return store.path(self.version)
+
     def abort(self) -> None:
+        if self.store.remote:  # no meta.json was written: the prefix is a leftover, never read
+            try:
+                self.store._delete_incomplete(self.version)
+            except OSError:  # the next writer removes it (clean_partial)
+                pass
+            return
         for w in self.splits.values():
             if w.writer is not None:
                 w.writer.close()
@@ -332,20 +571,57 @@ class VersionWriter:
 
 
 class FeatureStore:
-    """Versions of extracted features under ``root`` (a run's ``DIR/features``).
+    """Versions of extracted features under ``root`` (a run's ``DIR/features``, or its folder on
+    the configured ``storage``).
 
     Args:
-        root: the store's folder (created on first write).
+        root: the store's folder (created on first write), or a URI (``s3://bucket/prefix``,
+            ``gs://...``; query options such as ``?endpoint_override=host:port&scheme=http`` are
+            kept and passed to every process that reads or writes it).
     """
 
-    def __init__(self, root: os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: Union[os.PathLike, str]):
+        self.remote = is_uri(root)
+        if self.remote:
+            self.uri = join_uri(str(root))
+            self.root = self.uri
+            self.fs, self.fs_root = resolve_uri(self.uri)
+        else:
+            self.root = local_path(root)
 
-    def path(self, version: int) -> Path:
+    def path(self, version: int) -> Union[Path, str]:
+        """The version's folder: a Path, or a URI string on an object store."""
+        if self.remote:
+            return join_uri(self.uri, f"v{int(version)}")
         return self.root / f"v{int(version)}"
+
+    def location(self, version: int, name: str = "") -> str:
+        """A file of the version for messages and records: a path, or a URI on an object store."""
+        if self.remote:
+            return join_uri(self.path(version), name)
+        return str(self.path(version) / name) if name else str(self.path(version))
+
+    def _fs_path(self, version: int, name: str = "") -> str:
+        """Path of the version (or a file in it) inside the object store's filesystem."""
+        return f"{self.fs_root}/v{int(version)}" + (f"/{name}" if name else "")
+
+    def _listed_versions(self) -> Tuple[List[int], List[int]]:
+        """Object store: (complete, incomplete) version numbers under the root."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.fs_root, allow_not_found=True))
+        found = sorted(int(m.group(1)) for i in infos if i.type == pafs.FileType.Directory
+                       for m in [_VERSION_RE.match(i.base_name)] if m)
+        metas = self.fs.get_file_info([self._fs_path(v, "meta.json") for v in found]) if found else []
+        done = [v for v, i in zip(found, metas) if i.type == pafs.FileType.File]
+        return done, [v for v in found if v not in done]
+
+    def _delete_incomplete(self, version: int) -> None:
+        if self.fs.get_file_info(self._fs_path(version, "meta.json")).type != pafs.FileType.File:
+            self.fs.delete_dir(self._fs_path(version))
 
     def versions(self) -> List[int]:
         """Complete versions (those with meta.json), ascending."""
+        if self.remote:
+            return self._listed_versions()[0]
         if not self.root.is_dir():
             return []
         out = []
@@ -361,6 +637,12 @@ class FeatureStore:
 
     def clean_partial(self) -> List[str]:
         """Remove half-written versions a crash left behind; returns their names."""
+        if self.remote:  # a version prefix without meta.json
+            gone = []
+            for v in self._listed_versions()[1]:
+                self._delete_incomplete(v)
+                gone.append(f"v{v}")
+            return gone
         if not self.root.is_dir():
             return []
         gone = []
@@ -371,11 +653,23 @@ class FeatureStore:
         return gone
 
     def writer(self, version: int, meta: Dict[str, Any]) -> VersionWriter:
+        if self.remote:
+            if version in self.versions():  # never write parts into a committed version's prefix
+                raise RunDirError(f"feature version {self.path(version)} already exists; remove it or write "
+                                  f"v{version + 1}")
+            self.clean_partial()
+            return VersionWriter(self, version, meta)
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_partial()
         return VersionWriter(self, version, meta)
 
     def meta(self, version: int) -> Dict[str, Any]:
+        if self.remote:
+            path = self._fs_path(version, "meta.json")
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                raise RunDirError(f"feature version v{version} is missing or incomplete in {self.root}; "
+                                  f"complete versions: {self.versions()}")
+            return json.loads(_read_all(self.fs, path))
         p = self.path(version) / "meta.json"
         if not p.is_file():
             raise RunDirError(f"feature version v{version} is missing or incomplete in {self.root}; "
@@ -387,6 +681,8 @@ class FeatureStore:
         meta.json listed them); missing listed parts (and, with ``check_size``, parts of another
         size) raise."""
         meta = self.meta(version)
+        if self.remote:
+            return self._object_parts(version, meta, split, check_size)
         if "parts" not in meta:  # written before parts were listed: every part-*.parquet, unchecked
             folder = self.path(version) if split == POOL else self.path(version) / split
             files = sorted(folder.glob("part-*.parquet"))
@@ -403,7 +699,19 @@ class FeatureStore:
                               f"has {size} bytes where meta.json lists {rec['bytes']}")
         return parts
 
-    def _damaged(self, version: int, path: Path, what: str) -> None:
+    def _object_parts(self, version: int, meta: Dict[str, Any], split: str,
+                      check_size: bool) -> List[Tuple[str, Dict]]:
+        parts = [(self._fs_path(version, p["file"]), p) for p in meta.get("parts", []) if p["split"] == split]
+        if not parts:
+            raise RunDirError(f"feature version v{version} has no {split!r} split in {self.root}")
+        for (path, rec), info in zip(parts, self.fs.get_file_info([p for p, _ in parts])):
+            size = info.size if info.type == pafs.FileType.File else None
+            if size is None or (check_size and size != rec["bytes"]):
+                self._damaged(version, join_uri(self.path(version), rec["file"]), "is missing" if size is None else
+                              f"has {size} bytes where meta.json lists {rec['bytes']}")
+        return parts
+
+    def _damaged(self, version: int, path: Union[Path, str], what: str) -> None:
         raise RunDirError(f"feature version v{version} is damaged: its part {path} {what}; delete "
                           f"{self.path(version)} and rerun to extract it again")
 
@@ -418,8 +726,13 @@ class FeatureStore:
         """
         for split in self.meta(version).get("splits", {POOL: None}):
             for path, rec in self._parts(version, split, check_size=True):
-                if rec is not None and file_digest(path)["sha256"] != rec["sha256"]:
-                    self._damaged(version, path, "does not match the sha256 meta.json lists")
+                digest = _fs_digest(self.fs, path) if self.remote else file_digest(path) if rec is not None else None
+                if rec is not None and digest["sha256"] != rec["sha256"]:
+                    self._damaged(version, self._where(version, rec, path), "does not match the sha256 meta.json lists")
+
+    def _where(self, version: int, rec: Optional[Dict], path) -> Union[Path, str]:
+        """A part's name for messages: its path, or its URI on an object store."""
+        return join_uri(self.path(version), rec["file"]) if self.remote else path
 
     def read(self, version: int, split: str = POOL) -> Tuple[np.ndarray, np.ndarray]:
         """All rows of a split in memory, sorted by id; every part is checked against the size
@@ -436,6 +749,8 @@ class FeatureStore:
         # one preallocated matrix. Decoding a whole fixed-size-list column at once takes about 5x
         # its bytes (a 20 MB test split: +114 MB in the driver).
         parts = self._parts(version, split)
+        if self.remote:
+            return self._read_object_store(version, split, parts)
         files = []
         for path, rec in parts:
             try:
@@ -471,23 +786,63 @@ class FeatureStore:
             ids, feats = ids[order], feats[order]
         return ids, np.ascontiguousarray(feats)
 
+    def _read_object_store(self, version: int, split: str, parts) -> Tuple[np.ndarray, np.ndarray]:
+        """``read`` from an object store: each listed part is fetched whole (one GET, up to about
+        ``PART_BYTES``), checked against its size and sha256, and decoded a row group at a time
+        into one matrix sized from meta.json's row counts."""
+        n = sum(int(rec["rows"]) for _, rec in parts)
+        dim = int(self.meta(version)["splits"][split]["dim"] or 0)
+        ids = np.empty(n, dtype=np.int64)
+        feats = np.empty((n, dim), dtype=np.float32)
+        at = 0
+        for path, rec in parts:
+            where = self._where(version, rec, path)
+            data = _read_all(self.fs, path)
+            if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+                self._damaged(version, where, "does not match the size and sha256 meta.json lists")
+            try:
+                f = pq.ParquetFile(pa.BufferReader(data))
+                if f.metadata.num_rows != int(rec["rows"]):
+                    self._damaged(version, where, f"holds {f.metadata.num_rows} rows where meta.json lists {rec['rows']}")
+                for batch in f.iter_batches(batch_size=4096, use_threads=False):
+                    m = batch.num_rows
+                    ids[at:at + m] = batch.column(0).to_numpy()
+                    feats[at:at + m] = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+                    at += m
+            except (pa.ArrowException, OSError, ValueError) as e:
+                self._damaged(version, where, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+            del data
+        finite = np.isfinite(feats).all(axis=1)
+        if not finite.all():
+            raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
+                                f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
+                                f"{self.path(version)} and rerun to extract it again")
+        order = np.argsort(ids, kind="stable")
+        if not np.all(order == np.arange(len(ids))):
+            ids, feats = ids[order], feats[order]
+        return ids, np.ascontiguousarray(feats)
+
     def read_ids(self, version: int, split: str = POOL) -> np.ndarray:
         """The split's ids only (int64, sorted): 8 bytes a row, no feature is read. A part that
         cannot be read is checked against meta.json's size and sha256 to say what is wrong."""
         cols = []
         for path, rec in self._parts(version, split):
             try:
-                cols.append(pq.read_table(path, columns=["id"]).column(0).to_numpy())
+                cols.append(pq.read_table(path, columns=["id"], filesystem=self.fs if self.remote else None)
+                            .column(0).to_numpy())
             except (pa.ArrowException, OSError) as e:
                 self.verify(version)
-                self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+                self._damaged(version, self._where(version, rec, path), f"cannot be read as Parquet ({type(e).__name__}: {e})")
         ids = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         return np.sort(ids.astype(np.int64, copy=False), kind="stable")
 
-    def part_files(self, version: int, split: str = POOL) -> List[Path]:
+    def part_files(self, version: int, split: str = POOL) -> List[Union[Path, str]]:
         """The split's Parquet parts (for readers in other processes: shard actors), each checked
-        to exist with the size meta.json lists."""
-        return [p for p, _ in self._parts(version, split, check_size=True)]
+        to exist with the size meta.json lists; on an object store, their URIs."""
+        parts = self._parts(version, split, check_size=True)
+        if self.remote:
+            return [join_uri(self.path(version), rec["file"]) for _, rec in parts]
+        return [p for p, _ in parts]
 
     def lookup(self, version: int, ids: np.ndarray, split: str = POOL) -> np.ndarray:
         """Features of the given ids, in the given order (float32 (len(ids), D))."""
@@ -503,9 +858,18 @@ class FeatureStore:
         import ray.data
 
         self.meta(version)
+        if self.remote:
+            return ray.data.read_parquet(self._files(version, split), filesystem=self.fs)
         return ray.data.read_parquet([str(f) for f in self._files(version, split)])
 
     def remove(self, version: int) -> None:
+        if self.remote:  # meta.json first: a crash midway leaves an incomplete version, never a damaged one
+            meta = self._fs_path(version, "meta.json")
+            if self.fs.get_file_info(meta).type == pafs.FileType.File:
+                self.fs.delete_file(meta)
+            if self.fs.get_file_info(self._fs_path(version)).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(self._fs_path(version))
+            return
         shutil.rmtree(self.path(version), ignore_errors=True)
 
 
@@ -565,12 +929,15 @@ def legacy_cache_entries(cache_root: Path) -> List[Path]:
 def link_version(src: Path, dst_store: "FeatureStore", version: int,
                  meta_update: Optional[Dict[str, Any]] = None) -> Path:
     """Make ``src`` (a complete version folder) appear as ``version`` of ``dst_store``, with hard
-    links where the file system allows (no copy of the data), atomically.
+    links where the file system allows (no copy of the data), atomically. When either side is on
+    an object store, the parts are copied instead (:func:`_copy_version`).
 
     Args:
         meta_update: keys to set in the new copy's ``meta.json`` (written as a file of its own,
             so ``src``'s stays as it was), e.g. the ``cost`` the run that made it was charged.
     """
+    if dst_store.remote or is_uri(src):
+        return _copy_version(src, dst_store, version, meta_update)
     dst_store.root.mkdir(parents=True, exist_ok=True)
     tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
 
@@ -587,5 +954,62 @@ def link_version(src: Path, dst_store: "FeatureStore", version: int,
         (tmp / "meta.json").unlink()  # a hard link to src's: do not write through it
         atomic_write_json(tmp / "meta.json", meta)
     os.rename(tmp, dst_store.path(version))
+    fsync_dir(dst_store.root)
+    return dst_store.path(version)
+
+
+def _copy_version(src: Union[Path, str], dst_store: "FeatureStore", version: int,
+                  meta_update: Optional[Dict[str, Any]] = None) -> Union[Path, str]:
+    """Copy a complete version between a local folder and an object store (the feature cache is
+    local; a run's store may be in a bucket): the parts meta.json lists first, then meta.json,
+    committed the destination's way (a local partial folder renamed into place; on an object
+    store, meta.json last in one PUT). A failed copy leaves nothing readable.
+
+    Raises:
+        RunDirError: ``src`` lists no parts (written by an older asvp-ray), or ``version`` exists.
+    """
+    if is_uri(src):
+        src_fs, src_dir = resolve_uri(str(src))
+    else:
+        src_fs, src_dir = pafs.LocalFileSystem(), str(local_path(src))
+    meta = json.loads(_read_all(src_fs, f"{src_dir}/meta.json"))
+    if "parts" not in meta:
+        raise RunDirError(f"feature version {src} lists no parts in its meta.json (written by an older asvp-ray); "
+                          "delete it and rerun to extract it again")
+    meta.update(meta_update or {})
+    data = (json.dumps(meta, indent=2, default=_json_default) + "\n").encode()
+    if dst_store.remote:
+        if version in dst_store.versions():
+            raise RunDirError(f"feature version {dst_store.path(version)} already exists; remove it or write "
+                              f"v{version + 1}")
+        dst_store.clean_partial()
+        dst_fs, dst_dir, tmp = dst_store.fs, dst_store._fs_path(version), None
+    else:
+        dst_store.root.mkdir(parents=True, exist_ok=True)
+        tmp = dst_store.root / f".v{version}.partial-{uuid.uuid4().hex[:8]}"
+        dst_fs, dst_dir = pafs.LocalFileSystem(), str(tmp)
+    try:
+        for p in meta["parts"]:
+            if tmp is not None:
+                (tmp / p["file"]).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{src_dir}/{p['file']}", f"{dst_dir}/{p['file']}", source_filesystem=src_fs,
+                            destination_filesystem=dst_fs)
+            if tmp is not None:
+                with open(tmp / p["file"], "rb+") as f:
+                    os.fsync(f.fileno())
+        if tmp is None:
+            _put(dst_fs, f"{dst_dir}/meta.json", data)
+            return dst_store.path(version)
+        atomic_write_bytes(tmp / "meta.json", data)
+        os.rename(tmp, dst_store.path(version))
+    except BaseException:
+        if tmp is None:
+            try:
+                dst_store._delete_incomplete(version)
+            except OSError:  # the next writer removes it (clean_partial)
+                pass
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(dst_store.root)
     return dst_store.path(version)

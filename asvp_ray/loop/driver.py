@@ -25,6 +25,7 @@ from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
 from asvp_ray.device import MemoryWatch, lean_arrow_memory, node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
+from asvp_ray.features.store import check_storage_reachable
 from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.loop.methods import METHODS
 from asvp_ray.loop.oracle import ORACLES
@@ -103,6 +104,7 @@ class Driver:
         self.memory = MemoryWatch()  # after imports: the baseline growth is measured from
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
+        check_storage_reachable(self.cfg.storage)
         with self.memory.phase("open_data"):
             self.pool, self.test, self.classes = open_data(self.cfg)
         self.strategy = build_strategy(self.cfg.strategy, self.cfg.strategy_options)

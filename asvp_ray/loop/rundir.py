@@ -7,7 +7,8 @@ Layout::
     DIR/labeled.parquet    id, label, round: every label bought so far
     DIR/state.json         the commit point: the next round and current feature version
     DIR/run.log            the log
-    DIR/features/v{k}/     the feature store
+    DIR/features/v{k}/     the feature store (with ``storage`` set: its own folder there,
+                           named in DIR/storage.json)
 
 Every file is replaced atomically (temporary file, fsync, rename). ``state.json`` is written
 last after a round, so a crash between files leaves rows that the next start rolls back.
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvp_ray.errors import RunDirError
-from asvp_ray.features.store import FeatureStore, atomic_write_bytes, atomic_write_json
+from asvp_ray.features.store import FeatureStore, atomic_write_bytes, atomic_write_json, run_store_location
 
 LABELED_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("round", pa.int64())])
 
@@ -63,8 +64,40 @@ class RunDir:
         return self.path / "run.log"
 
     @property
+    def storage_path(self) -> Path:
+        return self.path / "storage.json"
+
+    def read_storage(self) -> Optional[Dict[str, Any]]:
+        """``storage.json``: ``storage`` (the config key) and ``features`` (this run's store there)."""
+        if not self.storage_path.is_file():
+            return None
+        return json.loads(self.storage_path.read_text())
+
+    @property
     def store(self) -> FeatureStore:
-        return FeatureStore(self.path / "features")
+        """The run's feature store: where ``storage.json`` says, else ``DIR/features``."""
+        rec = self.read_storage()
+        return FeatureStore(rec["features"] if rec else self.path / "features")
+
+    def open_store(self, storage: Optional[str]) -> FeatureStore:
+        """The run's feature store for the config's ``storage``: ``DIR/features`` when it is null,
+        else this run's own folder under it, chosen the first time and recorded in
+        ``storage.json`` (before anything is written there), so a resume finds it again.
+
+        Raises:
+            RunDirError: the run keeps its features under another storage than the config names.
+        """
+        rec = self.read_storage()
+        if rec is not None and rec.get("storage") != storage:
+            raise RunDirError(f"{self.path} keeps its features at {rec['features']} (storage: {rec['storage']}), "
+                              f"but the config says storage: {storage}; resume it with storage: {rec['storage']}, "
+                              "or use a new --out")
+        if storage is None:
+            return FeatureStore(self.path / "features")
+        if rec is None:
+            rec = {"storage": storage, "features": run_store_location(storage, self.path)}
+            atomic_write_json(self.storage_path, rec)
+        return FeatureStore(rec["features"])
 
     # lock
     def lock(self) -> "RunDir":

@@ -41,7 +41,7 @@ class FeatureVersions:
 
     def __init__(self, rd, cfg, pool, test, spec, on_progress: Callable[[Dict[str, Any]], None]):
         self.rd, self.cfg, self.pool, self.test, self.spec = rd, cfg, pool, test, spec
-        self.store = rd.store
+        self.store = rd.open_store(cfg.storage)  # DIR/features, or this run's folder on the storage
         self.on_progress = on_progress
         self.current: Optional[int] = None
         self.features: Optional[np.ndarray] = None

@@ -422,8 +422,13 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 8192
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
+    from asvp_ray.features.store import is_uri, resolve_uri
+
     first = str(files[0])
-    if "://" in first:
+    if is_uri(first):  # one filesystem object per process and bucket (query options kept)
+        fs = resolve_uri(first)[0]
+        paths = [resolve_uri(str(f))[1] for f in files]
+    elif "://" in first:
         fs, _ = pafs.FileSystem.from_uri(first)
         paths = [pafs.FileSystem.from_uri(str(f))[1] for f in files]
     else:

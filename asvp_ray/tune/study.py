@@ -311,6 +311,12 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base_cfg = _base_config(config, overrides)
     if base_cfg.data.test is None:
         raise ConfigError(f"a study ranks trials by {METRIC}, which needs a test set; set data.test in the config")
+    from asvp_ray.features.store import is_uri
+
+    if is_uri(base_cfg.storage):  # not tested with studies yet (trial directories, ASHA's stops, the cache)
+        raise ConfigError(f"config key 'storage' ({base_cfg.storage}): studies do not take storage on object "
+                          "storage yet; it supports `asvp-ray run` for now: set storage to a local folder or null "
+                          "for the study")
     base = base_cfg.model_dump(mode="json")
     base.pop("feature_cache", None)
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
