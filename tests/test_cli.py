@@ -57,6 +57,7 @@ def test_extract_command_writes_a_version(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_standard_smoke_run_through_the_cli(tmp_path):
     out = tmp_path / "standard"
     r = run_cli("run", str(SMOKE), "--out", str(out), "--set", "method=standard", "--set", "budget.schedule=[40,40]",

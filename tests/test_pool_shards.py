@@ -81,6 +81,7 @@ def test_strategies_that_need_the_whole_matrix_say_which_ones_run_on_shards(ray_
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_refresh_moves_the_shards_to_the_new_version(ray_local, tmp_path):
     """ASVP with a refresh: the shard actors stop before fine-tuning (their CPUs go to the Train
     worker and the extraction actors) and load v1 afterwards; the run equals the driver-held one."""
