@@ -63,6 +63,18 @@ def write_images(folder: Path, n: int, size=(20, 24), seed: int = 0, mode: str =
 LS_VENV = ROOT / ".venv-ls"
 
 
+def _stop_server(proc, log) -> None:
+    """Terminate a test server's process (killed after 20 s) and close its log."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 def _free_port() -> int:
     import socket
 
@@ -129,12 +141,7 @@ def labelstudio_server(tmp_path_factory):
         print(f"Label Studio up on {url} in {startup:.1f}s")
         yield {"url": url, "token": token, "root": root, "startup_seconds": startup, "log": base / "server.log"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop_server(proc, log)
 
 
 S3_VENV = ROOT / ".venv-s3"
@@ -191,12 +198,7 @@ def s3_server(tmp_path_factory):
 
         yield {"endpoint": endpoint, "bucket": "asvp", "uri": uri, "fs": fs}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop_server(proc, log)
 
 
 def pytest_collection_modifyitems(config, items):

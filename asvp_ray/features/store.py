@@ -570,6 +570,25 @@ class VersionWriter:
         return False
 
 
+def _decode_into(f: "pq.ParquetFile", ids: np.ndarray, feats: np.ndarray, at: int) -> int:
+    """Decode a part a row group at a time into ``ids`` / ``feats`` from row ``at``; returns the
+    next free row (decoding a whole fixed-size-list column at once takes about 5x its bytes)."""
+    dim = feats.shape[1]
+    for batch in f.iter_batches(batch_size=ROW_GROUP_ROWS, use_threads=False):
+        m = batch.num_rows
+        ids[at:at + m] = batch.column(0).to_numpy()
+        feats[at:at + m] = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+        at += m
+    return at
+
+
+def _sorted_by_id(ids: np.ndarray, feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids, kind="stable")
+    if not np.all(order == np.arange(len(ids))):
+        ids, feats = ids[order], feats[order]
+    return ids, np.ascontiguousarray(feats)
+
+
 class FeatureStore:
     """Versions of extracted features under ``root`` (a run's ``DIR/features``, or its folder on
     the configured ``storage``).
@@ -766,25 +785,13 @@ class FeatureStore:
         at = 0
         for (path, _), f in zip(parts, files):
             try:
-                for batch in f.iter_batches(batch_size=4096, use_threads=False):
-                    m = batch.num_rows
-                    ids[at:at + m] = batch.column(0).to_numpy()
-                    feats[at:at + m] = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
-                    at += m
+                at = _decode_into(f, ids, feats, at)
             except (pa.ArrowException, OSError, ValueError) as e:
                 self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
-        finite = np.isfinite(feats).all(axis=1)
-        if not finite.all():
-            raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
-                                f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
-                                f"{self.path(version)} and rerun to extract it again")
-        del finite
+        self._check_finite(version, split, ids, feats)
         if mismatched:
             self._damaged(version, mismatched[0], "does not match the size and sha256 meta.json lists")
-        order = np.argsort(ids, kind="stable")
-        if not np.all(order == np.arange(len(ids))):
-            ids, feats = ids[order], feats[order]
-        return ids, np.ascontiguousarray(feats)
+        return _sorted_by_id(ids, feats)
 
     def _read_object_store(self, version: int, split: str, parts) -> Tuple[np.ndarray, np.ndarray]:
         """``read`` from an object store: each listed part is fetched whole (one GET, up to about
@@ -804,23 +811,19 @@ class FeatureStore:
                 f = pq.ParquetFile(pa.BufferReader(data))
                 if f.metadata.num_rows != int(rec["rows"]):
                     self._damaged(version, where, f"holds {f.metadata.num_rows} rows where meta.json lists {rec['rows']}")
-                for batch in f.iter_batches(batch_size=4096, use_threads=False):
-                    m = batch.num_rows
-                    ids[at:at + m] = batch.column(0).to_numpy()
-                    feats[at:at + m] = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
-                    at += m
+                at = _decode_into(f, ids, feats, at)
             except (pa.ArrowException, OSError, ValueError) as e:
                 self._damaged(version, where, f"cannot be read as Parquet ({type(e).__name__}: {e})")
             del data
+        self._check_finite(version, split, ids, feats)
+        return _sorted_by_id(ids, feats)
+
+    def _check_finite(self, version: int, split: str, ids: np.ndarray, feats: np.ndarray) -> None:
         finite = np.isfinite(feats).all(axis=1)
         if not finite.all():
             raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
                                 f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
                                 f"{self.path(version)} and rerun to extract it again")
-        order = np.argsort(ids, kind="stable")
-        if not np.all(order == np.arange(len(ids))):
-            ids, feats = ids[order], feats[order]
-        return ids, np.ascontiguousarray(feats)
 
     def read_ids(self, version: int, split: str = POOL) -> np.ndarray:
         """The split's ids only (int64, sorted): 8 bytes a row, no feature is read. A part that
