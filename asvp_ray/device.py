@@ -154,12 +154,16 @@ class DevicePreprocessor:
         device: the torch device to preprocess on.
         channels_last: return the batch in channels-last memory format (faster convolutions
             with cuDNN under autocast).
+        resize: resize and crop to the input size (False: the batches arrive at that size
+            already, brought there by ``Preprocessor.fit`` in extraction's read tasks; only the
+            layout and the normalisation remain).
     """
 
-    def __init__(self, pre, device, channels_last: bool = False):
+    def __init__(self, pre, device, channels_last: bool = False, resize: bool = True):
         import torch
 
         self.pre = pre
+        self.resize = resize
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.mean = pre.mean.to(self.device)
@@ -193,10 +197,10 @@ class DevicePreprocessor:
 
         if isinstance(images, torch.Tensor):
             x = self._layout(images.to(self.device, non_blocking=True), True).float()
-            x = self.pre._resize_crop(x)
+            x = self.pre._resize_crop(x) if self.resize else x
         elif isinstance(images, np.ndarray) and images.dtype != object:
             x = self._layout(self._upload(images), True).float()
-            x = self.pre._resize_crop(x)
+            x = self.pre._resize_crop(x) if self.resize else x
         else:
             x = torch.cat([self.pre._resize_crop(self._layout(torch.from_numpy(np.require(im, requirements=["C"]))
                                                               .to(self.device, non_blocking=self._pin), False)

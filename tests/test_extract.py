@@ -77,6 +77,31 @@ def test_manifest_extraction_matches_direct_features(ray_local, tmp_path):
     np.testing.assert_allclose(feats, direct_features(imgs), rtol=1e-4, atol=1e-4)
 
 
+def test_read_tasks_hand_the_actors_model_sized_uint8_images_and_features_match(ray_local, tmp_path):
+    """Images of several sizes and modes (RGB 30x26, grayscale 18x40) are resized in the read
+    tasks to one uint8 (B, 32, 32, 3) array; the features equal the in-process ones of each image."""
+    from asvp_ray.data.sources import decode_image
+    from asvp_ray.features.backbones import input_config
+    from asvp_ray.features.extract import _comparable, _fit_images
+
+    rgb = write_images(tmp_path / "imgs", 4, size=(30, 26))
+    gray = write_images(tmp_path / "gray", 4, size=(18, 40), seed=1, mode="L")
+    rows = [f"{i},{p.relative_to(tmp_path)},{i % 2}\n" for i, p in enumerate(rgb + gray)]
+    (tmp_path / "m.csv").write_text("id,path,label\n" + "".join(rows))
+    src = ManifestSource(str(tmp_path / "m.csv"))
+    spec = BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=0.875)
+    fitted = src.to_dataset().map_batches(_fit_images, fn_kwargs={"input_cfg": _comparable(input_config(spec))},
+                                          batch_size=None, batch_format="numpy").take_batch(8, batch_format="numpy")
+    assert fitted["image"].dtype == np.uint8 and fitted["image"].shape == (8, 32, 32, 3)
+    store = FeatureStore(tmp_path / "features")
+    extract_to_store(store, 0, src, spec, CFG)
+    ids, feats = store.read(0)
+    imgs = np.empty(8, dtype=object)
+    imgs[:] = [decode_image(str(p)) for p in rgb + gray]
+    assert imgs[4].ndim == 2 and imgs[0].shape == (30, 26, 3)
+    np.testing.assert_allclose(feats, direct_features(imgs, spec), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
 def test_unreadable_image_fails_naming_it_and_writes_no_version(ray_local, tmp_path, damage):
     paths = _manifest(tmp_path)

@@ -190,6 +190,15 @@ def data_config(spec: BackboneSpec, model: torch.nn.Module) -> Dict[str, Any]:
     return cfg
 
 
+def input_config(spec: BackboneSpec) -> Dict[str, Any]:
+    """``data_config`` without weights: the architecture is built on PyTorch's meta device (no
+    memory, no weights file read), so the driver learns the input size and interpolation that
+    the read tasks resize to before any actor has loaded the model."""
+    with torch.device("meta"):
+        model = _timm(spec.name, pretrained=False, num_classes=0)
+    return data_config(spec, model)
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) over the model's state dict, in key order."""
     h = hashlib.sha256()
@@ -202,6 +211,10 @@ def weights_hash(model: torch.nn.Module) -> str:
 class Preprocessor:
     """Batched eval preprocessing: uint8 images -> normalised float tensors, following timm's eval
     transform (resize the short side to size / crop_pct, centre crop, normalise).
+
+    The resized pixels are rounded and clipped back to whole uint8 levels, as timm's PIL resize
+    (and the training augmentation's) gives them, so resizing in extraction's read tasks
+    (``fit``, uint8 out) and resizing here give the same features.
 
     Grayscale images become 3 channels. Same-size batches are resized in one call.
     """
@@ -237,6 +250,7 @@ class Preprocessor:
             x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=self.mode,
                                                 antialias=self.mode in ("bilinear", "bicubic"),
                                                 align_corners=False if self.mode in ("bilinear", "bicubic") else None)
+            x = x.round_().clamp_(0, 255)  # back to whole uint8 levels, as timm's PIL resize gives
             top, left = (nh - self.size) // 2, (nw - self.size) // 2
             x = x[..., top:top + self.size, left:left + self.size]
         return x
@@ -250,6 +264,38 @@ class Preprocessor:
         else:
             x = torch.cat([self._resize_crop(self._to_nchw(im).unsqueeze(0).float()) for im in images])
         return (x - self.mean) / self.std
+
+    def fit(self, images) -> np.ndarray:
+        """Bring uint8 images of any size to the model's input size, still uint8: the resize and
+        centre crop of ``__call__``, rounded back to whole levels. Extraction's read tasks run it,
+        so that the actors receive model-sized uint8 batches (a quarter of float32's bytes; the
+        resizing spreads over every node's read tasks) and only normalise them
+        (``DevicePreprocessor(..., resize=False)``).
+
+        Args:
+            images: a uint8 array (B,H,W[,C]) or a sequence of HxW[xC] uint8 arrays (any sizes).
+
+        Returns:
+            uint8 (B, size, size, 3); grayscale images are resized on their one channel and then
+            repeated. Normalising it gives exactly ``__call__``'s output (tests/test_extract.py).
+        """
+        if isinstance(images, np.ndarray) and images.dtype != object:
+            return self._fit_same_size(images)
+        if len(images) == 0:
+            return np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        return np.concatenate([self._fit_same_size(np.asarray(im)[None]) for im in images])
+
+    def _fit_same_size(self, images: np.ndarray) -> np.ndarray:
+        """``fit`` for a (B,H,W[,C]) uint8 array of one size."""
+        x = images if images.ndim == 4 else images[..., None]
+        x = x[..., :3]  # alpha dropped, as in __call__
+        if x.shape[1:3] != (self.size, self.size) or self.scale_size != self.size:
+            t = torch.from_numpy(np.require(x, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+            t = self._resize_crop(t).to(torch.uint8)
+            x = t.permute(0, 2, 3, 1).numpy()
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        return np.ascontiguousarray(x, dtype=np.uint8)
 
     def _to_nchw_batch(self, images: np.ndarray) -> torch.Tensor:
         return self.batch_to_nchw3(torch.from_numpy(np.require(images, requirements=["C", "W"])))

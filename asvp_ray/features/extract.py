@@ -12,9 +12,15 @@ Device and precision: ``plan_actors`` decides CPU or GPU actors from the cluster
 on GPU actors ``extract.amp`` is resolved to bf16/fp16/fp32 from the compute capability of a GPU
 of the cluster (``resolve_compute``, a one-off probe task that reserves a GPU) and every actor
 checks that its own card agrees. Both are recorded in meta.json and name the feature cache
-entry. GPU actors receive uint8 batches, upload them from pinned memory and resize/normalise
-on the device, in channels-last layout with cuDNN autotuning; CPU actors are unchanged
-(float32, host preprocessing).
+entry.
+
+Preprocessing: the read tasks decode each image and resize and centre-crop it to the backbone's
+input size, uint8 (``Preprocessor.fit``, a Ray Data stage fused with the read), so the CPU work
+spreads over the read tasks of every node and the actors receive one (B, S, S, 3) uint8 array per
+batch; the actors only normalise (GPU actors upload from pinned memory and normalise on the
+device, in channels-last layout with cuDNN autotuning). The input size comes from the
+architecture built on PyTorch's meta device (``input_config``); each actor checks that its
+loaded model agrees.
 
 Resource sizing (``plan_actors``): the pool autoscales between ``extract.min_actors`` (default 1)
 and ``extract.max_actors`` (default: what the cluster holds when the extraction starts). On a
@@ -38,7 +44,8 @@ import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
-from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config, weights_hash
+from asvp_ray.features.backbones import (BackboneSpec, Preprocessor, create_backbone, data_config, input_config,
+                                        weights_hash)
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
 from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested, resource_timeout, wait_for_resources
@@ -259,14 +266,19 @@ class FeatureExtractor:
             class probabilities in a ``probs`` column (float32, (B, C)).
         precision: the precision the driver resolved (``resolve_compute``); the actor checks
             that its own card resolves ``amp`` to the same (None: use its own choice).
+        input_cfg: the preprocessing the read tasks applied (``input_config``: they resized the
+            images to the input size, uint8, with ``Preprocessor.fit``); the actor only
+            normalises. None: batches arrive at any size and the actor resizes them.
 
     Raises:
         ConfigError: this actor's GPU resolves ``amp`` to another precision than ``precision``
             (GPUs of different generations in one pool), or bf16 on a pre-Ampere card.
+        AsvpError: the loaded model's preprocessing differs from ``input_cfg``.
     """
 
     def __init__(self, spec: Dict[str, Any], checkpoint: Optional[str], torch_threads: int, device: str,
-                 amp: Any = "auto", with_head: bool = False, precision: Optional[str] = None):
+                 amp: Any = "auto", with_head: bool = False, precision: Optional[str] = None,
+                 input_cfg: Optional[Dict[str, Any]] = None):
         import torch
 
         from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
@@ -284,11 +296,17 @@ class FeatureExtractor:
                 "every card runs, so that one feature version is not computed in two precisions")
         self.precision = own
         self.model = create_backbone(self.spec, checkpoint).to(device)
-        self.pre = Preprocessor(data_config(self.spec, self.model))
+        own_cfg = data_config(self.spec, self.model)
+        if input_cfg is not None and _comparable(own_cfg) != _comparable(input_cfg):
+            raise AsvpError(f"backbone {self.spec.name}: the loaded model's preprocessing {own_cfg} differs from "
+                            f"the one the read tasks resized for {input_cfg}; report this as a bug")
+        self.pre = Preprocessor(own_cfg)
         if device == "cuda":
             tune_for_cuda()
             self.model = self.model.to(memory_format=torch.channels_last)
-            self.pre = DevicePreprocessor(self.pre, device, channels_last=True)
+        if device == "cuda" or input_cfg is not None:
+            self.pre = DevicePreprocessor(self.pre, device, channels_last=device == "cuda",
+                                          resize=input_cfg is None)
         self.head = None
         if with_head:
             if checkpoint is None:
@@ -331,6 +349,30 @@ class FeatureExtractor:
         if probs is not None:
             out["probs"] = probs
         return out
+
+
+def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A data config's fields as JSON would give them back (tuples as lists, as in a Ray argument)."""
+    return json.loads(json.dumps(cfg))
+
+
+# One Preprocessor per read worker process and input config (``_fit_images``).
+_FITTERS: Dict[str, Preprocessor] = {}
+
+
+def _fit_images(batch: Dict[str, np.ndarray], input_cfg: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Ray Data task, fused with the read and decode: the block's images at the model's input
+    size, uint8 (``Preprocessor.fit``), so the actors get one (B, S, S, 3) array per batch."""
+    key = json.dumps(input_cfg, sort_keys=True)
+    pre = _FITTERS.get(key)
+    if pre is None:
+        pre = _FITTERS[key] = Preprocessor(input_cfg)
+    images = batch["image"]
+    if isinstance(images, np.ndarray) and images.dtype != object:
+        batch["image"] = pre.fit(images)
+    else:  # decoded files of any size: each image is fitted; unreadable rows hold a 1x1 placeholder
+        batch["image"] = pre.fit(list(images))
+    return batch
 
 
 # CPUs of one write task: it encodes and writes a part, mostly I/O; a small share lets it run next
@@ -429,11 +471,14 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
         ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     else:
         ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
+    # the read tasks resize to the input size (uint8); the actors only normalise and compute
+    input_cfg = _comparable(input_config(spec))
+    ds = ds.map_batches(_fit_images, fn_kwargs={"input_cfg": input_cfg}, batch_size=None, batch_format="numpy")
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
                                    device=plan.device, amp=cfg.amp, with_head=with_head,
-                                   precision=compute.precision),
+                                   precision=compute.precision, input_cfg=input_cfg),
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=plan.num_cpus,

@@ -878,7 +878,9 @@ class FeatureStore:
 
 # Version 2 of the feature-cache key adds the device and the precision (issue 19). Entries of
 # version 1 (made before; their meta.json records neither) have other names and are never reused.
-CACHE_KEY_VERSION = 2
+# Version 3: resized pixels are rounded and clipped to uint8 levels before normalisation (the read
+# tasks resize, issue 13); features of resized images differ from version 2's, so those are not reused.
+CACHE_KEY_VERSION = 3
 
 
 def cache_key(meta_inputs: Dict[str, Any], *, device: str, precision: str) -> str:
