@@ -174,7 +174,7 @@ class DevicePreprocessor:
     def _upload(self, arr: np.ndarray):
         import torch
 
-        src = torch.from_numpy(np.require(arr, requirements=["C"]))
+        src = torch.from_numpy(np.require(arr, requirements=["C", "W"]))  # object-store batches are read-only
         if not self._pin:
             return src.to(self.device)
         n = src.numel()

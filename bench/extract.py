@@ -45,8 +45,11 @@ Usage::
     .venv/bin/python bench/extract.py --actor-threads 1    # try other actor sizing
     # on a machine shared with other jobs: level the OpenMP spinning and the Ray worker nice level
     .venv/bin/python bench/extract.py --omp-wait-policy passive --worker-niceness 0
-    # the driver's memory while extract_to_store writes a feature version (no throughput figures)
-    .venv/bin/python bench/extract.py --driver-rss --model test_efficientnet --weights none
+    # the driver's memory while extract_to_store writes a feature version (no throughput figures);
+    # above Fashion-MNIST's 60,000 images the pool repeats them under new ids
+    .venv/bin/python bench/extract.py --driver-rss --model test_efficientnet --weights none --images 100000
+    # the Ray side on a local cluster of 1, then 2 nodes (one machine: overhead, not speed-up)
+    .venv/bin/python bench/extract.py --nodes --images 10000 --repeat 2
 
 ``--driver-rss`` runs ``extract_to_store`` into a temporary feature store instead: a warm-up
 extraction of 256 images (imports, Ray Data start-up), then the timed one of ``--images``, while
@@ -80,6 +83,48 @@ def machine_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def pool_source(root, n: int):
+    """The first ``n`` Fashion-MNIST train images; beyond its 60,000, the images repeat under new
+    ids (``TiledFashionMNIST``), for the driver-memory figure at 100,000 images."""
+    from asvp_ray.data.sources import FashionMNISTSource
+
+    full = FashionMNISTSource(root=root, split="train")
+    if n <= len(full):
+        return FashionMNISTSource(root=root, split="train", limit=n)
+    return TiledFashionMNIST(root, n)
+
+
+def _tiled_class():
+    from asvp_ray.data.sources import FashionMNISTSource
+
+    class TiledFashionMNIST(FashionMNISTSource):
+        """Fashion-MNIST's train images repeated: id k shows image k mod 60,000 (ids 0..n-1)."""
+
+        def __init__(self, root, n: int):
+            super().__init__(root=root, split="train")
+            self._base = len(self._ids)
+            self._ids = np.arange(n, dtype=np.int64)
+            self._labels = np.resize(self._labels, n)
+            self.limit = n
+
+        def to_dataset(self, ids=None, skip_unreadable=False):
+            import ray.data
+
+            from asvp_ray.data.sources import _IDXDatasource, _positions
+
+            pos = _positions(self._ids, ids)
+            return ray.data.read_datasource(_IDXDatasource(str(self.images_path), pos % self._base, self._ids[pos]))
+
+        def describe(self):
+            return {**super().describe(), "tiled_to": len(self._ids)}
+
+    return TiledFashionMNIST
+
+
+def TiledFashionMNIST(root, n: int):  # noqa: N802 - builds the class lazily (imports Ray Data's sources)
+    return _tiled_class()(root, n)
 
 
 # --------------------------------------------------------------------------- plain PyTorch loop
@@ -134,7 +179,7 @@ def run_plain(spec, images_path: Path, n: int, batch_size: int) -> Dict[str, flo
 
 
 # --------------------------------------------------------------------------- the project's Ray pipeline
-PROBE_START, PROBE_END = "_bench_t_call", "_bench_t_done"
+PROBE_START, PROBE_END, PROBE_NODE = "_bench_t_call", "_bench_t_done", "_bench_node"
 
 
 def install_probe() -> None:
@@ -157,6 +202,11 @@ def install_probe() -> None:
             n = len(out["id"])
             out[PROBE_START] = np.full(n, t)
             out[PROBE_END] = np.full(n, time.time())
+            if not hasattr(self, "_bench_node"):
+                import ray
+
+                self._bench_node = ray.get_runtime_context().get_node_id()[:8]
+            out[PROBE_NODE] = np.full(n, self._bench_node, dtype=object)
             return out
 
     # the actors cannot import this script: ship the class by value
@@ -175,6 +225,7 @@ def run_ray(source, spec, cfg, probe: bool) -> Dict[str, float]:
     from asvp_ray.features import extract as ext
 
     seen: Dict[int, float] = {}  # with the probe: call start -> duration, one per actor call
+    nodes: Dict[str, int] = {}  # with the probe: node id prefix -> rows its actors computed
 
     if probe:  # peek at the probe columns as batches pass through extract's iterator
         orig = ray.data.Dataset.iter_batches
@@ -185,6 +236,8 @@ def run_ray(source, spec, cfg, probe: bool) -> Dict[str, float]:
                     starts, ends = b[PROBE_START], b[PROBE_END]
                     for t_s, t_e in set(zip(starts.tolist(), ends.tolist())):
                         seen[t_s] = t_e - t_s
+                    for node in b[PROBE_NODE].tolist():
+                        nodes[node] = nodes.get(node, 0) + 1
                 yield b
 
         ray.data.Dataset.iter_batches = iter_batches
@@ -202,7 +255,9 @@ def run_ray(source, spec, cfg, probe: bool) -> Dict[str, float]:
         if probe:
             ray.data.Dataset.iter_batches = orig
     t_ready = min(seen) if seen else float("nan")
-    return _figures(t0, t_ready, t_first, t_end, rows, dim, sum(seen.values()) if seen else float("nan"))
+    out = _figures(t0, t_ready, t_first, t_end, rows, dim, sum(seen.values()) if seen else float("nan"))
+    out["nodes"] = nodes
+    return out
 
 
 def _figures(t0, t_ready, t_first, t_end, rows, dim, compute) -> Dict[str, float]:
@@ -262,6 +317,55 @@ def run_driver_rss(source, spec, cfg) -> int:
     return 0
 
 
+def run_nodes(args, spec, cfg, source) -> int:
+    """The Ray side alone on a ``ray.cluster_utils.Cluster`` of 1, then 2 nodes of ``--node-cpus``
+    CPUs each (nodes on this one machine: they share its cores, so this shows the overhead of
+    spreading over nodes, not a speed-up)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from asvp_ray.features.extract import plan_actors
+    from asvp_ray.ray_utils import init_ray
+
+    ray.shutdown()
+    line = ("{what:<16}: ready {startup_s:5.2f} s  total {total_s:6.2f} s  e2e {e2e:6,.0f} img/s  "
+            "steady {steady:6,.0f} img/s  rows per node {nodes}")
+    install_probe()
+    results = {}
+    for n_nodes in (1, 2):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.node_cpus})
+        for _ in range(n_nodes - 1):
+            cluster.add_node(num_cpus=args.node_cpus)
+        cluster.wait_for_nodes()
+        try:
+            init_ray(address=cluster.address)
+            plan = plan_actors(cfg, ray.cluster_resources())
+            print(f"{n_nodes} node(s) x {args.node_cpus} CPUs: {plan.min_actors} to {plan.max_actors} actor(s), "
+                  f"{plan.torch_threads} torch thread(s) each")
+            for w in range(args.warmup):
+                print(line.format(what=f"{n_nodes} node warm-up", **run_ray(source, spec, cfg, probe=True)))
+            runs = []
+            for k in range(args.repeat):
+                r = run_ray(source, spec, cfg, probe=True)
+                if r["rows"] != len(source):
+                    print(f"error: {r['rows']} rows, expected {len(source)}", file=sys.stderr)
+                    return 1
+                runs.append(r)
+                print(line.format(what=f"{n_nodes} node run {k + 1}", **r))
+            results[n_nodes] = summarise(runs)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    for key, what in (("steady", "steady state"), ("e2e", "end to end")):
+        b1, m1 = results[1][key]
+        b2, m2 = results[2][key]
+        print(f"{what}: 1 node {b1:,.0f} / {m1:,.0f} img/s, 2 nodes {b2:,.0f} / {m2:,.0f} img/s (best / median): "
+              f"2 nodes / 1 node = {b2 / b1:.2f}x best, {m2 / m1:.2f}x median")
+    print(f"(both 'nodes' share this machine's {machine_cpus()} cores: the ratio is the cost of spreading over "
+          "nodes, not a speed-up)")
+    return 0
+
+
 def summarise(runs: List[Dict[str, float]]) -> Dict[str, float]:
     out = {}
     for key in ("startup_s", "first_s", "total_s"):
@@ -314,6 +418,10 @@ def main(argv=None) -> int:
                     help="RAY_worker_niceness for the local Ray instance (Ray's default runs workers, hence the "
                          "extraction actor, at nice 15, so other jobs on a shared machine outrank it while the plain "
                          "loop runs at the shell's nice; 0 puts both on an equal footing)")
+    ap.add_argument("--nodes", action="store_true",
+                    help="the Ray side alone on a local Cluster of 1 then 2 nodes (--node-cpus each): how "
+                         "throughput changes from 1 to 2 nodes (on one machine: overhead, not speed-up)")
+    ap.add_argument("--node-cpus", type=int, default=2, help="CPUs of each node with --nodes (default %(default)s)")
     ap.add_argument("--driver-rss", action="store_true",
                     help="measure the driver's memory during extract_to_store of --images instead (see above)")
     args = ap.parse_args(argv)
@@ -342,8 +450,13 @@ def main(argv=None) -> int:
     cfg = ExtractConfig(batch_size=args.batch_size, num_actors=args.num_actors,
                         num_cpus_per_actor=args.num_cpus_per_actor, torch_threads=args.actor_threads,
                         device="cpu" if not torch.cuda.is_available() else "auto", progress=False)
-    source = FashionMNISTSource(root=args.root, split="train", limit=args.images)
+    source = pool_source(args.root, args.images)
     n = len(source)
+    if n < args.images or (n > 60_000 and not (args.driver_rss or args.nodes)):
+        ap.error(f"--images {args.images}: the plain-loop comparison reads at most Fashion-MNIST's 60,000 train "
+                 "images (--driver-rss and --nodes repeat them for larger pools)")
+    if args.nodes:
+        return run_nodes(args, spec, cfg, source)
 
     t = time.perf_counter()
     init_ray(num_cpus=args.num_cpus)

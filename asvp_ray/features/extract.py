@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -417,6 +418,32 @@ def _write_features(batch: Dict[str, np.ndarray], folders: Dict[str, str]) -> Di
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
+def _actor_stage(ds, plan: ActorPlan, spec: BackboneSpec, checkpoint: Optional[str], cfg, with_head: bool,
+                 compute: Compute, input_cfg: Dict[str, Any]):
+    """The extraction's actor-pool stage (``FeatureExtractor``) on ``ds``."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
+                                   device=plan.device, amp=cfg.amp, with_head=with_head,
+                                   precision=compute.precision, input_cfg=input_cfg),
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+        **({"resources": plan.resources} if plan.resources else {}),
+        batch_format="numpy",
+        # Ray Data's own default for actors, given explicitly: Ray Data fuses task stages into a
+        # following actor stage whose remote arguments are equal, which would move the decode and
+        # the resize into the actors; with this they stay fused with the read tasks.
+        scheduling_strategy="SPREAD",
+        runtime_env={"env_vars": fault_env()} if fault_env() else None,
+        # Ray Data's actor pools restart a dead actor and retry its batches by default
+        # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
+    )
+
+
 def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None, checkpoint: Optional[str] = None,
             skip_unreadable: bool = False, on_rows: Optional[Callable[[int], None]] = None,
             with_head: bool = False, compute: Optional[Compute] = None,
@@ -449,9 +476,9 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
     Raises:
         BadInputError: an unreadable image (unless skipped), naming its id and path.
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
+    if write_to is not None and ids is not None:
+        raise ValueError("extract(write_to=...) writes whole sources; ids would select from the pool and the test "
+                         "set alike: pass sources that hold only the rows to write")
     plan = plan_actors(cfg)
     wait_for_actors(cfg, plan)
     compute = compute or resolve_compute(cfg, plan)
@@ -464,31 +491,24 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
              plan.why)
     check_nested({"CPU": plan.min_actors * plan.num_cpus + 1.0, "GPU": plan.min_actors * plan.num_gpus},
                  "the extraction actors and a read task", "extract.min_actors / extract.num_cpus_per_actor")
-    if write_to is not None:
-        tagged = [src.to_dataset(skip_unreadable=skip_unreadable).map_batches(
-            _tag_split, fn_kwargs={"split": split}, batch_size=None, batch_format="numpy")
-            for split, src in source.items()]
-        ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-    else:
-        ds = source.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
     # the read tasks resize to the input size (uint8); the actors only normalise and compute
     input_cfg = _comparable(input_config(spec))
-    ds = ds.map_batches(_fit_images, fn_kwargs={"input_cfg": input_cfg}, batch_size=None, batch_format="numpy")
-    ds = ds.map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
-                                   device=plan.device, amp=cfg.amp, with_head=with_head,
-                                   precision=compute.precision, input_cfg=input_cfg),
-        batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-        **({"resources": plan.resources} if plan.resources else {}),
-        batch_format="numpy",
-        runtime_env={"env_vars": fault_env()} if fault_env() else None,
-        # Ray Data's actor pools restart a dead actor and retry its batches by default
-        # (max_restarts=-1, max_task_retries=-1), so a lost extraction worker costs only its batch.
-    )
+
+    def read(src, split: Optional[str] = None):
+        d = src.to_dataset(ids=ids, skip_unreadable=skip_unreadable)
+        if split is not None:
+            d = d.map_batches(_tag_split, fn_kwargs={"split": split}, batch_size=None, batch_format="numpy")
+        return d.map_batches(_fit_images, fn_kwargs={"input_cfg": input_cfg}, batch_size=None, batch_format="numpy")
+
+    if write_to is not None:
+        tagged = [read(src, split) for split, src in source.items()]
+        ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    else:
+        ds = read(source)
+    with warnings.catch_warnings():
+        # scheduling_strategy is a plain Ray remote argument, which Ray 2.60 marks deprecated
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = _actor_stage(ds, plan, spec, checkpoint, cfg, with_head, compute, input_cfg)
     if write_to is not None:
         yield from _written_parts(ds, {k: str(v) for k, v in write_to.items()}, part_rows, on_rows)
         return
