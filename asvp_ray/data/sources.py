@@ -245,15 +245,48 @@ def _read_image_bytes(path: str) -> bytes:
         return f.read()
 
 
+# Remote images (object stores, http) are fetched this many at a time within a read task: one
+# GET at a time would leave a task waiting on the network for most of its time.
+REMOTE_READ_THREADS = 16
+_READER = None  # one thread pool per worker process
+
+
+def _read_all(paths: List[str]) -> List[Any]:
+    """The bytes of each path, or the exception reading it raised; remote URIs concurrently."""
+    global _READER
+
+    def one(path: str):
+        try:
+            return _read_image_bytes(path)
+        except Exception as e:  # noqa: BLE001 - reported per image by the caller
+            return e
+
+    if sum("://" in p for p in paths) < 2:
+        return [one(p) for p in paths]
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(REMOTE_READ_THREADS, thread_name_prefix="asvp-read")
+    return list(_READER.map(one, paths))
+
+
 def decode_image(path: str) -> np.ndarray:
     """Read and fully decode one image file into a uint8 array (HxW or HxWx3).
 
     Raises:
         FileNotFoundError / OSError / PIL errors for missing, truncated or corrupt files.
     """
+    return decode_bytes(_read_image_bytes(path))
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Fully decode one encoded image into a uint8 array (HxW or HxWx3).
+
+    Raises:
+        PIL errors for truncated or corrupt data.
+    """
     from PIL import Image
 
-    data = _read_image_bytes(path)
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # forces a full decode, so truncated files fail here, not later
         if im.mode not in ("L", "RGB"):
@@ -264,9 +297,12 @@ def decode_image(path: str) -> np.ndarray:
 def _decode_batch(batch: Dict[str, np.ndarray], skip_unreadable: bool, origin: str) -> Dict[str, Any]:
     images: List[np.ndarray] = []
     errors: List[str] = []
-    for i, path in zip(batch["id"], batch["path"]):
+    paths = [str(p) for p in batch["path"]]
+    for i, path, data in zip(batch["id"], paths, _read_all(paths)):
         try:
-            images.append(decode_image(str(path)))
+            if isinstance(data, Exception):
+                raise data
+            images.append(decode_bytes(data))
             errors.append("")
         except Exception as e:  # noqa: BLE001 - every decode failure is reported the same way
             kind = "missing file" if isinstance(e, FileNotFoundError) else "unreadable or corrupt image"
