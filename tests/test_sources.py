@@ -112,3 +112,17 @@ def test_missing_manifest_and_folder(tmp_path):
         ManifestSource(str(tmp_path / "nope.csv"))
     with pytest.raises(BadInputError, match="does not exist"):
         ImageFolderSource(str(tmp_path / "nope"))
+
+
+def test_manifest_paths_are_joined_like_pathlib_and_an_empty_path_is_named(tmp_path):
+    from pathlib import Path
+
+    rel = ["a.png", "./b/c.png", "x//y.png", "sub/./d.png", "/abs/z.png", "s3://bucket/k.png?region=x"]
+    pq.write_table(pa.table({"id": list(range(len(rel))), "path": rel}), tmp_path / "m.parquet")
+    src = ManifestSource(str(tmp_path / "m.parquet"))
+    base = tmp_path.resolve()
+    want = [p if ("://" in p or p.startswith("/")) else str(Path(base) / p) for p in rel]
+    assert src.paths(list(range(len(rel)))) == want
+    pq.write_table(pa.table({"id": [1, 2, 3], "path": ["a.png", "", None]}), tmp_path / "bad.parquet")
+    with pytest.raises(BadInputError, match=r"bad.parquet: 2 row\(s\) have an empty path"):
+        ManifestSource(str(tmp_path / "bad.parquet"))

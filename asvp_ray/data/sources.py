@@ -319,6 +319,30 @@ def _decode_batch(batch: Dict[str, np.ndarray], skip_unreadable: bool, origin: s
             "error": np.array(errors, dtype=object)}
 
 
+def _absolute_paths(column, base: Path, origin: str):
+    """A manifest's path column with relative paths joined to ``base`` (URIs and absolute paths
+    kept), as one Arrow string array: no Python string per row (at a million rows a list of
+    them cost the driver ~360 bytes a row while opening the source). Joined paths are
+    normalised as ``pathlib`` joins them (``./`` and repeated slashes dropped).
+
+    Raises:
+        BadInputError: empty paths, naming how many.
+    """
+    import pyarrow.compute as pc
+
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    col = col.cast(pa.large_string())
+    empty = pc.sum(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))).as_py() or 0
+    if empty:
+        raise BadInputError(f"{origin}: {empty} row(s) have an empty path; give every row its image file or URI")
+    keep = pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/"))
+    joined = pc.binary_join_element_wise(pa.scalar(str(base), pa.large_string()), col,
+                                         pa.scalar("/", pa.large_string()))
+    joined = pc.replace_substring_regex(joined, r"/(\./)+", "/")
+    joined = pc.replace_substring_regex(joined, r"/{2,}", "/")
+    return pc.if_else(keep, col, joined)
+
+
 class _FileSource(PoolSource):
     """Shared part of sources backed by image files: an index table (id, path, label)."""
 
@@ -491,8 +515,7 @@ class ManifestSource(_FileSource):
         if (counts > 1).any():
             dups = uniq[counts > 1][:10].tolist()
             raise BadInputError(f"manifest {path}: duplicate ids {dups}; ids must be unique")
-        base = mpath.resolve().parent
-        paths = [p if ("://" in p or os.path.isabs(p)) else str(base / p) for p in table.column("path").to_pylist()]
+        paths = _absolute_paths(table.column("path"), mpath.resolve().parent, f"manifest {path}")
         labels = None
         cls_out = list(classes) if classes else None
         if "label" in cols:
