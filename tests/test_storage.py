@@ -242,6 +242,10 @@ def test_killed_runs_on_s3_leave_no_readable_half_version_and_resume_to_the_same
     assert store.versions() == [0, 1]
     assert _objects(fs, prefix) == sorted(v0 + ["v1/meta.json"] + [f"v1/{p['file']}" for p in store.meta(1)["parts"]])
     assert not (out / "features").exists()
+    # the refresh's model file is on the bucket too (its Ray Train checkpoints removed), none in the run directory
+    run_files = _objects(fs, prefix.rsplit("/", 1)[0])
+    assert "checkpoints/refresh-v1/model.pt" in run_files and not (out / "checkpoints").exists()
+    assert not [n for n in run_files if "/ray/" in n]
     r = run_cli(out, sets)
     assert r.returncode == 0 and "already finished" in r.stdout, r.stdout[-2000:]
 
