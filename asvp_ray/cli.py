@@ -31,10 +31,14 @@ SET_HELP = "Override a config key, e.g. --set budget.schedule=[50,50] --set prox
 
 
 def _setup_logging(log_file: Optional[Path] = None, verbose: bool = False) -> None:
+    from asvp_ray.redact import RedactingFormatter
+
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
+    for h in handlers:  # no credential of a storage URI in a log line
+        h.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "filelock", "urllib3", "matplotlib", "PIL"):
@@ -64,6 +68,7 @@ def extract(
     from asvp_ray.features.store import check_storage_reachable
     from asvp_ray.loop.rundir import RunDir
     from asvp_ray.ray_utils import init_ray
+    from asvp_ray.redact import redact_uri
 
     _setup_logging(None, verbose)
     try:
@@ -79,7 +84,7 @@ def extract(
                                 skip_unreadable=cfg.data.skip_unreadable)
     except AsvpError as e:
         _fail(e)
-    typer.echo(f"wrote {store.path(v)}: {meta['rows']} x {meta['dim']} features "
+    typer.echo(f"wrote {redact_uri(store.path(v))}: {meta['rows']} x {meta['dim']} features "
                f"({meta['backbone']}, weights {meta['weights']}) in {meta['seconds']:.1f}s"
                + (f"; skipped {len(meta['skipped'])} unreadable" if meta["skipped"] else ""))
 

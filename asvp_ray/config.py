@@ -297,11 +297,12 @@ class Config(_Strict):
         None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
                           "data are extracted once there and reused")
     storage: Optional[str] = Field(
-        None, description="where the feature store lives: null = DIR/features in the run directory; a local "
-                          "folder or an object-store URI (s3://bucket/prefix, gs://bucket/prefix; pyarrow.fs "
-                          "options after '?', e.g. ?endpoint_override=host:port&scheme=http). Each run gets its "
-                          "own folder there, recorded in DIR/storage.json; state.json, summary.json, "
-                          "labeled.parquet, the lock and run.log stay in the run directory")
+        None, description="where the feature store, the fine-tuned model files and Ray Train's checkpoints "
+                          "live: null = DIR/features and DIR/checkpoints in the run directory; a local folder or "
+                          "an object-store URI (s3://bucket/prefix, gs://bucket/prefix; pyarrow.fs options after "
+                          "'?', e.g. ?endpoint_override=host:port&scheme=http; credentials given there are never "
+                          "written out). Each run gets its own folder there, recorded in DIR/storage.json; "
+                          "state.json, summary.json, labeled.parquet, the lock and run.log stay in the run directory")
 
     @field_validator("storage")
     @classmethod

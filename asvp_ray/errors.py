@@ -3,7 +3,13 @@ from __future__ import annotations
 
 
 class AsvpError(Exception):
-    """Base class of every error asvp-ray raises on purpose."""
+    """Base class of every error asvp-ray raises on purpose. Its message never holds a
+    credential: URIs in it are shown redacted (:func:`asvp_ray.redact.redact_text`)."""
+
+    def __init__(self, *args):
+        from asvp_ray.redact import redact_text
+
+        super().__init__(*(redact_text(a) for a in args))
 
 
 class ConfigError(AsvpError, ValueError):

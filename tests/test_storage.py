@@ -150,7 +150,7 @@ def local_run(ray_local, tmp_path_factory):
 
 def _run_prefix(out):
     rec = json.loads((out / "storage.json").read_text())
-    return rec, rec["features"].split("?")[0][len("s3://"):]
+    return rec, rec["features"].split("?")[0][len("s3://"):].rpartition("@")[2]
 
 
 def test_run_with_its_store_on_s3_equals_the_local_run(s3_server, local_run, tmp_path):
@@ -242,6 +242,10 @@ def test_killed_runs_on_s3_leave_no_readable_half_version_and_resume_to_the_same
     assert store.versions() == [0, 1]
     assert _objects(fs, prefix) == sorted(v0 + ["v1/meta.json"] + [f"v1/{p['file']}" for p in store.meta(1)["parts"]])
     assert not (out / "features").exists()
+    # the refresh's model file is on the bucket too (its Ray Train checkpoints removed), none in the run directory
+    run_files = _objects(fs, prefix.rsplit("/", 1)[0])
+    assert "checkpoints/refresh-v1/model.pt" in run_files and not (out / "checkpoints").exists()
+    assert not [n for n in run_files if "/ray/" in n]
     r = run_cli(out, sets)
     assert r.returncode == 0 and "already finished" in r.stdout, r.stdout[-2000:]
 
@@ -321,3 +325,259 @@ def test_cli_extract_writes_to_the_storage(s3_server, tmp_path):
     assert f"wrote {rec['features'].split('?')[0]}/v0?" in r.stdout
     store = FeatureStore(rec["features"])
     assert store.versions() == [0] and store.meta(0)["rows"] == 100 and not (out / "features").exists()
+
+
+# ---------------------------------------------------------------------------- model files and checkpoints
+@pytest.mark.slow
+@pytest.mark.long
+def test_finetune_on_s3_resumes_from_its_checkpoints_there_and_its_model_file_scores_from_there(
+        s3_server, ray_local, tmp_path):
+    """A fine-tune with its folder on S3: Ray Train's checkpoints go to the bucket (a worker killed
+    after epoch 1 resumes from there), the model file is written there and the
+    checkpoints removed; the model equals the same fine-tune in a local folder (no kill), and the
+    extraction actors score the pool from the model file on the bucket exactly as from the local one."""
+    import torch
+
+    from asvp_ray.config import ExtractConfig
+    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.features.backbones import BackboneSpec
+    from asvp_ray.features.extract import predict_proba
+    from asvp_ray.features.model_file import read_torch_file
+    from asvp_ray.train.config import TrainConfig
+    from asvp_ray.train.finetune import finetune
+
+    spec = BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=1.0)
+    pool = FashionMNISTSource(split="train", limit=120)
+    cfg = TrainConfig(batch_size=32, epochs=3, max_failures=1)
+    marker = tmp_path / "killed-once"
+
+    def kill_once(epoch, rank, marker=str(marker)):
+        import os
+        import signal
+
+        if epoch == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    folder = s3_server["uri"](f"ft-{uuid.uuid4().hex[:6]}/checkpoints/refresh-v1")
+    prefix = folder.split("?")[0][len("s3://"):]
+    res = finetune(pool, pool.ids[:64], None, 10, spec, cfg, folder, method="ft", on_epoch_end=kill_once)
+    # resumed from a checkpoint on the bucket (epoch 1's, or epoch 0's when the kill beat its upload)
+    assert marker.exists() and res.resumed_from in ([1], [2]), res.resumed_from
+    assert res.checkpoint == folder.replace("?", "/model.pt?")
+    assert _objects(s3_server["fs"], prefix) == ["model.pt"]  # Ray Train's checkpoints are removed
+    local = finetune(pool, pool.ids[:64], None, 10, spec, cfg, tmp_path / "local", method="ft")
+    got, want = read_torch_file(res.checkpoint), torch.load(local.checkpoint, weights_only=True)
+    for part in ("backbone", "head"):
+        assert got[part].keys() == want[part].keys()
+        for k in want[part]:
+            assert torch.equal(got[part][k], want[part][k]), (part, k)
+    ecfg = ExtractConfig(batch_size=32, min_actors=1, max_actors=1)
+    ids_s3, probs_s3 = predict_proba(pool, pool.ids[:50], res.checkpoint, spec, ecfg)
+    ids_local, probs_local = predict_proba(pool, pool.ids[:50], local.checkpoint, spec, ecfg)
+    assert np.array_equal(ids_s3, ids_local) and np.array_equal(probs_s3, probs_local)
+    assert probs_s3.shape == (50, 10)
+
+
+# ---------------------------------------------------------------------------- write permission, credentials
+def test_a_storage_the_run_cannot_write_to_fails_at_start_naming_the_fix(tmp_path):
+    """The write check of check_storage_reachable on a local folder: a read-only folder is refused
+    before anything runs (root ignores permissions: there the S3 test below covers the check)."""
+    from asvp_ray.features.store import check_storage_reachable
+
+    check_storage_reachable(str(tmp_path / "new" / "folder"))  # created, probe written and removed
+    assert list((tmp_path / "new" / "folder").iterdir()) == []
+    if os.geteuid() == 0:
+        pytest.skip("running as root, which writes into read-only folders; the S3 variant covers the check")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match=rf"'storage' \({ro}\): this run cannot write there .*chmod"):
+            check_storage_reachable(str(ro))
+    finally:
+        ro.chmod(0o755)
+
+
+# moto's IAM: after this many requests it checks signatures and policies; the script below makes
+# exactly that many (the bucket, a user, its read-only policy, its key) and then checks the denial.
+# (moto names a bucket's HEAD s3:HeadBucket; AWS checks s3:ListBucket for it.)
+_IAM_SETUP = """
+import json, sys, boto3
+url = sys.argv[1]
+kw = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+boto3.client("s3", **kw).create_bucket(Bucket="ro-bucket")
+iam = boto3.client("iam", **kw)
+iam.create_user(UserName="reader")
+iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+    "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*",
+    "Action": ["s3:ListBucket", "s3:HeadBucket", "s3:GetObject", "s3:GetBucketLocation"]}]}))
+key = iam.create_access_key(UserName="reader")["AccessKey"]
+s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                  aws_secret_access_key=key["SecretAccessKey"])
+s3.list_objects_v2(Bucket="ro-bucket")
+try:
+    s3.put_object(Bucket="ro-bucket", Key="x", Body=b"x")
+    print("NOT-DENIED")
+except Exception as e:
+    print(json.dumps({"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"], "denied": str(e)}))
+"""
+
+
+def test_a_read_only_bucket_fails_at_start_and_the_message_hides_the_credentials(tmp_path):
+    """A second moto server that enforces IAM: a user allowed to list and read the bucket but not
+    to write. A run with that user's keys in the storage URI is refused at start, naming the key,
+    the URI with its credentials as ***, and the fix."""
+    from urllib.parse import quote
+
+    from tests.conftest import S3_VENV, _free_port, _stop_server
+
+    exe = S3_VENV / "bin" / "moto_server"
+    if not exe.is_file():
+        if os.environ.get("ASVP_REQUIRE_S3") == "1":
+            pytest.fail(f"the S3 test server (moto) is not installed in {S3_VENV}; run `make s3server`")
+        pytest.skip(f"the S3 test server (moto) is not installed in {S3_VENV}; run `make s3server`")
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4"))
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() - t0 < 60, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        r = subprocess.run([str(S3_VENV / "bin" / "python"), "-c", _IAM_SETUP, f"http://127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip().startswith("{"), (r.stdout, r.stderr[-2000:])
+        user = json.loads(r.stdout)
+        assert "AccessDenied" in user["denied"]
+        keys = f"{quote(user['access_key'], safe='')}:{quote(user['secret_key'], safe='')}"
+        storage = f"s3://{keys}@ro-bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        with pytest.raises(ConfigError) as e:
+            Driver(load_config(str(SMOKE), [f"storage={storage}"]), str(tmp_path / "run"))
+        msg = str(e.value)
+        assert msg.startswith(f"config key 'storage' (s3://***@ro-bucket/runs?endpoint_override=127.0.0.1:{port}"
+                              "&scheme=http&region=us-east-1): this run cannot write there"), msg
+        assert ("ACCESS_DENIED" in msg or "AccessDenied" in msg) and "s3:PutObject" in msg  # the store's answer
+        assert quote(user["secret_key"], safe="") not in msg and user["secret_key"] not in msg
+        assert not (tmp_path / "run" / "config.yaml").exists()
+    finally:
+        _stop_server(proc, log)
+
+
+def test_credentials_in_the_storage_uri_are_never_written_and_a_resume_takes_them_from_the_config(tmp_path):
+    """storage.json (and config.yaml) hold the URI with its credentials as ``***``; the store and
+    checkpoint folders are rebuilt with the config's full URI; a resume with the same URI (same or
+    other credentials) is accepted, another endpoint refused without showing the secret."""
+    from asvp_ray.features.store import with_options_of
+    from asvp_ray.loop.rundir import RunDir
+    from asvp_ray.redact import redact_text
+
+    secret = f"sEcReT{uuid.uuid4().hex[:8]}"
+    storage = f"s3://AK:{secret}@bkt/pre?endpoint_override=127.0.0.1:9&scheme=http"
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    store = rd.open_store(storage)
+    text = rd.storage_path.read_text()
+    assert secret not in text and "AK" not in text
+    rec = json.loads(text)
+    assert rec["storage"] == "s3://***@bkt/pre?endpoint_override=127.0.0.1:9&scheme=http"
+    assert rec["features"].startswith("s3://***@bkt/pre/run-") and rec["checkpoints"].startswith("s3://***@bkt/pre/")
+    assert store.uri.startswith(f"s3://AK:{secret}@bkt/pre/run-") and store.fs_root.startswith("bkt/pre/run-")
+    assert store.uri.endswith("/features?endpoint_override=127.0.0.1:9&scheme=http")
+    assert str(rd.checkpoints) == store.uri.replace("/features?", "/checkpoints?")
+    again = RunDir(tmp_path / "run")
+    assert again.open_store(storage.replace(secret, "other")).uri == store.uri.replace(secret, "other")
+    # without the config (rd.store): the redacted credentials are dropped, pyarrow uses the environment's
+    assert RunDir(tmp_path / "run").store.uri == store.uri.replace(f"AK:{secret}@", "")
+    with pytest.raises(RunDirError, match=r"keeps its features at s3://\*\*\*@bkt/pre/run-") as e:
+        RunDir(tmp_path / "run").open_store(storage.replace(":9?", ":10?").replace(":9&", ":10&"))
+    assert secret not in str(e.value)
+    assert with_options_of("/a/b", storage) == "/a/b"
+    rd.write_config(f"storage: {storage}\n")
+    assert secret not in rd.config_path.read_text() and "s3://***@bkt" in rd.config_path.read_text()
+    # query options named like credentials are masked too (filesystems that take them there)
+    assert redact_text("gs://b/p?access_token=t0k&scheme=http s3://b/q?secret_key=x&session_token=y") == \
+        "gs://b/p?access_token=***&scheme=http s3://b/q?secret_key=***&session_token=***"
+
+
+def _secret_free(fs, prefix, secret):
+    """Every object under ``prefix`` (parts, meta.json, model files ...) read whole: none holds ``secret``."""
+    names = _objects(fs, prefix)
+    for n in names:
+        with fs.open_input_stream(f"{prefix}/{n}") as f:
+            assert secret.encode() not in f.read(), n
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_asvp_refresh_with_credentials_in_the_uri_keeps_model_files_on_s3_and_writes_no_secret(
+        s3_server, local_asvp_run, tmp_path):
+    """ASVP's refresh with its storage on S3 and the credentials in the URI's query: the fine-tune's
+    Ray Train checkpoints and model file go to the run's folder on the bucket, the extraction actors
+    read the model file from there, the run ends exactly like the local one, and no file of the run
+    directory nor object of the bucket holds the secret; the same command resumes (finished)."""
+    secret = f"sEcReT-{uuid.uuid4().hex[:10]}"
+    storage = s3_server["uri"]("creds").replace("s3://", f"s3://asvp-test:{secret}@")
+    out = tmp_path / "run"
+    assert run_driver(out, ASVP + [f"storage={storage}"]) == local_asvp_run
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p
+    rec = json.loads((out / "storage.json").read_text())
+    assert rec["storage"] == s3_server["uri"]("creds").replace("s3://", "s3://***@")
+    run_prefix = _run_prefix(out)[1].rsplit("/", 1)[0]
+    names = _secret_free(s3_server["fs"], run_prefix, secret)
+    assert "checkpoints/refresh-v1/model.pt" in names
+    assert not [n for n in names if n.startswith("checkpoints/") and "/ray/" in n]  # Ray Train's are removed
+    assert not (out / "checkpoints").exists() and not (out / "features").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = summary["rounds"][2]["refresh"]["checkpoint"]
+    assert ckpt.startswith(f"s3://***@{run_prefix}/checkpoints/refresh-v1/model.pt?")
+    meta_v1 = json.loads(s3_server["fs"].open_input_stream(f"{run_prefix}/features/v1/meta.json").read())
+    assert meta_v1["weights"] == ckpt
+    assert "s3://***@asvp/creds" in (out / "config.yaml").read_text()
+    # the same config again: config.yaml (redacted) matches it, and the run is already finished
+    assert run_driver(out, ASVP + [f"storage={storage}"]) == local_asvp_run
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_study_with_its_trials_storage_on_s3_equals_the_local_study(s3_server, ray_local, tmp_path):
+    """`run_study` with storage on S3 (credentials in the URI): each trial's run keeps its feature
+    versions in its own folder on the bucket, the study's files stay local and hold no secret, and
+    every trial labels the same ids and reaches the same accuracies as in the same study with the
+    features in the trials' run directories."""
+    from asvp_ray.features.store import FeatureStore, with_options_of
+    from asvp_ray.tune import run_study
+
+    space = {"strategy": {"grid": ["margin", "entropy"]}}
+    sets = ["budget.schedule=[30,20]", "proxy.epochs=10", "final.training_method=none"]
+    secret = f"sEcReT-{uuid.uuid4().hex[:10]}"
+    storage = s3_server["uri"]("study").replace("s3://", f"s3://asvp-test:{secret}@")
+    results = {}
+    for name, extra in (("local", []), ("s3", [f"storage={storage}"])):
+        res = run_study(SMOKE, space, tmp_path / name, overrides=sets + extra, verbose=0)
+        assert sorted(r["status"] for r in res.rows) == ["finished", "finished"], res.rows
+        results[name] = {r["strategy"]: outcome(Path(r["run_dir"])) for r in res.rows}
+        if name == "s3":
+            for r in res.rows:
+                run = Path(r["run_dir"])
+                rec = json.loads((run / "storage.json").read_text())
+                store = FeatureStore(with_options_of(rec["features"], storage))
+                assert store.remote and store.versions() == [0] and store.meta(0)["rows"] == 400
+                assert rec["features"].startswith(f"s3://***@asvp/study/{run.name}-")
+                assert not (run / "features").exists()
+            for p in (tmp_path / name).rglob("*"):
+                if p.is_file():  # study.yaml, results.csv, best_config.yaml, Tune's state, the runs' files
+                    assert secret.encode() not in p.read_bytes(), p
+            _secret_free(s3_server["fs"], "asvp/study", secret)
+    assert results["s3"] == results["local"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -163,13 +162,11 @@ def _load_raw(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _load_file(path: str) -> Dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise BadInputError(f"weights file {path!r} does not exist; fix backbone.weights (a path, hub, "
-                            "lite0_package, auto or none)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise BadInputError(f"weights file {path}: cannot be read by torch.load ({e})") from None
+    """A weights file's state dict: a local path, or a URI on the run's storage (a refreshed
+    model file, read by extraction actors that may not see the run directory)."""
+    from asvp_ray.features.model_file import read_torch_file
+
+    obj = read_torch_file(path, "weights file", "fix backbone.weights (a path, hub, lite0_package, auto or none)")
     return _extract_state_dict(obj, path)
 
 

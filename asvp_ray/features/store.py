@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from asvp_ray._faults import fault_point
 from asvp_ray.errors import BadInputError, RunDirError
+from asvp_ray.redact import MASK, redact_obj, redact_uri
 
 ROWS_PER_FILE = 262_144
 ROW_GROUP_ROWS = 4096
@@ -94,6 +95,30 @@ def join_uri(uri: str, *names: Any) -> str:
     return base + (sep + query if sep else "")
 
 
+def location_fs(location: Any) -> Tuple[pafs.FileSystem, str]:
+    """The ``pyarrow.fs`` filesystem and the path inside it of a location: a URI (see
+    :func:`resolve_uri`), or a plain path on the local filesystem (made absolute)."""
+    if is_uri(location):
+        return resolve_uri(str(location))
+    return pafs.LocalFileSystem(), str(local_path(location).expanduser().resolve())
+
+
+def with_options_of(location: str, storage: Optional[str]) -> str:
+    """A location under ``storage`` as it was recorded (credentials redacted), made usable again:
+    the bucket and query options (credentials included) come from ``storage``, the config's full
+    URI; without it, redacted options are dropped (pyarrow then takes credentials from the
+    environment). Plain paths are returned as they are."""
+    if not is_uri(location):
+        return location
+    loc = urllib.parse.urlsplit(str(location))
+    if storage is not None and is_uri(storage):
+        st = urllib.parse.urlsplit(str(storage))
+        return urllib.parse.urlunsplit((loc.scheme, st.netloc, loc.path, st.query, ""))
+    netloc = loc.netloc.rpartition("@")[2] if loc.netloc.startswith(MASK) else loc.netloc
+    query = "&".join(q for q in loc.query.split("&") if q and not q.endswith("=" + MASK))
+    return urllib.parse.urlunsplit((loc.scheme, netloc, loc.path, query, ""))
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))[0]
@@ -105,7 +130,8 @@ def resolve_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
     parts = urllib.parse.urlsplit(str(uri))
     scheme = parts.scheme.lower()
     if scheme in OBJECT_STORE_SCHEMES:
-        return _filesystem(scheme, parts.netloc, parts.query), (parts.netloc + parts.path).rstrip("/")
+        bucket = parts.netloc.rpartition("@")[2]  # after the credentials s3://KEY:SECRET@bucket may hold
+        return _filesystem(scheme, parts.netloc, parts.query), (bucket + parts.path).rstrip("/")
     fs, path = pafs.FileSystem.from_uri(str(uri))
     return fs, path.rstrip("/")
 
@@ -132,46 +158,70 @@ def check_storage(storage: Optional[str]) -> Optional[str]:
         raise ConfigError(f"config key 'storage' ({storage}): unknown scheme {scheme!r}; use a local folder, "
                           "s3://bucket/prefix or gs://bucket/prefix (options such as "
                           "?endpoint_override=host:port&scheme=http after it)")
-    if not urllib.parse.urlsplit(storage).netloc:
+    if not urllib.parse.urlsplit(storage).netloc.rpartition("@")[2]:
         raise ConfigError(f"config key 'storage' ({storage}) names no bucket; write {scheme}://BUCKET/prefix")
     return storage
 
 
 def check_storage_reachable(storage: Optional[str]) -> None:
     """At run start: an object-store ``storage`` must parse (pyarrow's options) and its bucket
-    must exist and answer. Local folders are created on first write.
+    must exist and answer; and the run must be able to write there (a local folder is created):
+    a small probe file is written under the prefix and deleted again.
 
     Raises:
-        ConfigError: naming the key, what failed and the fix.
+        ConfigError: naming the key, the location (credentials redacted), what failed and the fix.
     """
     from asvp_ray.errors import ConfigError
 
-    if not is_uri(check_storage(storage)):
+    storage = check_storage(storage)
+    if storage is None:
         return
-    bucket = urllib.parse.urlsplit(storage).netloc
+    remote = is_uri(storage)
+    if remote:
+        bucket = urllib.parse.urlsplit(storage).netloc.rpartition("@")[2]
+        try:
+            fs, base = resolve_uri(storage)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise ConfigError(f"config key 'storage' ({storage}): {e}; fix the URI (for s3: region, scheme, "
+                              "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them)") from None
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as e:
+            raise ConfigError(f"config key 'storage' ({storage}): the object store does not answer ({e}); check "
+                              "the endpoint and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                              "AWS_ENDPOINT_URL or ?endpoint_override=)") from None
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"config key 'storage' ({storage}): bucket {bucket!r} does not exist there; create it "
+                              "or name an existing one")
+    else:
+        fs, base = pafs.LocalFileSystem(), str(local_path(storage).expanduser().resolve())
+    probe = f"{base}/.asvp-write-check-{uuid.uuid4().hex[:12]}"
     try:
-        fs, _ = resolve_uri(storage)
-    except (pa.ArrowInvalid, ValueError) as e:
-        raise ConfigError(f"config key 'storage' ({storage}): {e}; fix the URI (for s3: region, scheme, "
-                          "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them)") from None
-    try:
-        info = fs.get_file_info(bucket)
+        if not remote:
+            fs.create_dir(base, recursive=True)
+        _put(fs, probe, b"asvp-ray checks that it may write here; this file is deleted at once\n")
+        fs.delete_file(probe)
     except OSError as e:
-        raise ConfigError(f"config key 'storage' ({storage}): the object store does not answer ({e}); check the "
-                          "endpoint and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                          "AWS_ENDPOINT_URL or ?endpoint_override=)") from None
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"config key 'storage' ({storage}): bucket {bucket!r} does not exist there; create it "
-                          "or name an existing one")
+        fix = ("give the credentials write access to the prefix (s3:PutObject and s3:DeleteObject, or "
+               "storage.objects.create and .delete on gs: the bucket policy or the user's role)" if remote else
+               "make the folder writable for this user (chmod / chown) or choose another folder")
+        raise ConfigError(f"config key 'storage' ({storage}): this run cannot write there ({e}); {fix}") from None
+
+
+def run_folder_location(storage: str, run_dir: Path) -> str:
+    """A new run's own folder under ``storage``: ``<storage>/<run name>-<8 hex>`` (unique, so runs
+    sharing a bucket never meet). It holds ``features/`` (the feature store) and ``checkpoints/``
+    (the fine-tuned model files and Ray Train's checkpoints)."""
+    name = f"{Path(run_dir).resolve().name}-{uuid.uuid4().hex[:8]}"
+    if is_uri(storage):
+        return join_uri(storage, name)
+    return str(local_path(storage).expanduser().resolve() / name)
 
 
 def run_store_location(storage: str, run_dir: Path) -> str:
-    """A new run's own feature-store folder under ``storage``: ``<storage>/<run name>-<8 hex>/features``
-    (unique, so runs sharing a bucket never meet)."""
-    name = f"{Path(run_dir).resolve().name}-{uuid.uuid4().hex[:8]}"
-    if is_uri(storage):
-        return join_uri(storage, name, "features")
-    return str(local_path(storage).expanduser().resolve() / name / "features")
+    """A new run's own feature-store folder under ``storage``: ``<run folder>/features``
+    (:func:`run_folder_location`)."""
+    return join_uri(run_folder_location(storage, run_dir), "features")
 
 
 def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
@@ -227,6 +277,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """``obj`` as JSON, written atomically; credentials in URIs it holds are redacted
+    (:func:`asvp_ray.redact.redact_obj`: the file may be read by anyone who reads the run)."""
+    obj = redact_obj(obj)
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
 
 
@@ -545,7 +598,7 @@ class VersionWriter:
                               f"v{self.version + 1}")
         fault_point(f"commit:v{self.version}")
         _put(store.fs, store._fs_path(self.version, "meta.json"),
-             (json.dumps(meta, indent=2, default=_json_default) + "\n").encode())
+             (json.dumps(redact_obj(meta), indent=2, default=_json_default) + "\n").encode())
         self.committed = True
         return store.path(self.version)
 

@@ -22,9 +22,11 @@ RESUMABLE_CHANGES = ("extract", "driver_threads", "pool_shards")
 
 def attach_run_log(rd) -> logging.Handler:
     """Send the ``asvp_ray`` loggers' INFO records to the run's ``run.log`` too."""
+    from asvp_ray.redact import RedactingFormatter
+
     handler = logging.FileHandler(rd.log_path)
     handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("asvp_ray").addHandler(handler)
     logging.getLogger("asvp_ray").setLevel(logging.INFO)
     return handler
@@ -100,7 +102,10 @@ def check_config_matches(rd, cfg) -> None:
             old = load_config(raw=old).model_dump(mode="json")
         except ConfigError:
             pass
-        diff = [k for k in config_differences(old, cfg.model_dump(mode="json"))
+        from asvp_ray.redact import redact_obj
+
+        # config.yaml holds URIs with credentials redacted: compare what was written
+        diff = [k for k in config_differences(redact_obj(old), redact_obj(cfg.model_dump(mode="json")))
                 if not k.startswith(RESUMABLE_CHANGES)]
         if diff:
             raise RunDirError(f"{rd.path} holds a run made with a different config (differs in: "

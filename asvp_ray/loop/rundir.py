@@ -7,8 +7,15 @@ Layout::
     DIR/labeled.parquet    id, label, round: every label bought so far
     DIR/state.json         the commit point: the next round and current feature version
     DIR/run.log            the log
-    DIR/features/v{k}/     the feature store (with ``storage`` set: its own folder there,
-                           named in DIR/storage.json)
+    DIR/features/v{k}/     the feature store
+    DIR/checkpoints/TAG/   the fine-tuned model files (``model.pt``) and, while a fine-tune runs,
+                           Ray Train's checkpoints
+
+With ``storage`` set, the features and the checkpoints go to the run's own folder there
+(``<storage>/<run>-<8 hex>/features`` and ``.../checkpoints``), named in ``DIR/storage.json``.
+Credentials in a storage URI (``s3://KEY:SECRET@bucket/...``) are never written: config.yaml,
+storage.json, the other JSON files and run.log show them as ``***`` (``asvp_ray.redact``); a
+resume takes them from its config again (or the environment).
 
 Every file is replaced atomically (temporary file, fsync, rename). ``state.json`` is written
 last after a round, so a crash between files leaves rows that the next start rolls back.
@@ -19,14 +26,16 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvp_ray.errors import RunDirError
-from asvp_ray.features.store import FeatureStore, atomic_write_bytes, atomic_write_json, run_store_location
+from asvp_ray.features.store import (FeatureStore, atomic_write_bytes, atomic_write_json, join_uri,
+                                     run_folder_location, with_options_of)
+from asvp_ray.redact import redact_text, redact_uri
 
 LABELED_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("round", pa.int64())])
 
@@ -41,6 +50,8 @@ class RunDir:
     def __init__(self, path: os.PathLike):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
+        #: where fine-tunes write (a Path, or a URI with the config's options); set by open_store
+        self.checkpoints: Union[Path, str] = self.path / "checkpoints"
 
     # paths
     @property
@@ -68,36 +79,57 @@ class RunDir:
         return self.path / "storage.json"
 
     def read_storage(self) -> Optional[Dict[str, Any]]:
-        """``storage.json``: ``storage`` (the config key) and ``features`` (this run's store there)."""
+        """``storage.json``: ``storage`` (the config key), ``features`` and ``checkpoints`` (this
+        run's folders there), all with credentials redacted."""
         if not self.storage_path.is_file():
             return None
         return json.loads(self.storage_path.read_text())
 
+    @staticmethod
+    def _checkpoints_of(rec: Dict[str, Any]) -> str:
+        # storage.json files written before checkpoints went to the storage name only ``features``
+        if rec.get("checkpoints"):
+            return rec["checkpoints"]
+        base, sep, query = rec["features"].partition("?")
+        return base.rstrip("/").rsplit("/", 1)[0] + "/checkpoints" + (sep + query if sep else "")
+
     @property
     def store(self) -> FeatureStore:
-        """The run's feature store: where ``storage.json`` says, else ``DIR/features``."""
+        """The run's feature store: where ``storage.json`` says, else ``DIR/features``. (Redacted
+        credentials are dropped: pyarrow then takes them from the environment; with credentials in
+        the config use :meth:`open_store`.)"""
         rec = self.read_storage()
-        return FeatureStore(rec["features"] if rec else self.path / "features")
+        return FeatureStore(with_options_of(rec["features"], None) if rec else self.path / "features")
 
     def open_store(self, storage: Optional[str]) -> FeatureStore:
         """The run's feature store for the config's ``storage``: ``DIR/features`` when it is null,
         else this run's own folder under it, chosen the first time and recorded in
-        ``storage.json`` (before anything is written there), so a resume finds it again.
+        ``storage.json`` (before anything is written there), so a resume finds it again. Sets
+        :attr:`checkpoints` (``DIR/checkpoints``, or the run's ``checkpoints`` folder there).
+
+        storage.json holds the locations with credentials redacted; they are rebuilt with the
+        options (and credentials) of ``storage``, the config's full URI.
 
         Raises:
             RunDirError: the run keeps its features under another storage than the config names.
         """
         rec = self.read_storage()
-        if rec is not None and rec.get("storage") != storage:
+        if rec is not None and redact_uri(rec.get("storage")) != redact_uri(storage):
             raise RunDirError(f"{self.path} keeps its features at {rec['features']} (storage: {rec['storage']}), "
-                              f"but the config says storage: {storage}; resume it with storage: {rec['storage']}, "
-                              "or use a new --out")
+                              f"but the config says storage: {storage}; resume it with storage: {rec['storage']} "
+                              "(and its credentials), or use a new --out")
         if storage is None:
+            self.checkpoints = self.path / "checkpoints"
             return FeatureStore(self.path / "features")
         if rec is None:
-            rec = {"storage": storage, "features": run_store_location(storage, self.path)}
-            atomic_write_json(self.storage_path, rec)
-        return FeatureStore(rec["features"])
+            folder = run_folder_location(storage, self.path)
+            rec = {"storage": storage, "features": join_uri(folder, "features"),
+                   "checkpoints": join_uri(folder, "checkpoints")}
+            atomic_write_json(self.storage_path, rec)  # redacted there
+        features = with_options_of(rec["features"], storage)
+        checkpoints = with_options_of(self._checkpoints_of(rec), storage)
+        self.checkpoints = checkpoints if "://" in checkpoints else Path(checkpoints)
+        return FeatureStore(features)
 
     # lock
     def lock(self) -> "RunDir":
@@ -128,7 +160,8 @@ class RunDir:
 
     # state
     def write_config(self, text: str) -> None:
-        atomic_write_bytes(self.config_path, text.encode())
+        """``config.yaml``, with credentials in URIs redacted."""
+        atomic_write_bytes(self.config_path, redact_text(text).encode())
 
     def read_state(self) -> Optional[Dict[str, Any]]:
         if not self.state_path.is_file():

@@ -3,7 +3,11 @@ standard AL, probes) and the final model trained after the last round."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+from asvp_ray.features.store import is_uri, join_uri
+from asvp_ray.redact import redact_uri
 
 log = logging.getLogger("asvp_ray.driver")
 
@@ -15,8 +19,17 @@ def train_resources(train_cfg) -> Dict[str, float]:
             "gpus": plan.num_workers * plan.resources_per_worker.get("GPU", 0.0)}
 
 
+def _checkpoint_folder(root, tag: str):
+    return join_uri(root, tag) if is_uri(root) else Path(root) / tag
+
+
 def finetune_labeled(d, method: str, tag: str, evaluate: bool):
-    """Fine-tune the backbone on the driver's labelled set with Ray Train; returns the FinetuneResult."""
+    """Fine-tune the backbone on the driver's labelled set with Ray Train; returns the FinetuneResult.
+
+    The model file and Ray Train's checkpoints go to ``rd.checkpoints/<tag>``: ``DIR/checkpoints``,
+    or with ``storage`` set the run's ``checkpoints`` folder there (a local folder or a URI). The
+    folder name depends on the tag only, so a fine-tune rerun after a crash finds its checkpoints.
+    """
     from asvp_ray.train.finetune import finetune
 
     d.versions.release_shards()  # pool shard actors give their CPUs to the Train workers
@@ -24,9 +37,9 @@ def finetune_labeled(d, method: str, tag: str, evaluate: bool):
     if evaluate and d.test is not None:
         kwargs = dict(eval_source=d.test, eval_ids=d.test.ids, eval_labels=d.test.labels)
     res = finetune(d.pool, d.labeled["id"], d.labeled["label"], len(d.classes), d.spec,
-                   d.cfg.train, d.rd.path / "checkpoints" / tag, method=method, **kwargs)
+                   d.cfg.train, _checkpoint_folder(d.rd.checkpoints, tag), method=method, **kwargs)
     log.info("fine-tune %s (%s) on %d labels: %.1fs, checkpoint %s, test accuracy %s", tag, method,
-             len(d.labeled["id"]), res.seconds, res.checkpoint, res.test_accuracy)
+             len(d.labeled["id"]), res.seconds, redact_uri(res.checkpoint), res.test_accuracy)
     return res
 
 
@@ -50,7 +63,7 @@ def run_final(d) -> Optional[Dict[str, Any]]:
     with d._timed(seconds, "final_train", **d._train_resources()):
         res = d._finetune(method, "final", evaluate=d.test is not None)
     d.summary["final"] = {"training_method": method, "reason": d.final_reason,
-                          "test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint),
+                          "test_accuracy": res.test_accuracy, "checkpoint": redact_uri(res.checkpoint),
                           "seconds": round(seconds["final_train"], 3), "n_labeled": int(len(d.labeled["id"]))}
     d.final_done = True
     d._commit()

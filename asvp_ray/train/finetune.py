@@ -36,6 +36,11 @@ and the train function resumes from the latest registered checkpoint at the next
 run's name is a fingerprint of its inputs, so re-running the same call after the driver itself
 died also resumes from the stored checkpoints.
 
+Where: ``out_dir`` is a local folder or a URI on object storage (the run's ``storage``); Ray
+Train's checkpoints go to ``out_dir/ray/<name>`` there (``RunConfig(storage_path=...,
+storage_filesystem=...)``), the model file to ``out_dir/model.pt``, and the checkpoints are
+removed once the model file is written.
+
 The kept model (last, or best by eval accuracy) is written as one ``.pt`` file that
 ``create_backbone(spec, checkpoint=path)`` loads (it reads the ``backbone`` key); its ``head``
 key scores the pool through :func:`asvp_ray.features.extract.predict_proba`. The file's format
@@ -64,6 +69,7 @@ from torch import nn
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.model_file import save_model_file
+from asvp_ray.features.store import is_uri, resolve_uri
 from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
 from asvp_ray.train.config import TrainConfig
 
@@ -79,8 +85,8 @@ class FinetuneResult:
     """What a fine-tuning job produced.
 
     Attributes:
-        checkpoint: path of the kept model file (``backbone``, ``head``, ``num_classes``, ``spec``,
-            ``method``, ``epochs`` ...); loads with ``create_backbone(spec, checkpoint=...)``.
+        checkpoint: path (or URI) of the kept model file (``backbone``, ``head``, ``num_classes``,
+            ``spec``, ``method``, ``epochs`` ...); loads with ``create_backbone(spec, checkpoint=...)``.
         test_accuracy: accuracy of the kept model on the eval set, when one was given.
         seconds: wall seconds of the whole call (reading the images, training, checkpoint copy).
         history: one dict per epoch (epoch, phase, lr, train_loss, train_accuracy,
@@ -625,8 +631,10 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         num_classes: C, the head's width.
         spec: the backbone.
         cfg: the training settings.
-        out_dir: where the kept model (``model.pt``) and, while running, Ray Train's checkpoints go.
-            Must be on storage every node can reach when the cluster has several nodes.
+        out_dir: where the kept model (``model.pt``) and, while running, Ray Train's checkpoints
+            (``out_dir/ray/<name>``) go: a local folder, or a URI (``s3://bucket/prefix?options``,
+            ``gs://...``) reached through ``pyarrow.fs`` (Ray Train's ``storage_filesystem``).
+            A local folder must be on storage every node can reach when the cluster has several nodes.
         method: ``linear_probe`` (frozen backbone, train the head), ``ft`` (full fine-tuning) or
             ``lpft`` (linear probe, then full fine-tuning from that head).
         init_checkpoint: backbone weights to start from (default: ``spec.weights``); the head
@@ -676,8 +684,15 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     if ev_ids is not None:
         datasets["eval"] = _labelled_dataset(eval_source, ev_ids, ev_y, "eval set")
 
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if is_uri(out_dir):  # Ray Train reaches the storage through the same pyarrow filesystem (its
+        # options and credentials stay in that object, never in a path Ray logs or records)
+        out: Union[str, Path] = str(out_dir)
+        storage_fs, out_path = resolve_uri(out)
+        storage_path = f"{out_path}/ray"
+    else:
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        storage_fs, storage_path = None, str(out / "ray")
     name = f"finetune-{method}-" + _fingerprint(
         method=method, cfg=cfg.model_dump(mode="json"), spec=asdict(spec), num_classes=int(num_classes), ids=ids,
         labels=y, init=init_checkpoint, eval=ev_ids if ev_ids is not None else [])
@@ -691,7 +706,7 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=plan.resources_per_worker),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(out / "ray"),
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -701,7 +716,7 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
     with asvp_errors_unwrapped():
         result = trainer.fit()
     if result.checkpoint is None:  # pragma: no cover - the last epoch always checkpoints
-        raise RuntimeError(f"fine-tuning {name} finished without a checkpoint; see {out / 'ray'}")
+        raise RuntimeError(f"fine-tuning {name} finished without a checkpoint; see {storage_path}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=True)
     ret = result.return_value or {}
@@ -715,7 +730,13 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
              "spec": asdict(spec), "method": method, "epochs": total, "epoch": kept_epoch,
              "lp_epochs": lp_epochs, "ft_epochs": ft_epochs, "precision": precision}
     path = save_model_file(out, **final)
-    shutil.rmtree(out / "ray" / name, ignore_errors=True)
+    if storage_fs is None:
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+    else:
+        try:
+            storage_fs.delete_dir(f"{storage_path}/{name}")
+        except OSError as e:  # a leftover only costs space; the model file is written
+            log.warning("could not remove Ray Train's checkpoints %s/%s: %s", storage_path, name, e)
     row = next((h for h in history if h["epoch"] == kept_epoch), {})
     return FinetuneResult(
         checkpoint=path, test_accuracy=row.get("eval_accuracy"), seconds=round(time.perf_counter() - t0, 3),

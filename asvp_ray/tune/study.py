@@ -5,7 +5,9 @@ Layout of a study directory ``DIR``::
     DIR/study.yaml           the base config and the search space (a restore checks they match)
     DIR/feature_cache/       features v0, extracted once per backbone + data, hard-linked into trials
     DIR/prefetch/            the scratch runs that extracted them before the trials started
-    DIR/runs/<trial_id>/     each trial's run directory (config.yaml, summary.json, ...)
+    DIR/runs/<trial_id>/     each trial's run directory (config.yaml, summary.json, ...); with the
+                             config's ``storage`` set, the trial's features and model files go to its
+                             own folder there (``storage.json``), as for ``asvp-ray run``
     DIR/tune/                Ray Tune's experiment state (``Tuner.restore`` reads it)
     DIR/results.csv          one row per trial: status, searched values, rounds, accuracies
     DIR/best_config.yaml     the best trial's config; ``asvp-ray run`` accepts it unchanged
@@ -39,6 +41,7 @@ import yaml
 
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.redact import redact_obj, redact_text
 from asvp_ray.tune.resources import head_resources, placement_group_factory, plan_study, resource_variants
 from asvp_ray.tune.space import SearchSpace, parse_space, set_key
 
@@ -199,7 +202,8 @@ def _check_study(out: Path, meta: Dict[str, Any]) -> bool:
     path = out / "study.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
-        diff = config_differences(old.get("config", {}), meta["config"])
+        # study.yaml holds URIs with credentials redacted: compare what was written
+        diff = config_differences(redact_obj(old.get("config", {})), redact_obj(meta["config"]))
         if diff:
             raise RunDirError(f"{out} holds a study of a different config (differs in: {', '.join(diff)}); rerun it "
                               "with the same config and --set, or use a new --out")
@@ -207,7 +211,7 @@ def _check_study(out: Path, meta: Dict[str, Any]) -> bool:
             raise RunDirError(f"{out} holds a study of a different search space ({old.get('space')}); rerun it with "
                               "the same --space, or use a new --out")
         return True
-    atomic_write_bytes(path, yaml.safe_dump(meta, sort_keys=False).encode())
+    atomic_write_bytes(path, yaml.safe_dump(redact_obj(meta), sort_keys=False).encode())
     return False
 
 
@@ -225,6 +229,7 @@ def _prefetch(base: Dict[str, Any], space: SearchSpace, out: Path, cache: Path) 
     for i, combo in enumerate(combos):
         raw = space.trial_raw(base, combo)
         raw["feature_cache"] = str(cache)
+        raw["storage"] = None  # scratch runs that only fill the local cache: trials copy v0 to their storage
         raw = set_key(raw, "budget.schedule", [1])  # features only; no round is run
         cfg = load_config(raw=raw)
         d = Driver(cfg, str(out / "prefetch" / f"features-{i}"))
@@ -311,12 +316,9 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base_cfg = _base_config(config, overrides)
     if base_cfg.data.test is None:
         raise ConfigError(f"a study ranks trials by {METRIC}, which needs a test set; set data.test in the config")
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.features.store import check_storage_reachable
 
-    if is_uri(base_cfg.storage):  # not tested with studies yet (trial directories, ASHA's stops, the cache)
-        raise ConfigError(f"config key 'storage' ({base_cfg.storage}): studies do not take storage on object "
-                          "storage yet; it supports `asvp-ray run` for now: set storage to a local folder or null "
-                          "for the study")
+    check_storage_reachable(base_cfg.storage)  # every trial's run would fail on it: say so once, first
     base = base_cfg.model_dump(mode="json")
     base.pop("feature_cache", None)
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
@@ -533,7 +535,7 @@ def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, res
         w.writeheader()
         for r in rows:
             w.writerow({k: (json.dumps(r[k]) if isinstance(r.get(k), list) else r.get(k))
-                        for k in columns + ["run_dir"]} | {"error": r["_error"]})
+                        for k in columns + ["run_dir"]} | {"error": redact_text(r["_error"])})
 
     best_path = None
     if best is not None:
@@ -545,7 +547,7 @@ def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, res
                   + ", ".join(f"{k}={_fmt(best[k])}" for k in sp.keys) + ".\n"
                   f"# Run it with: asvp-ray run {out / 'best_config.yaml'} --out runs/best\n")
         best_path = out / "best_config.yaml"
-        atomic_write_bytes(best_path, (header + dump_config(cfg)).encode())
+        atomic_write_bytes(best_path, redact_text(header + dump_config(cfg)).encode())
 
     png = out / "curves.png"
     _plot(rows, best, png, sp.keys)
