@@ -233,7 +233,8 @@ def _filesystem(uri: str):
         _FILESYSTEMS[key] = fs
         return fs, inner
     path = unquote(u.path)
-    return fs, (u.netloc + path if u.scheme in _HOST_IN_PATH else path)
+    bucket = u.netloc.rsplit("@", 1)[-1]  # s3://KEY:SECRET@bucket/...: the credentials are not in the path
+    return fs, (bucket + path if u.scheme in _HOST_IN_PATH else path)
 
 
 def _read_image_bytes(path: str) -> bytes:
