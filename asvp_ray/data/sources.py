@@ -337,10 +337,17 @@ def _absolute_paths(column, base: Path, origin: str):
     if empty:
         raise BadInputError(f"{origin}: {empty} row(s) have an empty path; give every row its image file or URI")
     keep = pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/"))
+    if pc.all(keep).as_py():
+        return col
     joined = pc.binary_join_element_wise(pa.scalar(str(base), pa.large_string()), col,
                                          pa.scalar("/", pa.large_string()))
-    joined = pc.replace_substring_regex(joined, r"/(\./)+", "/")
-    joined = pc.replace_substring_regex(joined, r"/{2,}", "/")
+    # each pass copies the column: only when some path needs it (most manifests have none)
+    if pc.any(pc.match_substring(col, "./")).as_py():
+        joined = pc.replace_substring_regex(joined, r"/(\./)+", "/")
+    if pc.any(pc.match_substring(col, "//")).as_py():
+        joined = pc.replace_substring_regex(joined, r"/{2,}", "/")
+    if not pc.any(keep).as_py():
+        return joined
     return pc.if_else(keep, col, joined)
 
 
