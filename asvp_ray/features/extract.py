@@ -368,11 +368,8 @@ def _fit_images(batch: Dict[str, np.ndarray], input_cfg: Dict[str, Any]) -> Dict
     pre = _FITTERS.get(key)
     if pre is None:
         pre = _FITTERS[key] = Preprocessor(input_cfg)
-    images = batch["image"]
-    if isinstance(images, np.ndarray) and images.dtype != object:
-        batch["image"] = pre.fit(images)
-    else:  # decoded files of any size: each image is fitted; unreadable rows hold a 1x1 placeholder
-        batch["image"] = pre.fit(list(images))
+    # one (B,H,W[,C]) array, or decoded files of any size (unreadable rows hold a 1x1 placeholder)
+    batch["image"] = pre.fit(batch["image"])
     return batch
 
 
