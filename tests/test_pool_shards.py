@@ -65,6 +65,24 @@ def test_shards_pick_exactly_what_the_driver_held_pool_picks(ray_local, tmp_path
     assert "stay in shard actors" in log and "2 shard actors loaded features v0 (4000 rows)" in log
 
 
+def test_asvp_monitor_on_shards_scores_what_the_driver_held_pool_scores(ray_local, tmp_path, emb):
+    """The alignment monitor of a sharded pool runs in a task that reads the labelled and reference
+    rows from the shard actors: the same LogME / LogME-PED as on the driver-held matrix."""
+    base = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}",
+            f"data.test={{kind: embeddings, path: '{emb['test']}'}}", "method=asvp", "refresh.policy=never",
+            "monitor.reference_rows=1500", "final.training_method=none", "budget.schedule=[60,60]", "proxy.epochs=10"]
+    _, _, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"])
+    mode, held, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards", "pool_shards.num_shards=2"])
+    assert mode == "shards" and held is None
+    assert _by_round(lab_s) == _by_round(lab_d)
+    got = [r["alignment"] for r in sum_s["rounds"]]
+    want = [r["alignment"] for r in sum_d["rounds"]]
+    assert len(got) == 2 and all(set(a) == {"logme", "logme_ped"} for a in got)
+    assert got[0] != got[1]  # 60 then 120 labelled rows: the scores move
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=2e-6)
+
+
 def test_strategies_that_need_the_whole_matrix_say_which_ones_run_on_shards(ray_local, tmp_path, emb):
     sets = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}", "data.test=null", "strategy=typiclust",
             "budget.schedule=[30,30]", "pool_shards.mode=shards", "pool_shards.num_shards=2"]

@@ -480,6 +480,28 @@ def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[
     return out
 
 
+def _compute_on_rows(pieces: Sequence[Sequence[Tuple[np.ndarray, Any]]], sizes: Sequence[int], threads: int,
+                     fn: Callable, args: tuple):
+    from asvp_ray.device import set_compute_threads
+
+    set_compute_threads(threads)
+    return fn(*[gather_rows(p, n) for p, n in zip(pieces, sizes)], *args)
+
+
+def compute_on_rows(shards: "StoreShards", positions: Sequence[np.ndarray], fn: Callable, *args):
+    """``fn(rows at positions[0], rows at positions[1], ..., *args)`` computed in a Ray task that
+    fetches the rows from the shard actors, so neither the rows nor ``fn``'s working memory enter
+    this process (the alignment monitor: PED's float64 copies of 20,000 x D rows are ~250 MB at
+    D=256). The task reserves no CPU, as the driver does not, and computes on this process's
+    thread count."""
+    import ray
+    import torch
+
+    pieces = [shards.rows_at_refs(np.asarray(p, dtype=np.int64)) for p in positions]
+    task = ray.remote(_compute_on_rows).options(num_cpus=0)
+    return ray.get(task.remote(pieces, [len(p) for p in positions], torch.get_num_threads(), fn, args))
+
+
 def apply_at(features: np.ndarray, start: int, positions: np.ndarray, fn: Callable, *args):
     """``fn`` on a shard's rows at pool ``positions`` (all inside the shard)."""
     return fn(features[np.asarray(positions, dtype=np.int64) - start], *args)

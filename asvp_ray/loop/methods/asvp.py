@@ -85,21 +85,24 @@ class ASVP(Method):
     # ------------------------------------------------------------------ helpers
     def _monitor(self) -> Dict[str, float]:
         """Alignment scores of the current features on the labelled set (seeded subsamples)."""
-        from asvp_ray.alignment import alignment_scores
-
         d = self.d
         m = d.cfg.monitor
         rng = np.random.default_rng([d.cfg.seed, d.next_round, 2])
         take = np.arange(len(d.labeled["id"]))
         if len(take) > m.max_rows:
             take = np.sort(rng.choice(take, m.max_rows, replace=False))
-        feats = d.versions.features_of(d.labeled["id"][take])
+        rows = d.versions.rows(d.labeled["id"][take])
         labels = d.labeled["label"][take]
         n = len(d.ids)
         ref_rows = np.sort(rng.choice(n, m.reference_rows, replace=False)) if n > m.reference_rows else np.arange(n)
-        ref = d.versions.features_at(ref_rows)
-        return {k: round(float(v), 6) for k, v in alignment_scores(feats, labels, reference=ref,
-                                                                    scores=tuple(m.scores)).items()}
+        shards = d.versions.shards
+        if shards is not None:  # computed in a task that reads the rows from the shard actors
+            from asvp_ray.selection.sharded import compute_on_rows
+
+            scores = compute_on_rows(shards, [rows, ref_rows], _scores, labels, tuple(m.scores))
+        else:
+            scores = _scores(d.versions.features_at(rows), d.versions.features_at(ref_rows), labels, tuple(m.scores))
+        return {k: round(float(v), 6) for k, v in scores.items()}
 
     def _refresh(self, seconds: Dict[str, float], reuse=None) -> Dict[str, Any]:
         """Fine-tune on the labelled set, re-extract pool and test into v{k+1}, switch to it.
@@ -153,3 +156,9 @@ class ASVP(Method):
                                     reference=None, scores=tuple(d.cfg.monitor.scores))
 
         return probe
+
+
+def _scores(feats: np.ndarray, ref: np.ndarray, labels: np.ndarray, scores: Tuple[str, ...]) -> Dict[str, float]:
+    from asvp_ray.alignment import alignment_scores
+
+    return alignment_scores(feats, labels, reference=ref, scores=scores)
