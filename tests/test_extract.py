@@ -63,6 +63,39 @@ def _manifest(tmp_path, n=6):
     return paths
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_manifest_pool_is_read_by_ray_data_in_small_blocks_and_ids_pick_their_own_images(ray_local, tmp_path, fmt):
+    """The whole pool: Ray Data reads the manifest (the driver keeps ids and labels, not paths) and
+    decodes in blocks of at most 1,024 rows, so a large manifest spreads over many tasks; a few
+    ids: exactly their images. 2,500 rows over 5 image files (each id's image is known)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    paths = write_images(tmp_path / "imgs", 5, size=(12, 10))
+    n = 2_500
+    ids = np.arange(n)[::-1] * 3 + 7  # unsorted in the file
+    rel = [f"./imgs//{paths[i % 5].name}" for i in range(n)]
+    if fmt == "parquet":
+        pq.write_table(pa.table({"id": ids, "path": rel}), tmp_path / "m.parquet")
+    else:
+        (tmp_path / "m.csv").write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in zip(ids, rel)))
+    src = ManifestSource(str(tmp_path / f"m.{fmt}"))
+    assert src._paths is None  # nothing per row but ids (and labels) in this process
+    images = {p.name: np.asarray(Image.open(p)) for p in paths}
+    want = {int(i): images[paths[k % 5].name] for k, i in enumerate(ids)}
+    sizes = src.to_dataset().map_batches(lambda b: {"rows": np.array([len(b["id"])])}, batch_size=None).take_all()
+    assert sum(r["rows"] for r in sizes) == n and max(r["rows"] for r in sizes) <= 1024 and len(sizes) >= 3
+    rows = src.to_dataset().take_all()
+    assert sorted(r["id"] for r in rows) == sorted(want)
+    assert all(np.array_equal(r["image"], want[r["id"]]) for r in rows[::97])
+    some = np.array([int(ids[5]), int(ids[2_000]), int(ids[1])])
+    got = src.to_dataset(ids=some).take_all()
+    assert sorted(r["id"] for r in got) == sorted(some.tolist())
+    assert all(np.array_equal(r["image"], want[r["id"]]) for r in got)
+    assert src.paths(some) == [str((tmp_path / "imgs" / paths[k % 5].name).resolve()) for k in (5, 2_000, 1)]
+
+
 def test_manifest_extraction_matches_direct_features(ray_local, tmp_path):
     paths = _manifest(tmp_path)
     src = ManifestSource(str(tmp_path / "m.csv"))

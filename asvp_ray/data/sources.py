@@ -333,7 +333,7 @@ def _absolute_paths(column, base: Path, origin: str):
 
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     col = col.cast(pa.large_string())
-    empty = pc.sum(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))).as_py() or 0
+    empty = _empty_paths(col)
     if empty:
         raise BadInputError(f"{origin}: {empty} row(s) have an empty path; give every row its image file or URI")
     keep = pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/"))
@@ -491,26 +491,20 @@ class ManifestSource(_FileSource):
         mpath = Path(path)
         if not mpath.is_file():
             raise BadInputError(f"manifest {path!r} does not exist; fix data.pool.path")
-        try:
-            if mpath.suffix.lower() == ".parquet":
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(mpath)
-            elif mpath.suffix.lower() in (".csv", ".tsv"):
-                import pyarrow.csv as pacsv
-
-                opts = pacsv.ParseOptions(delimiter="\t" if mpath.suffix.lower() == ".tsv" else ",")
-                table = pacsv.read_csv(mpath, parse_options=opts,
-                                       convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()}))
-            else:
-                raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
-        except pa.ArrowInvalid as e:
-            raise BadInputError(f"manifest {path}: cannot be parsed ({e})") from None
-        cols = set(table.column_names)
+        self.format = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}.get(mpath.suffix.lower())
+        if self.format is None:
+            raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
+        self.path = str(mpath)
+        self.base = mpath.resolve().parent  # relative paths are joined to the manifest's folder
+        origin = f"manifest {path}"
+        cols = set(self._columns())
         missing = [c for c in ("id", "path") if c not in cols]
         if missing:
             raise BadInputError(f"manifest {path}: missing column(s) {missing}; it has {sorted(cols)}. "
                                 "A manifest needs columns id (integer), path, and optionally label.")
+        # the driver keeps ids and labels; the paths stay in the file (about 100 bytes a row: they
+        # are read again by the read tasks, or for the few ids a fine-tune or a labeller needs)
+        table = self._read([c for c in ("id", "label") if c in cols])
         id_col = table.column("id")
         if not pa.types.is_integer(id_col.type):
             bad = next((v for v in id_col.to_pylist() if not _is_int(v)), None)
@@ -519,20 +513,140 @@ class ManifestSource(_FileSource):
         if id_col.null_count:
             raise BadInputError(f"manifest {path}: {id_col.null_count} row(s) have an empty id; every row needs one")
         ids = id_col.to_numpy().astype(np.int64)
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            dups = uniq[counts > 1][:10].tolist()
-            raise BadInputError(f"manifest {path}: duplicate ids {dups}; ids must be unique")
-        paths = _absolute_paths(table.column("path"), mpath.resolve().parent, f"manifest {path}")
+        dups = _duplicates(ids)
+        if len(dups):
+            raise BadInputError(f"manifest {path}: duplicate ids {dups[:10].tolist()}; ids must be unique")
+        empty = sum(_empty_paths(b.column(0)) for b in self._batches(["path"]))
+        if empty:
+            raise BadInputError(f"{origin}: {empty} row(s) have an empty path; give every row its image file or URI")
         labels = None
         cls_out = list(classes) if classes else None
         if "label" in cols:
-            labels, cls_out = _labels_from_column(table.column("label"), classes, origin=f"manifest {path}", ids=ids)
-        self.path = str(mpath)
-        super().__init__(ids, paths, labels, cls_out, origin=f"manifest {path}")
+            labels, cls_out = _labels_from_column(table.column("label"), classes, origin=origin, ids=ids)
+        del table, id_col
+        super().__init__(ids, None, labels, cls_out, origin=origin)
+
+    # ---- reading the manifest (a column subset, whole or in batches)
+    def _csv_options(self, columns: Sequence[str]):
+        import pyarrow.csv as pacsv
+
+        parse = pacsv.ParseOptions(delimiter="\t" if self.format == "tsv" else ",")
+        convert = pacsv.ConvertOptions(column_types={"path": pa.string()}, include_columns=list(columns))
+        return parse, convert
+
+    def _columns(self) -> List[str]:
+        try:
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                return pq.read_schema(self.path).names
+            import pyarrow.csv as pacsv
+
+            with pacsv.open_csv(self.path, parse_options=self._csv_options([])[0]) as reader:
+                return reader.schema.names
+        except (pa.ArrowInvalid, OSError) as e:
+            raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
+
+    def _read(self, columns: Sequence[str]) -> pa.Table:
+        try:
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                return pq.read_table(self.path, columns=list(columns))
+            import pyarrow.csv as pacsv
+
+            parse, convert = self._csv_options(columns)
+            return pacsv.read_csv(self.path, parse_options=parse, convert_options=convert)
+        except pa.ArrowInvalid as e:
+            raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
+
+    def _batches(self, columns: Sequence[str], batch_rows: int = 65_536):
+        """The manifest's ``columns`` in record batches (this process holds one at a time)."""
+        try:
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                with pq.ParquetFile(self.path) as f:
+                    yield from f.iter_batches(batch_size=batch_rows, columns=list(columns))
+                return
+            import pyarrow.csv as pacsv
+
+            parse, convert = self._csv_options(columns)
+            with pacsv.open_csv(self.path, parse_options=parse, convert_options=convert,
+                                read_options=pacsv.ReadOptions(block_size=8 << 20)) as reader:
+                yield from reader
+        except pa.ArrowInvalid as e:
+            raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
+
+    def _path_array(self, ids: np.ndarray):
+        """Resolved paths of ``ids`` (pool ids, in their order) as an Arrow string array, read from
+        the manifest in batches: memory follows ``len(ids)``, not the manifest."""
+        ids = np.asarray(ids, dtype=np.int64)
+        want = np.unique(ids)
+        got_ids, got_paths = [], []
+        for b in self._batches(["id", "path"]):
+            bid = b.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            hit = np.isin(bid, want)
+            if hit.any():
+                got_ids.append(bid[hit])
+                got_paths.append(b.column(1).filter(pa.array(hit)).cast(pa.large_string()))
+        if not got_ids:
+            return pa.array([], pa.large_string())
+        found = np.concatenate(got_ids)
+        paths = _absolute_paths(pa.chunked_array(got_paths, pa.large_string()), self.base, self.origin)
+        order = np.argsort(found, kind="stable")
+        pos = order[np.searchsorted(found[order], ids)]
+        return paths.take(pa.array(pos, pa.int64()))
+
+    def paths(self, ids):
+        pos = _positions(self._ids, np.asarray(ids, dtype=np.int64))
+        return self._path_array(self._ids[pos]).to_pylist()
+
+    def to_dataset(self, ids=None, skip_unreadable=False):
+        """Some ids: their paths are looked up here (a few thousand rows at most, for a fine-tune or
+        a labeller). The whole pool: Ray Data reads the manifest in read tasks on this process's node
+        (where the manifest is; zero CPUs, so a head without CPUs still runs them), the paths are
+        resolved there, and the image reads and decodes run in 1,024-row blocks on any node."""
+        import ray
+        import ray.data
+
+        fn_kwargs = {"skip_unreadable": skip_unreadable, "origin": self.origin}
+        if ids is not None:
+            pos = _positions(self._ids, ids)
+            paths = self._path_array(self._ids[pos])
+            tables = [pa.table({"id": pa.array(self._ids[pos[s:s + ROWS_PER_BLOCK]], pa.int64()),
+                                "path": paths.slice(s, ROWS_PER_BLOCK).cast(pa.string())})
+                      for s in range(0, len(pos), ROWS_PER_BLOCK)]
+            return ray.data.from_arrow(tables or [pa.table({"id": pa.array([], pa.int64()),
+                                                            "path": pa.array([], pa.string())})]).map_batches(
+                _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
+        here = {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+        if self.format == "parquet":
+            ds = ray.data.read_parquet(self.path, **here).select_columns(["id", "path"])
+        else:
+            parse, convert = self._csv_options(["id", "path"])
+            ds = ray.data.read_csv(self.path, parse_options=parse, convert_options=convert, file_extensions=None,
+                                   **here)
+        ds = ds.map_batches(_resolved_block, fn_kwargs={"base": str(self.base), "origin": self.origin},
+                            batch_size=None, batch_format="pyarrow", **here)
+        return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK).map_batches(
+            _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
 
     def describe(self):
         return {"kind": self.kind, "path": self.path, "rows": len(self._ids), "classes": self._classes}
+
+
+def _empty_paths(col) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))).as_py() or 0)
+
+
+def _resolved_block(table: pa.Table, base: str, origin: str) -> pa.Table:
+    """A block of a manifest's (id, path) rows with int64 ids and the paths resolved (a read task's
+    side of ``ManifestSource.to_dataset``)."""
+    return pa.table({"id": table.column("id").cast(pa.int64()),
+                     "path": _absolute_paths(table.column("path"), Path(base), origin).cast(pa.string())})
 
 
 def open_parquet(path: str):
