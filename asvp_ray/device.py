@@ -290,6 +290,23 @@ def memory_mb() -> Dict[str, Optional[float]]:
     return out
 
 
+def memory_parts_mb() -> Dict[str, float]:
+    """This process's resident memory now by kind (Linux /proc/self/status): ``anon`` (heaps,
+    arrays), ``file`` (mapped files: libraries' code) and ``shmem`` (shared memory: Ray's object
+    store pages this process touched); empty where there is no /proc."""
+    keys = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    out: Dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k = keys.get(line.split(" ", 1)[0].split("\t", 1)[0])
+                if k:
+                    out[k] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
 def _reset_peak() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux: ``5`` into /proc/self/clear_refs)."""
     try:
@@ -313,6 +330,8 @@ class MemoryWatch:
         self.start = memory_mb()["rss_mb"]
         self.peak = memory_mb()["peak_mb"]
         self.by_phase: Dict[str, float] = {}
+        self.start_parts = memory_parts_mb()
+        self.after_phase: Dict[str, Dict[str, float]] = {}  # the growth by kind left after each phase
         self._open: List[List[Any]] = []  # [name, largest peak seen] of the phases entered, outermost first
 
     def _fold(self) -> Optional[float]:
@@ -338,12 +357,14 @@ class MemoryWatch:
                 top = max(p, entry[1]) if exact else p
                 self.by_phase[name] = round(max(self.by_phase.get(name, float("-inf")), top - self.start), 1)
             release_free_memory()  # what the phase freed goes back, so the next starts lower
+            now = memory_parts_mb()
+            self.after_phase[name] = {k: round(v - self.start_parts.get(k, 0.0), 1) for k, v in now.items()}
 
     def summary(self) -> Dict[str, Any]:
         self._fold()
         growth = None if self.peak is None or self.start is None else round(self.peak - self.start, 1)
         return {"start_mb": self.start, "peak_mb": self.peak, "peak_growth_mb": growth,
-                "by_phase": dict(self.by_phase)}
+                "by_phase": dict(self.by_phase), "after_phase_by_kind": dict(self.after_phase)}
 
 
 def lean_arrow_memory() -> str:

@@ -28,6 +28,23 @@ def test_each_phase_gets_its_own_peak_and_the_overall_peak_is_the_largest():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_what_a_phase_leaves_is_recorded_by_kind():
+    """after_phase_by_kind: the growth left after each phase, heap (anon) apart from mapped files
+    and shared memory, so a run's figures say what kind of memory stayed."""
+    watch = MemoryWatch()
+    with watch.phase("keeps"):
+        kept = np.ones(80 * 2**20 // 8)  # 80 MB of heap that outlives the phase
+    with watch.phase("frees"):
+        tmp = np.ones(80 * 2**20 // 8)
+        del tmp
+    s = watch.summary()["after_phase_by_kind"]
+    assert set(s["keeps"]) == {"anon", "file", "shmem"}, s
+    assert s["keeps"]["anon"] >= 75 and abs(s["keeps"]["shmem"]) < 5, s
+    assert s["frees"]["anon"] < s["keeps"]["anon"] + 5, s  # freed: nothing new stays
+    del kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_nested_phase_does_not_hide_the_outer_phases_peak():
     watch = MemoryWatch()
     with watch.phase("outer"):

@@ -66,14 +66,20 @@ def default_threads() -> int:
     return node_cpus()
 
 
-def _import_runtime_modules() -> None:
-    """Import what every run uses before the driver's memory baseline is taken (summary.json ->
+def _import_runtime_modules(cfg: Config) -> None:
+    """Import what the run will use before the driver's memory baseline is taken (summary.json ->
     driver_memory measures growth above it): Ray Data (extraction / the embeddings import), the
     Parquet datasets, and torch's dynamo, which the proxy's first optimiser step imports (about
-    150 MB of modules, the same for every pool size)."""
+    150 MB of modules, the same for every pool size); timm (about 48 MB) when the pool has images to
+    extract, Ray Train (about 8 MB) when the method or the final model fine-tunes."""
     import pyarrow.dataset  # noqa: F401
     import ray.data  # noqa: F401
     import torch._dynamo  # noqa: F401
+
+    if cfg.data.pool.kind != "embeddings":
+        import timm  # noqa: F401
+    if METHODS.get(cfg.method).finetunes(cfg) or cfg.final.training_method != "none":
+        import ray.train.torch  # noqa: F401
 
 
 class Driver:
@@ -100,7 +106,7 @@ class Driver:
         self._progress: Dict[str, Any] = {"phase": "starting"}
         self.threads = set_compute_threads(self.cfg.driver_threads or default_threads())
         lean_arrow_memory()
-        _import_runtime_modules()
+        _import_runtime_modules(self.cfg)
         self.memory = MemoryWatch()  # after imports: the baseline growth is measured from
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
