@@ -82,6 +82,12 @@ def _import_runtime_modules(cfg: Config) -> None:
         import ray.train.torch  # noqa: F401
 
 
+def _fit_proxy(X: np.ndarray, proxy: MLPProxy, labels: np.ndarray, num_classes: int):
+    """``(the proxy fitted on X, its accuracy on X)`` (run where the rows are)."""
+    proxy.fit(X, labels, num_classes=num_classes)
+    return proxy, proxy.score(X, labels)
+
+
 class Driver:
     """Runs the rounds of one active-learning experiment in a run directory.
 
@@ -176,9 +182,23 @@ class Driver:
                         seed=int(np.random.default_rng([self.cfg.seed, r, 1]).integers(2**31)))
 
     def _train_proxy(self, r: int) -> float:
+        """Train this round's proxy on the labelled rows; returns its training accuracy. With the
+        pool in shard actors and the proxy on the CPU, it trains in a Ray task that reads the
+        labelled rows from the shards (the rows and the training's working memory never enter
+        the driver; the fitted proxy comes back), on the driver's thread count: the same proxy."""
+        from asvp_ray.proxy.mlp import _resolve_device
+
+        proxy, labels = self._proxy_for_round(r), self.labeled["label"]
+        shards = self.versions.shards
+        if shards is not None and len(labels) and _resolve_device(proxy.device).type == "cpu":
+            from asvp_ray.selection.sharded import compute_on_rows
+
+            self.proxy, acc = compute_on_rows(shards, [self.versions.rows(self.labeled["id"])], _fit_proxy, proxy,
+                                              labels, len(self.classes))
+            return acc
         X = self.versions.features_of(self.labeled["id"])
-        self.proxy = self._proxy_for_round(r).fit(X, self.labeled["label"], num_classes=len(self.classes))
-        return self.proxy.score(X, self.labeled["label"])
+        self.proxy = proxy.fit(X, labels, num_classes=len(self.classes))
+        return self.proxy.score(X, labels)
 
     @contextmanager
     def _timed(self, seconds: Dict[str, float], phase: str, cpus: float = 1.0, gpus: float = 0.0,
