@@ -126,3 +126,24 @@ def test_manifest_paths_are_joined_like_pathlib_and_an_empty_path_is_named(tmp_p
     pq.write_table(pa.table({"id": [1, 2, 3], "path": ["a.png", "", None]}), tmp_path / "bad.parquet")
     with pytest.raises(BadInputError, match=r"bad.parquet: 2 row\(s\) have an empty path"):
         ManifestSource(str(tmp_path / "bad.parquet"))
+
+
+def test_a_manifest_changed_under_a_run_is_refused_not_read_for_other_images(tmp_path):
+    """The driver keeps ids only and reads paths from the manifest again later: if the file changed
+    since the source opened it, an id's row could name another image, so reading refuses."""
+    import os
+
+    rel = _manifest_rows(tmp_path)
+    m = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "path": rel, "label": [0, 1, 0, 1]}), m)
+    src = ManifestSource(str(m))
+    assert src.paths([3]) == [str((tmp_path / rel[2]).resolve())]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "path": rel[::-1], "label": [0, 1, 0, 1]}), m)
+    os.utime(m, ns=(src._stamp[1] + 10**9, src._stamp[1] + 10**9))
+    with pytest.raises(BadInputError, match=r"m.parquet changed since this run opened it"):
+        src.paths([3])
+    with pytest.raises(BadInputError, match=r"changed since this run opened it"):
+        src.to_dataset(ids=np.array([3]))
+    m.unlink()
+    with pytest.raises(BadInputError, match=r"can no longer be read"):
+        src.paths([3])

@@ -496,6 +496,7 @@ class ManifestSource(_FileSource):
             raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
         self.path = str(mpath)
         self.base = mpath.resolve().parent  # relative paths are joined to the manifest's folder
+        self._stamp = self._file_stamp()  # the paths are read again later: the file must not change
         origin = f"manifest {path}"
         cols = set(self._columns())
         missing = [c for c in ("id", "path") if c not in cols]
@@ -527,6 +528,23 @@ class ManifestSource(_FileSource):
         super().__init__(ids, None, labels, cls_out, origin=origin)
 
     # ---- reading the manifest (a column subset, whole or in batches)
+    def _file_stamp(self):
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self) -> None:
+        """The manifest is read again for paths: refuse if it changed since this source opened it
+        (an id's row could now name another image)."""
+        try:
+            now = self._file_stamp()
+        except OSError as e:
+            raise BadInputError(f"{self.origin}: can no longer be read ({e}); restore it (a run reads its paths "
+                                "again for extraction, fine-tuning and labelling)") from None
+        if now != self._stamp:
+            raise BadInputError(f"{self.origin} changed since this run opened it (size or modification time); a "
+                                "run's pool must not change under it: restore the file, or start a new run (or "
+                                "resume, which opens it again) to use the new one")
+
     def _csv_options(self, columns: Sequence[str]):
         import pyarrow.csv as pacsv
 
@@ -581,6 +599,7 @@ class ManifestSource(_FileSource):
     def _path_array(self, ids: np.ndarray):
         """Resolved paths of ``ids`` (pool ids, in their order) as an Arrow string array, read from
         the manifest in batches: memory follows ``len(ids)``, not the manifest."""
+        self._check_unchanged()
         ids = np.asarray(ids, dtype=np.int64)
         want = np.unique(ids)
         got_ids, got_paths = [], []
@@ -590,13 +609,16 @@ class ManifestSource(_FileSource):
             if hit.any():
                 got_ids.append(bid[hit])
                 got_paths.append(b.column(1).filter(pa.array(hit)).cast(pa.large_string()))
-        if not got_ids:
-            return pa.array([], pa.large_string())
-        found = np.concatenate(got_ids)
-        paths = _absolute_paths(pa.chunked_array(got_paths, pa.large_string()), self.base, self.origin)
+        found = np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64)
         order = np.argsort(found, kind="stable")
-        pos = order[np.searchsorted(found[order], ids)]
-        return paths.take(pa.array(pos, pa.int64()))
+        pos = np.minimum(np.searchsorted(found[order], ids), max(len(found) - 1, 0))
+        missing = ids[found[order][pos] != ids] if len(found) else ids
+        if len(missing):  # never a neighbour's path for an id
+            raise BadInputError(f"{self.origin}: ids {missing[:10].tolist()} are no longer in it; restore the file")
+        if not len(ids):
+            return pa.array([], pa.large_string())
+        paths = _absolute_paths(pa.chunked_array(got_paths, pa.large_string()), self.base, self.origin)
+        return paths.take(pa.array(order[pos], pa.int64()))
 
     def paths(self, ids):
         pos = _positions(self._ids, np.asarray(ids, dtype=np.int64))
@@ -611,6 +633,7 @@ class ManifestSource(_FileSource):
         import ray.data
 
         fn_kwargs = {"skip_unreadable": skip_unreadable, "origin": self.origin}
+        self._check_unchanged()
         if ids is not None:
             pos = _positions(self._ids, ids)
             paths = self._path_array(self._ids[pos])
