@@ -46,11 +46,18 @@ def test_bad_strategy_options_are_refused_at_load_naming_the_option_and_the_fix(
         assert w in str(e.value), str(e.value)
 
 
-def test_score_strategies_take_execution_options_and_run_sharded_with_the_same_picks(ray_local, rng):
+@pytest.mark.parametrize("ids_order", ["ascending", "shuffled"])
+def test_score_strategies_take_execution_options_and_run_sharded_with_the_same_picks(ray_local, rng, ids_order):
+    """Sharded margin picks what local margin picks, ties broken by the lower id, whether the ids
+    ascend with the rows (a run's pool: the shards get positions instead of ids) or not."""
     probs = rng.dirichlet(np.ones(5), size=3000).astype(np.float32)
+    probs = np.round(probs * 8) / 8  # coarse probabilities: many tied margins
     mask = np.zeros(3000, dtype=bool)
     mask[rng.choice(3000, 300, replace=False)] = True
-    pool = PoolView(ids=np.arange(3000) * 7 + 3, labeled_mask=mask, probs=probs, chunk_size=500)
+    ids = np.arange(3000) * 7 + 3
+    if ids_order == "shuffled":
+        ids = rng.permutation(ids)
+    pool = PoolView(ids=ids, labeled_mask=mask, probs=probs, chunk_size=500)
     plain = build_strategy("margin")
     assert not isinstance(plain, ShardedStrategy)
     sharded = build_strategy("margin", {"execution": "sharded", "num_shards": 3, "actor_options": {"num_cpus": 0.5}})
@@ -61,6 +68,12 @@ def test_score_strategies_take_execution_options_and_run_sharded_with_the_same_p
     finally:
         sharded._shards.close()
     assert np.array_equal(want, got)
+    order = np.argsort(ids)
+    pos = order[np.searchsorted(ids[order], got)]  # select returns ids
+    margins = np.sort(probs, axis=1)[:, -1] - np.sort(probs, axis=1)[:, -2]
+    edge = margins[pos].max()  # the batch's last margin is tied with unpicked rows: lower ids won
+    tied_out = np.flatnonzero((margins == edge) & ~mask & ~np.isin(np.arange(3000), pos))
+    assert len(tied_out) and got[margins[pos] == edge].max() < ids[tied_out].min()
 
 
 # ------------------------------------------------------------------------------ Cluster-Margin

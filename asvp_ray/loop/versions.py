@@ -78,11 +78,11 @@ class FeatureVersions:
         store = self.store
         self.release_shards()
         self.features = None
-        self.ids = store.read_ids(self.current)
+        self.ids = self._shared_ids(store.read_ids(self.current))
         self.pool_mode = self._pool_mode()
         if self.pool_mode == "driver":
             ids, self.features = store.read(self.current)
-            self.ids = ids
+            self.ids = self._shared_ids(ids)
         else:
             log.info("feature version v%d: %d pool rows stay in shard actors that load them from %s; the driver "
                      "holds their ids only (pool_shards.mode=%s)", self.current, len(self.ids),
@@ -92,6 +92,12 @@ class FeatureVersions:
             self.test_labels = self.test.label_of(self.test_ids)
         meta = store.meta(self.current)
         self.skipped = {s["id"] for s in meta.get("skipped", []) if s.get("split", "pool") == "pool"}
+
+    def _shared_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The pool source's own id array when the version holds exactly its ids (no image was
+        skipped): one copy of 8 bytes a row in the driver, not two."""
+        src = self.pool.ids
+        return src if len(src) == len(ids) and np.array_equal(src, ids) else ids
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Feature rows of pool ids (``self.ids`` is sorted)."""
