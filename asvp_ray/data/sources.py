@@ -495,6 +495,7 @@ class ManifestSource(_FileSource):
         if self.format is None:
             raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
         self.path = str(mpath)
+        self.file = str(mpath.resolve())  # what is read (Ray's read tasks may run in another folder)
         self.base = mpath.resolve().parent  # relative paths are joined to the manifest's folder
         self._stamp = self._file_stamp()  # the paths are read again later: the file must not change
         origin = f"manifest {path}"
@@ -529,7 +530,7 @@ class ManifestSource(_FileSource):
 
     # ---- reading the manifest (a column subset, whole or in batches)
     def _file_stamp(self):
-        st = os.stat(self.path)
+        st = os.stat(self.file)
         return st.st_size, st.st_mtime_ns
 
     def _check_unchanged(self) -> None:
@@ -557,10 +558,10 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                return pq.read_schema(self.path).names
+                return pq.read_schema(self.file).names
             import pyarrow.csv as pacsv
 
-            with pacsv.open_csv(self.path, parse_options=self._csv_options([])[0]) as reader:
+            with pacsv.open_csv(self.file, parse_options=self._csv_options([])[0]) as reader:
                 return reader.schema.names
         except (pa.ArrowInvalid, OSError) as e:
             raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
@@ -570,11 +571,11 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                return pq.read_table(self.path, columns=list(columns))
+                return pq.read_table(self.file, columns=list(columns))
             import pyarrow.csv as pacsv
 
             parse, convert = self._csv_options(columns)
-            return pacsv.read_csv(self.path, parse_options=parse, convert_options=convert)
+            return pacsv.read_csv(self.file, parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as e:
             raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
 
@@ -584,13 +585,13 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                with pq.ParquetFile(self.path) as f:
+                with pq.ParquetFile(self.file) as f:
                     yield from f.iter_batches(batch_size=batch_rows, columns=list(columns))
                 return
             import pyarrow.csv as pacsv
 
             parse, convert = self._csv_options(columns)
-            with pacsv.open_csv(self.path, parse_options=parse, convert_options=convert,
+            with pacsv.open_csv(self.file, parse_options=parse, convert_options=convert,
                                 read_options=pacsv.ReadOptions(block_size=8 << 20)) as reader:
                 yield from reader
         except pa.ArrowInvalid as e:
@@ -645,10 +646,10 @@ class ManifestSource(_FileSource):
                 _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
         here = {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
         if self.format == "parquet":
-            ds = ray.data.read_parquet(self.path, **here).select_columns(["id", "path"])
+            ds = ray.data.read_parquet(self.file, **here).select_columns(["id", "path"])
         else:
             parse, convert = self._csv_options(["id", "path"])
-            ds = ray.data.read_csv(self.path, parse_options=parse, convert_options=convert, file_extensions=None,
+            ds = ray.data.read_csv(self.file, parse_options=parse, convert_options=convert, file_extensions=None,
                                    **here)
         ds = ds.map_batches(_resolved_block, fn_kwargs={"base": str(self.base), "origin": self.origin},
                             batch_size=None, batch_format="pyarrow", **here)
