@@ -343,6 +343,47 @@ def test_killed_extraction_leaves_no_readable_version_and_a_rerun_writes_it(ray_
     np.testing.assert_allclose(feats, direct_features(read_idx(pool.images_path)[:300]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_manifest_on_object_storage_resolves_its_relative_paths_there(ray_local, tmp_path, s3_server, fmt):
+    """A manifest at an s3:// URI (a real S3-protocol server on loopback) whose rows name images
+    relative to it: they resolve to URIs beside it, carrying the manifest's endpoint options, and
+    every id reads its own image, for the whole pool and for a few ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    paths = write_images(tmp_path / "imgs", 6, size=(14, 12), seed=5)
+    fs = s3_server["fs"]
+    for p in paths:
+        with fs.open_output_stream(f"asvp/man-{fmt}/imgs/{p.name}") as f:
+            f.write(p.read_bytes())
+    rel = [f"imgs/{p.name}" if i % 2 else f"./imgs//{p.name}" for i, p in enumerate(paths)]
+    ids = [50 - 3 * i for i in range(6)]
+    if fmt == "parquet":
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"id": ids, "path": rel, "label": [i % 3 for i in range(6)]}), buf)
+        data = buf.getvalue().to_pybytes()
+    else:
+        data = ("id,path,label\n" + "".join(f"{i},{r},{k % 3}\n" for k, (i, r) in enumerate(zip(ids, rel)))).encode()
+    with fs.open_output_stream(f"asvp/man-{fmt}/m.{fmt}") as f:
+        f.write(data)
+    uri = s3_server["uri"](f"man-{fmt}/m.{fmt}")
+    query = uri.split("?", 1)[1]
+    src = ManifestSource(uri)
+    assert src.ids.tolist() == sorted(ids) and src.labels.tolist() == [(5 - k) % 3 for k in range(6)]
+    want_uri = {i: f"s3://asvp/man-{fmt}/imgs/{p.name}?{query}" for i, p in zip(ids, paths)}
+    assert src.paths([ids[0], ids[3]]) == [want_uri[ids[0]], want_uri[ids[3]]]
+    images = {i: np.asarray(Image.open(p)) for i, p in zip(ids, paths)}
+    rows = src.to_dataset().take_all()
+    assert sorted(r["id"] for r in rows) == sorted(ids) and all(r["error"] == "" for r in rows)
+    assert all(np.array_equal(r["image"], images[r["id"]]) for r in rows)
+    got = src.to_dataset(ids=np.array([ids[4], ids[1]])).take_all()
+    assert sorted(r["id"] for r in got) == sorted([ids[4], ids[1]])
+    assert all(np.array_equal(r["image"], images[r["id"]]) for r in got)
+    with pytest.raises(BadInputError, match="does not exist"):
+        ManifestSource(s3_server["uri"](f"man-{fmt}/nowhere.{fmt}"))
+
+
 def test_images_on_object_storage_are_read_concurrently_and_match_local_features(ray_local, tmp_path, s3_server):
     """A manifest of s3:// image URIs (a real S3-protocol server on loopback): the read tasks fetch
     them (several at a time) and the features equal those of the same files read locally; a

@@ -320,11 +320,12 @@ def _decode_batch(batch: Dict[str, np.ndarray], skip_unreadable: bool, origin: s
             "error": np.array(errors, dtype=object)}
 
 
-def _absolute_paths(column, base: Path, origin: str):
-    """A manifest's path column with relative paths joined to ``base`` (URIs and absolute paths
-    kept), as one Arrow string array: no Python string per row (at a million rows a list of
-    them cost the driver ~360 bytes a row while opening the source). Joined paths are
-    normalised as ``pathlib`` joins them (``./`` and repeated slashes dropped).
+def _absolute_paths(column, base, origin: str, suffix: str = ""):
+    """A manifest's path column with relative paths joined to ``base`` (a folder, or a URI's folder
+    for a manifest at a URI; ``suffix``: that URI's ``?options``, appended to the joined paths so
+    they reach the same endpoint), URIs and absolute paths kept, as one Arrow string array: no
+    Python string per row (at a million rows a list of them cost the driver ~360 bytes a row).
+    Relative paths are normalised as ``pathlib`` joins them (``./`` and repeated slashes dropped).
 
     Raises:
         BadInputError: empty paths, naming how many.
@@ -339,13 +340,18 @@ def _absolute_paths(column, base: Path, origin: str):
     keep = pc.or_(pc.match_substring(col, "://"), pc.starts_with(col, "/"))
     if pc.all(keep).as_py():
         return col
-    joined = pc.binary_join_element_wise(pa.scalar(str(base), pa.large_string()), col,
-                                         pa.scalar("/", pa.large_string()))
+    rel = col
     # each pass copies the column: only when some path needs it (most manifests have none)
-    if pc.any(pc.match_substring(col, "./")).as_py():
-        joined = pc.replace_substring_regex(joined, r"/(\./)+", "/")
-    if pc.any(pc.match_substring(col, "//")).as_py():
-        joined = pc.replace_substring_regex(joined, r"/{2,}", "/")
+    if pc.any(pc.match_substring(rel, "./")).as_py():
+        rel = pc.replace_substring_regex(rel, r"(^|/)(\./)+", r"\1")
+    if pc.any(pc.match_substring(rel, "//")).as_py():
+        rel = pc.replace_substring_regex(rel, r"/{2,}", "/")
+    parts = [pa.scalar(str(base), pa.large_string()), rel]
+    if suffix:
+        parts = [pc.binary_join_element_wise(*parts, pa.scalar("/", pa.large_string())), pa.scalar(suffix, pa.large_string())]
+        joined = pc.binary_join_element_wise(*parts, pa.scalar("", pa.large_string()))
+    else:
+        joined = pc.binary_join_element_wise(*parts, pa.scalar("/", pa.large_string()))
     if not pc.any(keep).as_py():
         return joined
     return pc.if_else(keep, col, joined)
@@ -488,15 +494,27 @@ class ManifestSource(_FileSource):
         return cls(cfg.path, classes=classes)
 
     def __init__(self, path: str, classes: Optional[List[str]] = None):
-        mpath = Path(path)
-        if not mpath.is_file():
+        import pyarrow.fs as pafs
+
+        self.path = str(path)
+        self.remote = "://" in self.path and not self.path.startswith("file://")
+        if self.remote:  # s3://bucket/dir/m.parquet?endpoint_override=...: relative paths join dir/
+            from urllib.parse import urlsplit
+
+            u = urlsplit(self.path)
+            self.fs, self.file = _filesystem(self.path)
+            self.base = f"{u.scheme}://{u.netloc}{u.path.rsplit('/', 1)[0]}"
+            self.suffix = f"?{u.query}" if u.query else ""  # the manifest's options reach its images too
+            name = u.path
+        else:
+            mpath = Path(self.path[len("file://"):] if self.path.startswith("file://") else self.path)
+            self.fs, self.file = pafs.LocalFileSystem(), str(mpath.resolve())  # read tasks may run elsewhere
+            self.base, self.suffix, name = str(mpath.resolve().parent), "", mpath.name
+        if self._info().type != pafs.FileType.File:
             raise BadInputError(f"manifest {path!r} does not exist; fix data.pool.path")
-        self.format = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}.get(mpath.suffix.lower())
+        self.format = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}.get(Path(name).suffix.lower())
         if self.format is None:
-            raise BadInputError(f"manifest {path}: unknown format {mpath.suffix!r}; use .parquet or .csv")
-        self.path = str(mpath)
-        self.file = str(mpath.resolve())  # what is read (Ray's read tasks may run in another folder)
-        self.base = mpath.resolve().parent  # relative paths are joined to the manifest's folder
+            raise BadInputError(f"manifest {path}: unknown format {Path(name).suffix!r}; use .parquet or .csv")
         self._stamp = self._file_stamp()  # the paths are read again later: the file must not change
         origin = f"manifest {path}"
         cols = set(self._columns())
@@ -529,16 +547,27 @@ class ManifestSource(_FileSource):
         super().__init__(ids, None, labels, cls_out, origin=origin)
 
     # ---- reading the manifest (a column subset, whole or in batches)
+    def _info(self):
+        try:
+            return self.fs.get_file_info(self.file)
+        except OSError as e:
+            raise BadInputError(f"manifest {self.path}: cannot be reached ({e}); check the URI and the "
+                                "credentials") from None
+
     def _file_stamp(self):
-        st = os.stat(self.file)
-        return st.st_size, st.st_mtime_ns
+        import pyarrow.fs as pafs
+
+        info = self._info()
+        if info.type != pafs.FileType.File:
+            raise OSError("it is not there any more")
+        return info.size, info.mtime_ns
 
     def _check_unchanged(self) -> None:
         """The manifest is read again for paths: refuse if it changed since this source opened it
         (an id's row could now name another image)."""
         try:
             now = self._file_stamp()
-        except OSError as e:
+        except (OSError, BadInputError) as e:
             raise BadInputError(f"{self.origin}: can no longer be read ({e}); restore it (a run reads its paths "
                                 "again for extraction, fine-tuning and labelling)") from None
         if now != self._stamp:
@@ -558,10 +587,11 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                return pq.read_schema(self.file).names
+                return pq.read_schema(self.file, filesystem=self.fs).names
             import pyarrow.csv as pacsv
 
-            with pacsv.open_csv(self.file, parse_options=self._csv_options([])[0]) as reader:
+            with self.fs.open_input_stream(self.file) as f, \
+                    pacsv.open_csv(f, parse_options=self._csv_options([])[0]) as reader:
                 return reader.schema.names
         except (pa.ArrowInvalid, OSError) as e:
             raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
@@ -571,11 +601,12 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                return pq.read_table(self.file, columns=list(columns))
+                return pq.read_table(self.file, columns=list(columns), filesystem=self.fs)
             import pyarrow.csv as pacsv
 
             parse, convert = self._csv_options(columns)
-            return pacsv.read_csv(self.file, parse_options=parse, convert_options=convert)
+            with self.fs.open_input_stream(self.file) as f:
+                return pacsv.read_csv(f, parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as e:
             raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
 
@@ -585,14 +616,15 @@ class ManifestSource(_FileSource):
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                with pq.ParquetFile(self.file) as f:
+                with self.fs.open_input_file(self.file) as raw, pq.ParquetFile(raw) as f:
                     yield from f.iter_batches(batch_size=batch_rows, columns=list(columns))
                 return
             import pyarrow.csv as pacsv
 
             parse, convert = self._csv_options(columns)
-            with pacsv.open_csv(self.file, parse_options=parse, convert_options=convert,
-                                read_options=pacsv.ReadOptions(block_size=8 << 20)) as reader:
+            with self.fs.open_input_stream(self.file) as raw, \
+                    pacsv.open_csv(raw, parse_options=parse, convert_options=convert,
+                                   read_options=pacsv.ReadOptions(block_size=8 << 20)) as reader:
                 yield from reader
         except pa.ArrowInvalid as e:
             raise BadInputError(f"manifest {self.path}: cannot be parsed ({e})") from None
@@ -618,7 +650,7 @@ class ManifestSource(_FileSource):
             raise BadInputError(f"{self.origin}: ids {missing[:10].tolist()} are no longer in it; restore the file")
         if not len(ids):
             return pa.array([], pa.large_string())
-        paths = _absolute_paths(pa.chunked_array(got_paths, pa.large_string()), self.base, self.origin)
+        paths = _absolute_paths(pa.chunked_array(got_paths, pa.large_string()), self.base, self.origin, self.suffix)
         return paths.take(pa.array(order[pos], pa.int64()))
 
     def paths(self, ids):
@@ -644,14 +676,17 @@ class ManifestSource(_FileSource):
             return ray.data.from_arrow(tables or [pa.table({"id": pa.array([], pa.int64()),
                                                             "path": pa.array([], pa.string())})]).map_batches(
                 _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
-        here = {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+        here: Dict[str, Any] = {"num_cpus": 0}
+        if not self.remote:  # a local manifest is on this node only
+            here["label_selector"] = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         if self.format == "parquet":
-            ds = ray.data.read_parquet(self.file, **here).select_columns(["id", "path"])
+            ds = ray.data.read_parquet(self.file, filesystem=self.fs, **here).select_columns(["id", "path"])
         else:
             parse, convert = self._csv_options(["id", "path"])
-            ds = ray.data.read_csv(self.file, parse_options=parse, convert_options=convert, file_extensions=None,
-                                   **here)
-        ds = ds.map_batches(_resolved_block, fn_kwargs={"base": str(self.base), "origin": self.origin},
+            ds = ray.data.read_csv(self.file, filesystem=self.fs, parse_options=parse, convert_options=convert,
+                                   file_extensions=None, **here)
+        ds = ds.map_batches(_resolved_block, fn_kwargs={"base": self.base, "origin": self.origin,
+                                                        "suffix": self.suffix},
                             batch_size=None, batch_format="pyarrow", **here)
         return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK).map_batches(
             _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
@@ -666,11 +701,11 @@ def _empty_paths(col) -> int:
     return int(pc.sum(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))).as_py() or 0)
 
 
-def _resolved_block(table: pa.Table, base: str, origin: str) -> pa.Table:
+def _resolved_block(table: pa.Table, base: str, origin: str, suffix: str = "") -> pa.Table:
     """A block of a manifest's (id, path) rows with int64 ids and the paths resolved (a read task's
     side of ``ManifestSource.to_dataset``)."""
     return pa.table({"id": table.column("id").cast(pa.int64()),
-                     "path": _absolute_paths(table.column("path"), Path(base), origin).cast(pa.string())})
+                     "path": _absolute_paths(table.column("path"), base, origin, suffix).cast(pa.string())})
 
 
 def open_parquet(path: str):
