@@ -1,5 +1,6 @@
 """The feature store on object storage (the config's ``storage`` key), against a real S3-protocol
-server on loopback (moto's server mode, the ``s3_server`` fixture): versions commit manifest-last,
+server on loopback (moto's server mode, the ``s3_server`` fixture; the store units also against
+fake-gcs-server, ``gcs_server``): versions commit manifest-last,
 readers use only what meta.json lists, damage is reported naming the object, and a run with its
 store on S3 ends exactly like the same run with a local store."""
 from __future__ import annotations
@@ -20,15 +21,25 @@ def _objects(fs, prefix):
     return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
-@pytest.fixture
-def s3_store(s3_server):
+# each object store the tests run a real server of: (its fixture, how part URIs start, pyarrow's class)
+OBJECT_STORES = {"s3": ("s3_server", "s3://asvp/", "S3FileSystem"),
+                 "gs": ("gcs_server", "gs://anonymous@asvp/", "GcsFileSystem")}
+
+
+@pytest.fixture(params=sorted(OBJECT_STORES))
+def object_store(request):
+    """``(server, FeatureStore at a fresh prefix, that prefix in the bucket, URI start, fs class)``
+    on each object store: S3 (moto) and GCS (fake-gcs-server)."""
+    fixture, uri_start, fs_class = OBJECT_STORES[request.param]
+    server = request.getfixturevalue(fixture)
     prefix = f"unit-{uuid.uuid4().hex[:8]}/features"
-    return FeatureStore(s3_server["uri"](prefix)), f"asvp/{prefix}"
+    return server, FeatureStore(server["uri"](prefix)), f"asvp/{prefix}", uri_start, fs_class
 
 
-def test_store_on_s3_writes_reads_and_verifies(s3_server, s3_store):
-    store, prefix = s3_store
-    fs = s3_server["fs"]
+def test_store_on_object_storage_writes_reads_and_verifies(object_store):
+    server, store, prefix, uri_start, fs_class = object_store
+    fs = server["fs"]
+    assert type(store.fs).__name__ == fs_class
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(50, 8)).astype(np.float32)
     with store.writer(0, {"backbone": "x"}) as w:
@@ -48,7 +59,14 @@ def test_store_on_s3_writes_reads_and_verifies(s3_server, s3_store):
     assert np.array_equal(store.read(0, "test")[0], np.arange(100, 105))
     store.verify(0)
     files = store.part_files(0)
-    assert all(str(f).startswith("s3://asvp/") and "endpoint_override=" in str(f) for f in files)
+    assert all(str(f).startswith(uri_start) and "endpoint_override=" in str(f) for f in files)
+    # a second version next to it; a new FeatureStore object on the same URI finds both (GCS lists
+    # no folder that only objects' names make: the store must not need one)
+    with store.writer(1, {"backbone": "y"}) as w:
+        w.add(np.arange(50), feats * 3)
+        w.commit()
+    again = FeatureStore(server["uri"](prefix[len("asvp/"):]))
+    assert again.versions() == [0, 1] and np.array_equal(again.read(1)[1], feats * 3)
 
     # a part overwritten with other bytes of the same length: read and verify name it
     victim = [p for p in meta["parts"] if p["split"] == "pool"][0]
@@ -68,17 +86,19 @@ def test_store_on_s3_writes_reads_and_verifies(s3_server, s3_store):
     with pytest.raises(RunDirError, match=rf"{victim['file']}.* has 100 bytes where meta.json lists {victim['bytes']}"):
         store.part_files(0)
     fs.delete_file(key)
-    with pytest.raises(RunDirError, match=rf"{victim['file']}.* is missing; delete s3://asvp/.*v0"):
+    with pytest.raises(RunDirError, match=rf"{victim['file']}.* is missing; delete {uri_start.split('://')[0]}://.*asvp/.*v0"):
         store.read_ids(0)
 
-    # removing a version deletes its meta.json first, then the rest
+    # removing a version deletes its meta.json first, then the rest (no folder marker needed)
     store.remove(0)
+    assert store.versions() == [1] and not [n for n in _objects(fs, prefix) if n.startswith("v0")]
+    store.remove(1)
     assert store.versions() == [] and _objects(fs, prefix) == []
 
 
-def test_incomplete_version_on_s3_is_never_read_and_cleaned_by_the_next_writer(s3_server, s3_store):
-    store, prefix = s3_store
-    fs = s3_server["fs"]
+def test_incomplete_version_on_object_storage_is_never_read_and_cleaned_by_the_next_writer(object_store):
+    server, store, prefix, _, _ = object_store
+    fs = server["fs"]
     feats = np.ones((10, 4), np.float32)
     # what a crash after the workers' writes but before the commit leaves: parts, no meta.json
     write_part(store.path(1), np.arange(10), feats)
