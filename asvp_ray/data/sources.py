@@ -397,18 +397,11 @@ class _FileSource(PoolSource):
         return self._paths.take(pa.array(pos, pa.int64())).to_pylist()
 
     def to_dataset(self, ids=None, skip_unreadable=False):
-        import ray.data
-
+        if ids is None:  # the index is in id order already: no copy of its paths
+            return _decoded_dataset(self._ids, self._paths, skip_unreadable, self.origin)
         pos = _positions(self._ids, ids)
-        tables = []
-        for start in range(0, len(pos), ROWS_PER_BLOCK):
-            p = pos[start:start + ROWS_PER_BLOCK]
-            tables.append(pa.table({"id": pa.array(self._ids[p], pa.int64()),
-                                    "path": self._paths.take(pa.array(p, pa.int64())).cast(pa.string())}))
-        ds = ray.data.from_arrow(tables)
-        return ds.map_batches(_decode_batch, fn_kwargs={"skip_unreadable": skip_unreadable,
-                                                        "origin": self.origin},
-                              batch_size=None, batch_format="numpy")
+        return _decoded_dataset(self._ids[pos], self._paths.take(pa.array(pos, pa.int64())), skip_unreadable,
+                                self.origin)
 
 
 @SOURCES.register("image_folder")
@@ -665,17 +658,11 @@ class ManifestSource(_FileSource):
         import ray
         import ray.data
 
-        fn_kwargs = {"skip_unreadable": skip_unreadable, "origin": self.origin}
-        self._check_unchanged()
         if ids is not None:
             pos = _positions(self._ids, ids)
-            paths = self._path_array(self._ids[pos])
-            tables = [pa.table({"id": pa.array(self._ids[pos[s:s + ROWS_PER_BLOCK]], pa.int64()),
-                                "path": paths.slice(s, ROWS_PER_BLOCK).cast(pa.string())})
-                      for s in range(0, len(pos), ROWS_PER_BLOCK)]
-            return ray.data.from_arrow(tables or [pa.table({"id": pa.array([], pa.int64()),
-                                                            "path": pa.array([], pa.string())})]).map_batches(
-                _decode_batch, fn_kwargs=fn_kwargs, batch_size=None, batch_format="numpy")
+            return _decoded_dataset(self._ids[pos], self._path_array(self._ids[pos]), skip_unreadable, self.origin)
+        self._check_unchanged()
+        fn_kwargs = {"skip_unreadable": skip_unreadable, "origin": self.origin}
         here: Dict[str, Any] = {"num_cpus": 0}
         if not self.remote:  # a local manifest is on this node only
             here["label_selector"] = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
@@ -693,6 +680,20 @@ class ManifestSource(_FileSource):
 
     def describe(self):
         return {"kind": self.kind, "path": self.path, "rows": len(self._ids), "classes": self._classes}
+
+
+def _decoded_dataset(ids: np.ndarray, paths, skip_unreadable: bool, origin: str):
+    """A Ray Dataset of ``ids`` and their ``paths`` (an Arrow string array, aligned) in
+    ``ROWS_PER_BLOCK``-row blocks, each block read and decoded by a Ray Data task."""
+    import ray.data
+
+    tables = [pa.table({"id": pa.array(ids[s:s + ROWS_PER_BLOCK], pa.int64()),
+                        "path": paths.slice(s, ROWS_PER_BLOCK).cast(pa.string())})
+              for s in range(0, len(ids), ROWS_PER_BLOCK)]
+    tables = tables or [pa.table({"id": pa.array([], pa.int64()), "path": pa.array([], pa.string())})]
+    return ray.data.from_arrow(tables).map_batches(_decode_batch, fn_kwargs={"skip_unreadable": skip_unreadable,
+                                                                              "origin": origin},
+                                                   batch_size=None, batch_format="numpy")
 
 
 def _empty_paths(col) -> int:
