@@ -200,12 +200,16 @@ def test_the_driver_actor_computes_on_every_cpu_of_its_node_though_it_reserves_n
     cfg = load_config(str(SMOKE), ["final.training_method=none"])
     actor = driver_actor(cfg, str(tmp_path / "run"))
     try:
-        threads = ray.get(actor.status.remote(), timeout=300)["compute_threads"]
+        status = ray.get(actor.status.remote(), timeout=300)
+        threads = status["compute_threads"]
     finally:
         ray.get(actor.close.remote(), timeout=60)
         ray.kill(actor)
     assert node_cpus() >= 2  # this machine: otherwise the check below cannot fail
     assert threads == {"torch": node_cpus(), "OMP_NUM_THREADS": str(node_cpus())}
+    # and with the allocator settings that keep its heap to what it holds (device.lean_memory_env)
+    assert status["allocators"] == {"arrow": "jemalloc", "ARROW_DEFAULT_MEMORY_POOL": "jemalloc",
+                                    "MALLOC_ARENA_MAX": "2"}, status["allocators"]
     # driver_threads sets it; the actor still reserves no CPU
     cfg = load_config(str(SMOKE), ["final.training_method=none", "driver_threads=1"])
     actor = driver_actor(cfg, str(tmp_path / "run1"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from asvp_ray._faults import fault_env
 from asvp_ray.config import Config
-from asvp_ray.device import node_cpus, thread_env
+from asvp_ray.device import lean_memory_env, node_cpus, thread_env
 
 
 def driver_actor(config: Config, out: str):
@@ -23,7 +23,7 @@ def driver_actor(config: Config, out: str):
 
     node = ray.get_runtime_context().get_node_id()
     Actor = ray.remote(Driver)
-    env = {**thread_env(config.driver_threads or node_cpus()), **fault_env()}
+    env = {**thread_env(config.driver_threads or node_cpus()), **fault_env(), **lean_memory_env()}
     return Actor.options(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env},
                          scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
                          ).remote(config.model_dump(mode="json"), str(Path(out).resolve()))

@@ -23,7 +23,7 @@ import numpy as np
 from asvp_ray._faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.errors import ConfigError, RunDirError
-from asvp_ray.device import MemoryWatch, lean_arrow_memory, node_cpus, set_compute_threads
+from asvp_ray.device import MemoryWatch, allocator_settings, lean_arrow_memory, node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.features.store import check_storage_reachable
 from asvp_ray.loop.ledger import CostLedger
@@ -70,16 +70,28 @@ def _import_runtime_modules(cfg: Config) -> None:
     """Import what the run will use before the driver's memory baseline is taken (summary.json ->
     driver_memory measures growth above it): Ray Data (extraction / the embeddings import), the
     Parquet datasets, and torch's dynamo, which the proxy's first optimiser step imports (about
-    150 MB of modules, the same for every pool size); timm (about 48 MB) when the pool has images to
-    extract, Ray Train (about 8 MB) when the method or the final model fine-tunes."""
+    150 MB of modules, the same for every pool size); fsspec's HTTP filesystem (aiohttp), which
+    Ray Data's Parquet and CSV readers import to check the paths they get; timm (about 48 MB) when
+    the pool has images to extract; Ray Train (about 8 MB) and the gRPC channel that Ray Data's
+    ``materialize`` opens to the raylet when the method or the final model fine-tunes."""
+    import importlib
+
     import pyarrow.dataset  # noqa: F401
     import ray.data  # noqa: F401
     import torch._dynamo  # noqa: F401
 
+    optional = ["fsspec.implementations.http"]
     if cfg.data.pool.kind != "embeddings":
         import timm  # noqa: F401
     if METHODS.get(cfg.method).finetunes(cfg) or cfg.final.training_method != "none":
         import ray.train.torch  # noqa: F401
+
+        optional.append("ray._private.grpc_utils")
+    for name in optional:  # what Ray imports lazily, where it is installed
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _fit_proxy(X: np.ndarray, proxy: MLPProxy, labels: np.ndarray, num_classes: int):
@@ -347,7 +359,7 @@ class Driver:
         return {"next_round": self.next_round, "rounds": len(self.cfg.budget.schedule), "finished": self.finished,
                 "rounds_done": self.rounds_done,
                 "n_labeled": int(len(self.labeled["id"])), "feature_version": self.feature_version,
-                "path": str(self.rd.path), "compute_threads": compute_threads()}
+                "path": str(self.rd.path), "compute_threads": compute_threads(), "allocators": allocator_settings()}
 
     def progress(self) -> Dict[str, Any]:
         return dict(self._progress)

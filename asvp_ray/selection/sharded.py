@@ -27,7 +27,7 @@ import numpy as np
 
 from asvp_ray.checks import check_int, is_int
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
-from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, top_n
+from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, strictly_ascending, top_n
 
 EXECUTIONS = ("auto", "local", "sharded")
 #: ``execution="auto"`` shards pools at least this large (about 8 GB of 512-d float32 features).
@@ -649,7 +649,7 @@ def top_n_over_shards(group: "ActorGroup", pool: PoolView, strategy: ScoreStrate
         )
     # sorted ids (a run's pool): positions stand in for them on the shards (8 bytes a row less to
     # send each round, and no object-store pages of them left in this process)
-    by_position = _ascending(pool.ids)
+    by_position = strictly_ascending(pool.ids)
     args = []
     for s, e in group.bounds:
         probs = pool.probs[s:e] if pool.probs is not None else None
@@ -660,14 +660,6 @@ def top_n_over_shards(group: "ActorGroup", pool: PoolView, strategy: ScoreStrate
     if by_position:
         parts = [(p, score, np.asarray(pool.ids)[p]) for p, score, _ in parts]
     return merge_top_n(parts, n)
-
-
-def _ascending(ids: np.ndarray) -> bool:
-    """Strictly ascending (pool ids are unique), checked in 1,048,576-row chunks (no full temporary)."""
-    ids = np.asarray(ids)
-    step, last = 1 << 20, len(ids) - 1
-    return all(bool((ids[i + 1:min(i + step, last) + 1] > ids[i:min(i + step, last)]).all())
-               for i in range(0, max(last, 0), step))
 
 
 class ShardedExecution:
