@@ -8,7 +8,7 @@ scoring achieves (goal: >= 0.5).
 
 With ``--in-actor`` it also times the proxy's fit and scoring inside a zero-CPU Ray actor, as
 `asvp-ray run`'s driver actor runs them: once set up the way the driver actor is (threads =
-the node's CPUs, ``asvp_ray.loop.actor``) and once as Ray sets up such an actor by itself
+the node's CPUs and its allocator settings, ``asvp_ray.loop.actor``) and once as Ray sets up such an actor by itself
 (``OMP_NUM_THREADS=1``), each as a ratio of this process's figures (goal: >= 0.9x).
 
 Usage::
@@ -145,7 +145,7 @@ def fit_and_score(rows: int, dim: int, hidden: int, classes: int, chunk: int, fi
 def in_actor(args) -> int:
     import ray
 
-    from asvp_ray.device import node_cpus, set_compute_threads, thread_env
+    from asvp_ray.device import lean_memory_env, node_cpus, set_compute_threads, thread_env
 
     work = dict(rows=args.rows, dim=args.dim, hidden=args.hidden or args.dim, classes=args.classes, chunk=args.chunk,
                 fit_rows=args.fit_rows, fit_epochs=args.fit_epochs, repeat=args.repeat)
@@ -165,7 +165,7 @@ def in_actor(args) -> int:
 
     results = {"this process": fit_and_score(**work)}
     n = node_cpus()
-    for name, env, threads in (("driver actor (asvp-ray's setting)", thread_env(n), n),
+    for name, env, threads in (("driver actor (asvp-ray's setting)", {**thread_env(n), **lean_memory_env()}, n),
                                ("zero-CPU actor (Ray's default)", None, None)):
         actor = Probe.options(runtime_env={"env_vars": env} if env else None).remote(threads)
         results[name] = ray.get(actor.run.remote(work))
