@@ -336,6 +336,18 @@ def shard_bounds(n_rows: int, num_shards: int) -> List[Tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _with_lean_memory(runtime_env: Optional[dict]) -> dict:
+    """A shard actor's ``runtime_env`` with the allocator settings of
+    :func:`asvp_ray.device.lean_memory_env` under the user's own ``env_vars`` (theirs win).
+    Loading 500,000 x 512 rows (977 MB) in one process: peak 1,753 -> 1,453 MB above its start,
+    1,207 -> 1,015 MB kept (Arrow's C++ reads otherwise allocate from mimalloc, which keeps)."""
+    from asvp_ray.device import lean_memory_env
+
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**lean_memory_env(), **(env.get("env_vars") or {})}
+    return env
+
+
 def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_options: Optional[dict],
                  holder_args: Callable[[int, int], tuple]) -> Tuple[int, "ActorGroup"]:
     """Start one ``holder_cls`` actor per row range of a pool of ``n_rows`` rows and wait for them.
@@ -343,7 +355,8 @@ def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_optio
     Args:
         holder_cls: a :class:`ShardHolder` class.
         num_shards: actors; None: one per alive node, at least 2.
-        actor_options: Ray actor options over the default ``{"num_cpus": 1}``, spread over the nodes.
+        actor_options: Ray actor options over the default ``{"num_cpus": 1}``, spread over the nodes
+            (a ``runtime_env`` of theirs gets the allocator settings added to its ``env_vars``).
         holder_args: ``(start, end) -> constructor arguments`` of the shard of rows ``[start, end)``.
 
     Returns:
@@ -357,6 +370,7 @@ def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_optio
     num_shards = int(num_shards or default_num_shards())
     opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
     opts.update(actor_options or {})
+    opts["runtime_env"] = _with_lean_memory(opts.get("runtime_env"))
     remote_cls = ray.remote(holder_cls)
     bounds = shard_bounds(n_rows, num_shards)
     group = ActorGroup([remote_cls.options(**opts).remote(*holder_args(s, e)) for s, e in bounds], bounds)
