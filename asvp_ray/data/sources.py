@@ -346,12 +346,9 @@ def _absolute_paths(column, base, origin: str, suffix: str = ""):
         rel = pc.replace_substring_regex(rel, r"(^|/)(\./)+", r"\1")
     if pc.any(pc.match_substring(rel, "//")).as_py():
         rel = pc.replace_substring_regex(rel, r"/{2,}", "/")
-    parts = [pa.scalar(str(base), pa.large_string()), rel]
+    joined = pc.binary_join_element_wise(pa.scalar(str(base), pa.large_string()), rel, pa.scalar("/", pa.large_string()))
     if suffix:
-        parts = [pc.binary_join_element_wise(*parts, pa.scalar("/", pa.large_string())), pa.scalar(suffix, pa.large_string())]
-        joined = pc.binary_join_element_wise(*parts, pa.scalar("", pa.large_string()))
-    else:
-        joined = pc.binary_join_element_wise(*parts, pa.scalar("/", pa.large_string()))
+        joined = pc.binary_join_element_wise(joined, pa.scalar(suffix, pa.large_string()), pa.scalar("", pa.large_string()))
     if not pc.any(keep).as_py():
         return joined
     return pc.if_else(keep, col, joined)

@@ -7,7 +7,7 @@ only ``score(probs)`` and inherit a chunked, memory-bounded running top-n.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
@@ -50,6 +50,8 @@ class PoolView:
     probs: Optional[np.ndarray] = None
     chunk_size: int = 65536
     shards: Any = None
+    #: whether ``ids`` strictly ascend (a run's pool): derived at construction
+    ids_ascending: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)
@@ -58,8 +60,10 @@ class PoolView:
         self.ids = ids.astype(np.int64, copy=False)
         N = len(self.ids)
         # A run's pool ids ascend: checked without the sorted copies np.unique makes (56 MB at 1M ids)
-        if not strictly_ascending(self.ids) and len(np.unique(self.ids)) != N:
-            raise BadInputError(f"PoolView.ids holds duplicate ids ({N - len(np.unique(self.ids))} repeats); pool ids must be unique")
+        self.ids_ascending = strictly_ascending(self.ids)
+        repeats = 0 if self.ids_ascending else N - len(np.unique(self.ids))
+        if repeats:
+            raise BadInputError(f"PoolView.ids holds duplicate ids ({repeats} repeats); pool ids must be unique")
         mask = np.asarray(self.labeled_mask)
         if mask.dtype != np.bool_ or mask.shape != (N,):
             raise BadInputError(

@@ -27,7 +27,7 @@ import numpy as np
 
 from asvp_ray.checks import check_int, is_int
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
-from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, strictly_ascending, top_n
+from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, top_n
 
 EXECUTIONS = ("auto", "local", "sharded")
 #: ``execution="auto"`` shards pools at least this large (about 8 GB of 512-d float32 features).
@@ -663,7 +663,7 @@ def top_n_over_shards(group: "ActorGroup", pool: PoolView, strategy: ScoreStrate
         )
     # sorted ids (a run's pool): positions stand in for them on the shards (8 bytes a row less to
     # send each round, and no object-store pages of them left in this process)
-    by_position = strictly_ascending(pool.ids)
+    by_position = pool.ids_ascending
     args = []
     for s, e in group.bounds:
         probs = pool.probs[s:e] if pool.probs is not None else None
