@@ -83,6 +83,44 @@ def choose_precision(amp: Union[str, bool], device_type: str, capability: Option
     return amp
 
 
+#: why a Ray worker that reserved no GPU may not use one, and the fix (shared by torch and faiss).
+UNRESERVED_GPU = ("this Ray task or actor reserved no GPU (Ray >= 2.48 no longer hides GPUs from tasks and actors "
+                  "that reserve none, and using one takes memory and time from the work that reserved it)")
+RESERVE_GPU_FIX = "reserve one for the task or actor that runs it (num_gpus=1 in its ray.remote options)"
+
+
+def ray_gpu_reservation() -> Optional[List[str]]:
+    """The GPU ids Ray reserved for this process when it is a Ray task or actor (worker mode):
+    ``get_runtime_context().get_accelerator_ids()["GPU"]``, else ``ray.get_gpu_ids()``.
+
+    Returns:
+        the ids (empty: it reserved none); None where Ray's reservation does not apply: Ray is
+        not imported or not initialised, this process is a driver, or the context cannot be read.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode != ray.WORKER_MODE:
+            return None
+        ids = ctx.get_accelerator_ids().get("GPU")
+        if ids is None:
+            ids = ray.get_gpu_ids()
+        return [str(i) for i in ids]
+    except Exception:  # noqa: BLE001 - outside a normal Ray context: no reservation to honour
+        return None
+
+
+def unreserved_gpu_reason(reserved: Optional[Sequence[Any]]) -> str:
+    """Why this process may not use a GPU given Ray's reservation (:func:`ray_gpu_reservation`):
+    ``""`` when it may (no Ray worker context: None; or at least one GPU reserved), else
+    :data:`UNRESERVED_GPU`. A pure function, so the rule is tested without Ray or a GPU."""
+    if reserved is None or len(reserved) > 0:
+        return ""
+    return UNRESERVED_GPU
+
+
 def usable_cuda() -> Tuple[bool, str]:
     """Whether this process may compute on CUDA, and why not.
 
@@ -90,20 +128,13 @@ def usable_cuda() -> Tuple[bool, str]:
     Ray (>= 2.48) no longer hides GPUs from such workers, and using one would take memory and
     time from the task that reserved it.
     """
-    import sys
-
     import torch
 
     if not torch.cuda.is_available():
         return False, "this process sees no CUDA device"
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        try:
-            in_worker = ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-            if in_worker and not ray.get_gpu_ids():
-                return False, "this Ray task or actor reserved no GPU"
-        except Exception:  # noqa: BLE001 - outside a normal Ray context: trust torch
-            pass
+    why = unreserved_gpu_reason(ray_gpu_reservation())
+    if why:
+        return False, why
     return True, ""
 
 
@@ -134,11 +165,40 @@ def cuda_facts(device=None) -> Dict[str, Any]:
 
 def tune_for_cuda() -> None:
     """Process-wide settings that help fixed-shape convolutional work on CUDA: cuDNN autotunes
-    its kernels per input shape (batches here have one shape, bar the last). TF32 is left at
-    PyTorch's defaults, so ``amp: off`` means what it means in plain PyTorch."""
+    its kernels per input shape (batches here have one shape, bar the last). TF32 is set by
+    :func:`match_tf32`, from the precision recorded for the work."""
     import torch
 
     torch.backends.cudnn.benchmark = True
+
+
+def tf32_flags(precision: str, device_type: str) -> Optional[Dict[str, Any]]:
+    """The TF32 settings that make CUDA compute what ``precision`` records (a pure function).
+
+    ``fp32`` on CUDA means IEEE float32: TF32 off for matmuls (``float32_matmul_precision``
+    ``"highest"``, which also turns ``torch.backends.cuda.matmul.allow_tf32`` off) and for cuDNN
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default in PyTorch). Under bf16/fp16
+    autocast the float32 ops that remain keep PyTorch's defaults (None: nothing to set), as on
+    the CPU, which has no TF32.
+    """
+    if device_type != "cuda" or precision != "fp32":
+        return None
+    return {"float32_matmul_precision": "highest", "cudnn_allow_tf32": False}
+
+
+def match_tf32(precision: str, device_type: str) -> Optional[Dict[str, Any]]:
+    """Apply :func:`tf32_flags` to this process (call it where the model goes to CUDA, with the
+    precision that meta.json or the model file records), so that a recorded ``fp32`` is float32
+    and not TF32. Returns what was set (None: nothing)."""
+    import torch
+
+    flags = tf32_flags(precision, device_type)
+    if flags is None:
+        return None
+    torch.set_float32_matmul_precision(flags["float32_matmul_precision"])
+    torch.backends.cuda.matmul.allow_tf32 = False  # what "highest" implies; set for older torch too
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_allow_tf32"]
+    return flags
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -212,35 +272,48 @@ class DevicePreprocessor:
 
 
 # --------------------------------------------------------------------------- faiss
-def faiss_gpu_available() -> Tuple[bool, str]:
-    """Whether a GPU build of faiss is importable and sees a GPU, and why not."""
+def _faiss_gpu_check(reserved: Optional[Sequence[Any]] = None) -> Tuple[bool, str, str]:
+    """(ok, why, fix) of :func:`faiss_gpu_available`; ``reserved``: Ray's GPU reservation of
+    this process (:func:`ray_gpu_reservation`; None outside a Ray task or actor)."""
+    install = ("install a GPU build of faiss (conda install -c pytorch faiss-gpu, or pip install faiss-gpu-cu12) "
+               "and run where a GPU is reserved")
     try:
         import faiss
     except ImportError:
-        return False, "faiss is not installed"
+        return False, "faiss is not installed", install
     if not hasattr(faiss, "StandardGpuResources"):
-        return False, f"the installed faiss {getattr(faiss, '__version__', '?')} is a CPU-only build (faiss-cpu)"
+        return (False, f"the installed faiss {getattr(faiss, '__version__', '?')} is a CPU-only build (faiss-cpu)",
+                install)
+    why = unreserved_gpu_reason(reserved)
+    if why:  # faiss counts every GPU the process can see, reserved or not
+        return False, why, RESERVE_GPU_FIX
     try:
         n = int(faiss.get_num_gpus())
     except Exception as e:  # noqa: BLE001 - a broken CUDA set-up reads as "no GPU"
-        return False, f"faiss cannot count GPUs ({e})"
+        return False, f"faiss cannot count GPUs ({e})", install
     if n < 1:
-        return False, "faiss sees no GPU in this process (a Ray task or actor sees GPUs only when it reserves them)"
-    return True, f"faiss sees {n} GPU(s)"
+        return False, "faiss sees no GPU in this process", install
+    return True, f"faiss sees {n} GPU(s)", ""
+
+
+def faiss_gpu_available() -> Tuple[bool, str]:
+    """Whether a GPU build of faiss is importable and may use a GPU here, and why not: it must
+    see one, and inside a Ray task or actor that task must have reserved one (Ray no longer
+    hides unreserved GPUs, so faiss would see and take them)."""
+    ok, why, _ = _faiss_gpu_check(ray_gpu_reservation())
+    return ok, why
 
 
 def require_faiss_gpu(where: str) -> None:
     """Refuse ``use_gpu=True`` unless faiss can actually run on a GPU here (it would otherwise
-    run on the CPU without a word).
+    run on the CPU without a word, or on a GPU that Ray reserved for other work).
 
     Raises:
         ConfigError: naming the strategy, the reason and the fix.
     """
-    ok, why = faiss_gpu_available()
+    ok, why, fix = _faiss_gpu_check(ray_gpu_reservation())
     if not ok:
-        raise ConfigError(f"{where}: use_gpu=True but {why}; install a GPU build of faiss (conda install -c pytorch "
-                          "faiss-gpu, or pip install faiss-gpu-cu12) and run where a GPU is reserved, or set "
-                          "use_gpu=False")
+        raise ConfigError(f"{where}: use_gpu=True but {why}; {fix}, or set use_gpu=False")
 
 
 def node_cpus() -> int:

@@ -277,6 +277,98 @@ def test_faiss_gpu_options_need_a_gpu_build():
             STRATEGIES.create(name, use_gpu=True).select(pool, 5, np.random.default_rng(0))
 
 
+def _fake_gpu_faiss(monkeypatch):
+    """A stand-in for a GPU build of faiss that sees one GPU, as faiss does in any process on a
+    GPU node (it counts the devices it can see, not the ones Ray reserved)."""
+    import types
+
+    fake = types.ModuleType("faiss")
+    fake.StandardGpuResources = object
+    fake.get_num_gpus = lambda: 1
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+
+
+def test_gpu_reservation_rule_refuses_a_ray_worker_that_reserved_none():
+    from asvp_ray.device import RESERVE_GPU_FIX, UNRESERVED_GPU, unreserved_gpu_reason
+
+    assert unreserved_gpu_reason(None) == ""  # the driver, or no Ray: nothing to honour
+    assert unreserved_gpu_reason(["0"]) == "" and unreserved_gpu_reason([3, 4]) == ""
+    assert unreserved_gpu_reason([]) == UNRESERVED_GPU
+    assert "reserved no GPU" in UNRESERVED_GPU and "num_gpus=1" in RESERVE_GPU_FIX
+
+
+def test_faiss_gpu_path_follows_rays_reservation(monkeypatch):
+    from asvp_ray.device import _faiss_gpu_check, faiss_gpu_available
+
+    _fake_gpu_faiss(monkeypatch)
+    assert _faiss_gpu_check(None)[0] and _faiss_gpu_check(["0"])[0]
+    ok, why, fix = _faiss_gpu_check([])
+    assert not ok and "reserved no GPU" in why and "num_gpus=1" in fix
+    assert faiss_gpu_available() == (True, "faiss sees 1 GPU(s)")  # this test process is no Ray worker
+
+
+def test_faiss_gpu_refused_in_a_ray_task_that_reserved_no_gpu(ray_local):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a task of num_gpus=0, so faiss would see
+    (and take) the node's GPUs: the check reads the task's reservation instead."""
+    from asvp_ray.device import ray_gpu_reservation
+
+    # defined here, so that Ray ships it by value to a worker that cannot import this test file
+    def _faiss_check_in_a_worker():
+        import types
+
+        fake = types.ModuleType("faiss")
+        fake.StandardGpuResources = object
+        fake.get_num_gpus = lambda: 1
+        real = sys.modules.get("faiss")
+        sys.modules["faiss"] = fake
+        try:
+            from asvp_ray.device import faiss_gpu_available, ray_gpu_reservation, require_faiss_gpu
+
+            try:
+                require_faiss_gpu("typiclust")
+                raised = ""
+            except ConfigError as e:
+                raised = str(e)
+            return ray_gpu_reservation(), faiss_gpu_available(), raised
+        finally:
+            if real is None:
+                del sys.modules["faiss"]
+            else:
+                sys.modules["faiss"] = real
+
+    assert ray_gpu_reservation() is None  # the driver
+    reserved, (ok, why), raised = ray_local.get(ray_local.remote(_faiss_check_in_a_worker)
+                                                .options(num_cpus=0, num_gpus=0).remote())
+    assert reserved == [] and not ok and "reserved no GPU" in why
+    assert raised.startswith("typiclust: use_gpu=True but this Ray task or actor reserved no GPU")
+    assert "num_gpus=1" in raised and "set use_gpu=False" in raised
+
+
+# =========================================================================== TF32
+@pytest.fixture
+def tf32_restored():
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cuda.matmul.allow_tf32 = saved[1]
+    torch.backends.cudnn.allow_tf32 = saved[2]
+
+
+def test_recorded_fp32_on_cuda_turns_tf32_off(tf32_restored):
+    from asvp_ray.device import match_tf32, tf32_flags
+
+    assert tf32_flags("fp32", "cpu") is None and tf32_flags("bf16", "cuda") is None
+    assert tf32_flags("fp16", "cuda") is None
+    torch.set_float32_matmul_precision("high")  # TF32 on, as a user or a library may leave it
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    assert match_tf32("bf16", "cuda") is None and match_tf32("fp32", "cpu") is None
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    assert match_tf32("fp32", "cuda") == {"float32_matmul_precision": "highest", "cudnn_allow_tf32": False}
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
 # =========================================================================== on a GPU
 def _fm(n):
     from asvp_ray.data.sources import FashionMNISTSource
@@ -317,6 +409,19 @@ def test_cuda_extraction_equals_cpu_features_within_amp_tolerance(ray_local, tmp
         print(f"v{version} ({precision}): relative error median {np.median(rel):.2e}, max {rel.max():.2e}")
         assert np.median(rel) < tol[precision][0] and rel.max() < tol[precision][1]
         assert np.array_equal(nearest, np.arange(len(ids)))
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_actor_recording_fp32_runs_without_tf32(tf32_restored):
+    from dataclasses import asdict
+
+    from asvp_ray.features.extract import FeatureExtractor
+
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    actor = FeatureExtractor(asdict(LITE0), None, 1, "cuda", amp="off")  # in this process, not as a Ray actor
+    assert actor.precision == "fp32"
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
 
 
 def _loss(model, images, labels, spec):

@@ -282,7 +282,7 @@ class FeatureExtractor:
                  input_cfg: Optional[Dict[str, Any]] = None):
         import torch
 
-        from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
+        from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
 
         torch.set_num_threads(int(torch_threads))
         self.spec = BackboneSpec(**spec)
@@ -304,6 +304,7 @@ class FeatureExtractor:
         self.pre = Preprocessor(own_cfg)
         if device == "cuda":
             tune_for_cuda()
+            match_tf32(self.precision, device)  # meta.json's precision is what runs: fp32 without TF32
             self.model = self.model.to(memory_format=torch.channels_last)
         if device == "cuda" or input_cfg is not None:
             self.pre = DevicePreprocessor(self.pre, device, channels_last=device == "cuda",

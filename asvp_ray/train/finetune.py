@@ -460,7 +460,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     cfg = TrainConfig(**config["cfg"])
     spec = BackboneSpec(**config["spec"])
     method, num_classes = config["method"], int(config["num_classes"])
-    from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, tune_for_cuda
+    from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
 
     device = ray.train.torch.get_device()
     facts: Dict[str, Any] = {}
@@ -480,6 +480,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             raise ConfigError(f"train.amp={cfg.amp} resolves to different precisions on the workers' GPUs "
                               f"({sorted(set(map(tuple, every)))}); set train.amp: fp16 (or off), which every card runs")
     amp = precision
+    match_tf32(precision, device.type)  # the model file's precision is what runs: fp32 without TF32
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if rank == 0:
         log.info("fine-tuning on %s%s in %s", device, f" ({facts['gpu']}, capability "
