@@ -27,7 +27,9 @@ class WorkerPlan:
         use_gpu: one GPU per worker (NCCL) or CPU workers (gloo).
         resources_per_worker: the Ray resources each worker reserves.
         torch_threads: intra-op threads per worker.
-        loader_workers: DataLoader worker processes per training worker (augmentation).
+        loader_workers: batches each training worker prepares ahead (Ray Data's ``prefetch_batches``,
+            at least 1), collated and augmented by as many threads in the worker (Ray Data caps
+            them at 4); not DataLoader processes.
     """
 
     num_workers: int
@@ -61,9 +63,10 @@ def default_worker_cpus(use_gpu: bool, nodes: Optional[List[Dict[str, float]]] =
 
 
 def default_loader_workers(use_gpu: bool, cpus_per_worker: float, augment: bool) -> int:
-    """DataLoader workers per training worker when ``train.loader_workers`` is unset: on GPU
-    workers that augment, every reserved CPU but the training loop's; otherwise none (the
-    un-augmented batches are plain uint8 slices, preprocessed on the device)."""
+    """``train.loader_workers`` when it is unset: Ray Data prefetch batches (and so collate and
+    augmentation threads) per training worker. On GPU workers that augment, every reserved CPU
+    but the training loop's; otherwise 0, which still prefetches one batch (the un-augmented
+    batches are plain uint8 slices, preprocessed on the device)."""
     if not use_gpu or not augment:
         return 0
     return max(0, int(cpus_per_worker) - 1)
@@ -108,8 +111,10 @@ class TrainConfig(BaseModel):
                            "shifted domain, e.g. LP-FT's fine-tuning phase; wrong for a random-init backbone")
     crop_scale: Tuple[float, float] = Field((0.35, 1.0), description="random resized crop area range")
     loader_workers: Optional[NonNegativeInt] = Field(
-        None, description="DataLoader worker processes per training worker; unset: 0 on CPU workers, on GPU "
-                          "workers that augment every reserved CPU but one")
+        None, description="batches each training worker prepares ahead (Ray Data's prefetch_batches, at least "
+                          "1), collated and augmented by as many threads in the worker (Ray Data caps them at 4), "
+                          "not DataLoader processes; unset: 0 (one batch ahead) on CPU workers, on GPU workers "
+                          "that augment every reserved CPU but one")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
     checkpoint_every: PositiveInt = Field(1, description="checkpoint every this many epochs (and the last one)")
     eval_every: NonNegativeInt = Field(
