@@ -80,3 +80,55 @@ def test_preprocessor_grayscale_to_three_channels_and_resize():
     singles = np.empty(3, dtype=object)
     singles[:] = list(r)
     assert torch.allclose(pre(r), pre(singles), atol=1e-5)
+
+
+def test_weights_hash_from_the_file_equals_the_built_models_without_building_it(tmp_path, monkeypatch):
+    """backbone_weights_hash gives weights_hash(create_backbone(...)) (feature caches are keyed by
+    it) while building the architecture only on the meta device: the Lite0 package, a state dict,
+    a model file's backbone, and a file of another dtype (loading converts it to float32)."""
+    from asvp_ray.features import backbones as bb
+
+    a = create_backbone(BackboneSpec("test_efficientnet", weights="none", init_seed=1))
+    torch.save({"state_dict": a.state_dict()}, tmp_path / "a.pth")
+    torch.save({"backbone": a.state_dict(), "head": {}}, tmp_path / "model.pt")
+    torch.save({k: v.double() if v.is_floating_point() else v for k, v in a.state_dict().items()},
+               tmp_path / "a64.pth")
+    lite0 = BackboneSpec("tf_efficientnet_lite0", weights="auto", image_size=32, crop_pct=1.0)
+    ab = BackboneSpec("test_efficientnet", weights=str(tmp_path / "a.pth"))
+    cases = [(lite0, None), (ab, None), (BackboneSpec("test_efficientnet", weights="none"), str(tmp_path / "model.pt")),
+             (BackboneSpec("test_efficientnet", weights=str(tmp_path / "a64.pth")), None)]
+    want = [weights_hash(create_backbone(spec, ckpt)) for spec, ckpt in cases]
+    assert want[1] == want[2] == weights_hash(a) and want[0] == "653246f58bc51a83"  # Lite0's hash before this change
+
+    built = []
+    real_timm = bb._timm
+
+    def on_which_device(name, **kw):
+        built.append((name, torch.empty(0).device.type))  # the default device where timm builds it
+        return real_timm(name, **kw)
+
+    monkeypatch.setattr(bb, "_timm", on_which_device)
+    monkeypatch.setattr(bb, "create_backbone", lambda *a, **k: pytest.fail("built the model to hash it"))
+    got = [bb.backbone_weights_hash(spec, ckpt) for spec, ckpt in cases]
+    assert got == want
+    assert built and {device for _, device in built} == {"meta"}
+    other = create_backbone(BackboneSpec("test_resnet", weights="none"))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(BadInputError, match=r"do not fit model .*missing"):
+        bb.backbone_weights_hash(BackboneSpec("test_efficientnet", weights=str(tmp_path / "other.pth")))
+    with pytest.raises(BadInputError, match="does not exist"):
+        bb.backbone_weights_hash(ab, checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="lite0_package fits only tf_efficientnet_lite0"):
+        bb.backbone_weights_hash(BackboneSpec("test_efficientnet", weights="lite0_package"))
+
+
+def test_the_architecture_on_the_meta_device_gives_the_built_models_data_config():
+    """extract_to_store records data_config and sizes its parts from the meta-device architecture."""
+    from asvp_ray.features.backbones import backbone_architecture
+
+    for spec in (BackboneSpec("tf_efficientnet_lite0", weights="auto", image_size=32, crop_pct=1.0),
+                 BackboneSpec("test_efficientnet", weights="none")):
+        arch, built = backbone_architecture(spec), create_backbone(spec)
+        assert next(arch.parameters()).device.type == "meta"
+        assert data_config(spec, arch) == data_config(spec, built)
+        assert arch.num_features == built.num_features

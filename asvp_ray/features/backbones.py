@@ -60,7 +60,8 @@ def map_lite0_state_dict(src: Dict[str, torch.Tensor], model: torch.nn.Module) -
     The package's 296 tensors follow timm's order with equal shapes; the mapping is positional
     and checked tensor by tensor. Classifier tensors are dropped when the model has no classifier.
     """
-    full = _timm("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    with torch.device("meta"):  # only its keys and shapes are read: no memory, no init
+        full = _timm("tf_efficientnet_lite0", num_classes=1000).state_dict()
     if len(src) != len(full):
         raise BadInputError(f"EfficientNet-Lite0 file has {len(src)} tensors, timm expects {len(full)}")
     mapped = {}
@@ -106,6 +107,17 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], origin: st
         BadInputError: the weights do not fit the model; lists missing/unexpected/mismatched keys.
     """
     own = model.state_dict()
+    check_fit(own, state, origin, type(model).__name__)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def check_fit(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], origin: str, model_type: str) -> None:
+    """:func:`load_into`'s check against a model's state dict ``own`` (its tensors may live on
+    the meta device: only keys and shapes are read).
+
+    Raises:
+        BadInputError: missing, unexpected (other than classifier) or mismatched keys.
+    """
     mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
@@ -118,9 +130,8 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], origin: st
             parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
         if mismatched:
             parts.append(f"shape mismatch e.g. {mismatched[:3]}")
-        raise BadInputError(f"weights from {origin} do not fit model {type(model).__name__}: " + "; ".join(parts) +
+        raise BadInputError(f"weights from {origin} do not fit model {model_type}: " + "; ".join(parts) +
                             ". Fix: use the checkpoint of the same backbone.name, or weights: hub")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
 def _is_head_key(k: str) -> bool:
@@ -147,14 +158,18 @@ def create_backbone(spec: BackboneSpec, checkpoint: Optional[str] = None) -> tor
         if checkpoint is not None:
             load_into(model, _load_file(checkpoint), checkpoint)
         elif weights == LITE0_PACKAGE:
-            if spec.name != "tf_efficientnet_lite0":
-                raise ConfigError(f"weights: lite0_package fits only tf_efficientnet_lite0, not {spec.name}; "
-                                  "use weights: hub or a checkpoint path")
+            _check_lite0_name(spec)
             path = lite0_package_file()
             model.load_state_dict(map_lite0_state_dict(_load_raw(path), model))
         elif weights != "none":
             load_into(model, _load_file(weights), weights)
     return model.eval()
+
+
+def _check_lite0_name(spec: BackboneSpec) -> None:
+    if spec.name != "tf_efficientnet_lite0":
+        raise ConfigError(f"weights: lite0_package fits only tf_efficientnet_lite0, not {spec.name}; "
+                          "use weights: hub or a checkpoint path")
 
 
 def _load_raw(path: str) -> Dict[str, torch.Tensor]:
@@ -191,18 +206,65 @@ def input_config(spec: BackboneSpec) -> Dict[str, Any]:
     """``data_config`` without weights: the architecture is built on PyTorch's meta device (no
     memory, no weights file read), so the driver learns the input size and interpolation that
     the read tasks resize to before any actor has loaded the model."""
+    return data_config(spec, backbone_architecture(spec))
+
+
+def backbone_architecture(spec: BackboneSpec) -> torch.nn.Module:
+    """``create_backbone``'s model without weights, on PyTorch's meta device: its attributes
+    (``num_features``, timm's pretrained config) and its state dict's keys, shapes and dtypes,
+    for no memory and no weights file read.
+
+    Raises:
+        ConfigError: an unknown model name.
+    """
     with torch.device("meta"):
-        model = _timm(spec.name, pretrained=False, num_classes=0)
-    return data_config(spec, model)
+        return _timm(spec.name, pretrained=False, num_classes=0)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) over the model's state dict, in key order."""
+    return _hash_tensors(model.state_dict().items())
+
+
+def _hash_tensors(items) -> str:
+    """:func:`weights_hash` of ``(key, tensor)`` pairs, each tensor's bytes fed to the hash
+    without a copy beyond ``contiguous()``."""
     h = hashlib.sha256()
-    for k, v in model.state_dict().items():
+    for k, v in items:
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8))
     return h.hexdigest()[:16]
+
+
+def backbone_weights_hash(spec: BackboneSpec, checkpoint: Optional[str] = None) -> str:
+    """``weights_hash(create_backbone(spec, checkpoint))``, the same value, without building the
+    model's weights where they come from a file (a checkpoint, a refreshed model file, a weights
+    path, the Lite0 package): the architecture is built on the meta device for its keys, shapes
+    and dtypes, the file's tensors are checked against it as ``create_backbone`` checks them,
+    and each is hashed as loading would have stored it (converted to the model's dtype). The
+    driver thus holds the file's tensors once, not also a model and a second state dict.
+
+    ``weights: hub`` (timm applies model-specific filters while loading pretrained weights) and
+    ``weights: none`` (a seeded random init) still build the model.
+
+    Raises:
+        ConfigError, BadInputError: as ``create_backbone`` (unknown name or weights option,
+            missing, unreadable or ill-fitting weights).
+    """
+    weights = spec.resolved_weights()
+    if checkpoint is None and weights in ("hub", "none"):
+        return weights_hash(create_backbone(spec))
+    arch = backbone_architecture(spec)
+    own = arch.state_dict()
+    if checkpoint is not None or weights != LITE0_PACKAGE:
+        origin = checkpoint if checkpoint is not None else weights
+        state = _load_file(origin)
+        check_fit(own, state, origin, type(arch).__name__)
+    else:
+        _check_lite0_name(spec)
+        state = map_lite0_state_dict(_load_raw(lite0_package_file()), arch)
+        check_fit(own, state, lite0_package_file(), type(arch).__name__)
+    return _hash_tensors((k, state[k].to(own[k].dtype)) for k in own)
 
 
 class Preprocessor:

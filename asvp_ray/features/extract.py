@@ -45,8 +45,8 @@ import numpy as np
 
 from asvp_ray._faults import fault_env, fault_point
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
-from asvp_ray.features.backbones import (BackboneSpec, Preprocessor, create_backbone, data_config, input_config,
-                                        weights_hash)
+from asvp_ray.features.backbones import (BackboneSpec, Preprocessor, backbone_architecture, backbone_weights_hash,
+                                        create_backbone, data_config, input_config)
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
 from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested, resource_timeout, wait_for_resources
@@ -597,12 +597,15 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
     from asvp_ray.features.store import rows_per_part
 
     t0 = time.perf_counter()
-    model = create_backbone(spec, checkpoint)  # fails fast on a bad name or weights, before any Ray work
+    # Fails fast on a bad name or weights, before any Ray work; the driver builds no weights for it
+    # where they come from a file (backbone_weights_hash), only the architecture on the meta device.
+    hashed = backbone_weights_hash(spec, checkpoint)
+    model = backbone_architecture(spec)
     compute = compute or resolve_compute(cfg)
     meta = {
         "backbone": spec.name,
         "weights": checkpoint or spec.resolved_weights(),
-        "weights_hash": weights_hash(model),
+        "weights_hash": hashed,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(spec, model).items()},
         "backbone_spec": asdict(spec),
         "pool_source": pool.describe(),

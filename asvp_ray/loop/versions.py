@@ -156,9 +156,9 @@ class FeatureVersions:
 
     # ------------------------------------------------------------------ writing versions
     def _cache_inputs(self) -> Dict[str, Any]:
-        from asvp_ray.features.backbones import create_backbone, weights_hash
+        from asvp_ray.features.backbones import backbone_weights_hash
 
-        return {"backbone": asdict(self.spec), "weights_hash": weights_hash(create_backbone(self.spec)),
+        return {"backbone": asdict(self.spec), "weights_hash": backbone_weights_hash(self.spec),
                 "pool": self.pool.describe(), "test": self.test.describe() if self.test is not None else None,
                 "skip_unreadable": self.cfg.data.skip_unreadable}
 
