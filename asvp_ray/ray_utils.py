@@ -28,6 +28,13 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
     import ray
 
     if not ray.is_initialized():
+        # torch is loaded before this process connects to Ray, never after: in the entrypoint of a
+        # `ray job submit` (the first job of a freshly started cluster, reproducibly here) an
+        # `import torch` after `ray.init()` dies in oneMKL's start-up inside libtorch_cpu
+        # ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", exit 2, or a segfault),
+        # while `import torch; ray.init()` works. Nothing in asvp-ray runs without torch anyway.
+        import torch  # noqa: F401
+
         address = address or os.environ.get("RAY_ADDRESS")
         kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
         if not address:

@@ -391,3 +391,82 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
     finally:
         left = cluster.stop()
     assert not left, f"cluster processes still alive: {left}"
+
+
+# ---------------------------------------------------------------------------------- the docs, verbatim
+def markdown_block(path: Path, heading: str) -> str:
+    """The first ```bash block after ``heading`` in ``path``: the commands a user is told to run."""
+    text = path.read_text()
+    at = text.index(heading)
+    start = text.index("```bash\n", at) + len("```bash\n")
+    return text[start:text.index("```", start)]
+
+
+def test_the_try_it_block_uses_no_port_in_rays_worker_range():
+    import re
+
+    block = markdown_block(CLUSTER / "README.md", "## Try it on one machine")
+    ports = [int(p) for p in re.findall(r"port=(\d+)", block)] + [int(p) for p in re.findall(r":(\d{4,5})\b", block)]
+    assert ports, block
+    inside = [p for p in ports if 10002 <= p <= 19999]
+    assert not inside, f"ports {inside} are in Ray's default worker port range 10002-19999: ray start refuses them"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_cluster_readme_try_it_block_runs_verbatim():
+    """cluster/README.md's "Try it on one machine" block, run as a user runs it (bash, from the
+    repository root, the virtualenv on PATH, no RAY_* settings of the test's own): two `ray start`
+    nodes of 1 CPU each and the smoke run submitted with `ray job submit` as the cluster's first
+    job. Before asvp-ray loaded torch ahead of ray.init, this job died in oneMKL's start-up
+    ("Cannot load libtorch_cpu.so", exit 2)."""
+    block = markdown_block(CLUSTER / "README.md", "## Try it on one machine")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ASVP_", "TQDM_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the virtualenv, active
+    script = "set -euo pipefail\n" + block + '\necho "TEMP_DIR=$T"\n'
+    p = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    sid = p.pid
+    try:
+        out, _ = p.communicate(timeout=900)
+        tmp = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("TEMP_DIR=")), None)
+        assert p.returncode == 0 and tmp, f"the block failed (exit {p.returncode}):\n{out[-6000:]}"
+        assert "succeeded" in out and "FATAL" not in out, out[-6000:]
+        summary = json.loads((Path(tmp) / "runs" / "smoke" / "summary.json").read_text())
+        assert summary["status"] == "finished"
+        assert [x["n_labeled"] for x in summary["rounds"]] == [40, 80, 120]
+        # the block's last command lists the actors: the Driver and the extraction actors ran
+        assert "Driver" in out and "FeatureExtractor" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        out_tmp = None
+        try:
+            out_tmp = tmp  # noqa: F821 - set when the block got as far as printing it
+        except NameError:
+            pass
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid()
+                and (_sid(int(d)) == sid or (out_tmp and out_tmp in _cmdline(int(d))))]
+        LoopbackCluster._signal_all(pids)
+        if out_tmp:
+            shutil.rmtree(out_tmp, ignore_errors=True)
+
+
+def test_init_ray_loads_torch_before_it_connects():
+    """`import torch` after `ray.init()` kills a job's entrypoint on a fresh cluster (oneMKL:
+    "Cannot load libtorch_cpu.so"; reproduced with `ray start --head --num-cpus=1`, a second node,
+    and `ray job submit -- python -c 'import ray; ray.init(); import torch'` as its first job), so
+    init_ray loads torch first. Checked in a fresh process: torch is loaded when ray.init is called."""
+    code = ("import sys, ray\n"
+            "seen = []\n"
+            "ray.init = lambda *a, **k: seen.append('torch' in sys.modules)\n"
+            "ray.is_initialized = lambda: False\n"
+            "from asvp_ray import ray_utils\n"
+            "ray_utils.quiet_ray_data = lambda: None\n"
+            "assert 'torch' not in sys.modules\n"
+            "ray_utils.init_ray(address='127.0.0.1:1', quiet=False)\n"
+            "print('SEEN', seen)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SEEN [True]" in r.stdout, r.stdout
