@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,40 @@ def asvp_errors_unwrapped() -> Iterator[None]:
         raise
 
 
+def cluster_capacity() -> Tuple[Dict[str, float], bool]:
+    """What the cluster can become: per resource, the nodes up now or, when an autoscaler is
+    configured (the cluster config it reports to the GCS, which Ray Train v2 reads too), the larger
+    of that and what its node types can add up to. Every plan that asks "can this ever run" reads
+    this, not ``ray.cluster_resources()`` at one instant: on an autoscaling cluster an idle worker
+    group scales to zero between phases.
+
+    Returns:
+        (resources, autoscaling): e.g. ``({"CPU": 8.0, "GPU": 4.0}, True)``.
+    """
+    import ray
+
+    now = {str(k): float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        from ray._private.state import state as ray_state
+
+        top = ray_state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a Ray without this private API: the nodes' totals
+        top = None
+    if not top:
+        return now, False
+    out = dict(now)
+    for r, v in top.items():
+        out[str(r)] = max(out.get(str(r), 0.0), float(v))
+    return out, True
+
+
+def _capacity_line(now: Dict[str, float], can: Dict[str, float], autoscaling: bool) -> str:
+    keys = ("CPU", "GPU")
+    a = ", ".join(f"{float(now.get(r, 0)):g} {r}" for r in keys)
+    b = ", ".join(f"{float(can.get(r, 0)):g} {r}" for r in keys)
+    return f"now {a}; can grow to {b}" if autoscaling else f"now {a} (no autoscaler)"
+
+
 def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5.0) -> None:
     """Before starting nested Ray work (a Ray Train worker group, an extraction actor pool) from this
     process: raise when it can never start, say why when it has to wait.
@@ -147,8 +181,12 @@ def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5
         grace_s: how long resources may take to come free (the previous phase releasing them)
             before the wait is logged.
 
+    It can also never start when it needs more than the cluster can ever have (``cluster_capacity``:
+    the nodes up now and what the autoscaler may add).
+
     Raises:
-        ConfigError: it needs more than the cluster minus what this process holds.
+        ConfigError: it needs more than the cluster can grow to, or more than the cluster minus
+            what this process holds.
     """
     import ray
 
@@ -158,7 +196,15 @@ def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5
         held = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
     except Exception:  # noqa: BLE001 - a driver process holds nothing
         held = {}
-    total = ray.cluster_resources()
+    can, autoscaling = cluster_capacity()
+    for r, n in need.items():
+        if n > 0 and n > float(can.get(r, 0.0)) + 1e-9:
+            raise ConfigError(
+                f"{what} need {n:g} {r} but the cluster can never have that many "
+                f"({_capacity_line(ray.cluster_resources(), can, autoscaling)}), so they would wait forever; "
+                f"shrink {fix}" + (f", or add {r}s (a node type with {r} in the autoscaler's config)"
+                                   if autoscaling else f", or add nodes with {r}"))
+    total = {r: max(float(ray.cluster_resources().get(r, 0.0)), float(can.get(r, 0.0))) for r in need}
     for r, n in need.items():
         have, mine = float(total.get(r, 0.0)), held.get(r, 0.0)
         if n > 0 and mine > 0 and n > have - mine + 1e-9:

@@ -205,3 +205,24 @@ def test_autoscaler_adds_the_node_the_extraction_actors_ask_for():
     finally:
         left = cluster.stop()
         assert not left, f"cluster processes still alive: {left}"
+
+
+def test_a_one_cpu_cluster_gets_a_pool_that_can_start():
+    # before: an actor of 0.5 CPU beside a 1-CPU read task, 1.5 CPU on a 1-CPU cluster, waited forever
+    one = plan_actors(ExtractConfig(), {"CPU": 1.0})
+    assert (one.min_actors, one.max_actors, one.num_cpus) == (1, 1, 0.0)
+    assert one.min_actors * one.num_cpus + 1.0 <= 1.0  # the actor and a read task, together
+    assert plan_actors(ExtractConfig(), {"CPU": 1.5}).num_cpus == 0.5
+
+
+def test_nested_work_the_cluster_can_never_hold_is_refused_at_once(ray_local):
+    from asvp_ray.ray_utils import check_nested, cluster_capacity
+
+    can, autoscaling = cluster_capacity()
+    assert not autoscaling and can["CPU"] >= 1
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"Ray Train workers need 64 CPU but the cluster can never have that many "
+                                          r"\(now .* CPU, 0 GPU \(no autoscaler\)\).*shrink train.num_workers"):
+        check_nested({"CPU": 64.0}, "Ray Train workers", "train.num_workers")
+    assert time.monotonic() - t0 < 5
+    check_nested({"CPU": 1.0}, "a read task", "nothing", grace_s=0.0)  # what fits passes

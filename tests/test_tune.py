@@ -371,10 +371,12 @@ def test_a_study_that_cannot_fit_one_trial_says_so_before_it_starts(tmp_path, ra
     assert "Shrink it with train.num_workers, train.cpus_per_worker, final.training_method=none" in msg
     assert "--cpus-per-trial" in msg
     assert time.monotonic() - t0 < 30 and not out.exists()
-    with pytest.raises(ConfigError, match=r"one trial needs 2.5 CPU .* or extraction 1.5 \(1 extraction actor\(s\) x 0.5 CPU .*Shrink it with "
+    # a trial's extraction on its 1-CPU share: an actor of 0 CPU beside a 1-CPU read task (half a CPU
+    # each made 1.5 CPU, which never started); the fine-tune's 2 workers are what cannot fit
+    with pytest.raises(ConfigError, match=r"one trial needs 3 CPU .* or extraction 1 \(1 extraction actor\(s\) x 0 CPU .*Shrink it with "
                        r"train.num_workers, train.cpus_per_worker, extract.num_actors .*refresh.policy=never"):
         run_study(SMOKE, {"method": "asvp", "refresh.policy": "every_round", "strategy": {"grid": ["margin"]}},
-                  out, overrides=["final.training_method=none"], cpus_per_trial=1.0)
+                  out, overrides=["final.training_method=none", "train.num_workers=2"], cpus_per_trial=1.0)
 
 
 def test_study_concurrency_counts_each_trials_nested_work():

@@ -221,10 +221,14 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
                 f"extract.num_cpus_per_actor={cfg.num_cpus_per_actor:g} x {max(asked, 1)} actor(s) leaves no CPU for "
                 f"reading images on this {cpus:g}-CPU cluster and the job would hang; set extract.num_cpus_per_actor "
                 f"to at most {max(cpus - 1, 0.5):g} with one actor (extract.min_actors: 1)")
-        num_cpus = max(cpus - 1.0, 0.5)  # a 1-CPU machine: share it
+        # A cluster of less than 2 CPUs: the read tasks take 1 CPU each, the actor what is left (on a
+        # 1-CPU cluster nothing: it computes on the CPU the read tasks leave idle while they wait for it).
+        # Half a CPU on a 1-CPU cluster made actor + read task 1.5 CPU, a plan that never started.
+        num_cpus = max(cpus - 1.0, 0.0)
         hi = cfg.max_actors or 1
         return ActorPlan(1, hi, num_cpus, 0.0, cfg.torch_threads or max(1, int(cpus)), "cpu", custom,
-                         f"min 1, max {hi}: a {cpus:g}-CPU cluster, one actor shares it with the read tasks{device_why}")
+                         f"min 1, max {hi}: a {cpus:g}-CPU cluster, one actor of {num_cpus:g} CPU beside a 1-CPU "
+                         f"read task{device_why}")
     lo, hi, why = _pool_size(cfg, fit, f"the cluster's {cpus:g} CPUs now, less 1 for reads, at "
                                        f"{cfg.num_cpus_per_actor:g} per actor")
     if lo > fit and not custom:

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from asvp_ray.config import Config
 from asvp_ray.errors import ConfigError
+from asvp_ray.ray_utils import cluster_capacity as _cluster_capacity
 
 RESOURCES = ("CPU", "GPU")
 EPS = 1e-9
@@ -47,24 +48,9 @@ def _fmt(d: Dict[str, float]) -> str:
 
 
 def cluster_capacity() -> Tuple[Dict[str, float], bool]:
-    """The most CPU/GPU the cluster can have: the autoscaler's maximum when one is configured
-    (the same source Ray Train v2 checks), else what the nodes have now.
-
-    Returns:
-        (resources, autoscaling).
-    """
-    import ray
-
-    try:
-        from ray._private.state import state as ray_state
-
-        top = ray_state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - a Ray without this private API: the nodes' totals
-        top = None
-    if top:
-        return {r: float(top.get(r, 0)) for r in RESOURCES}, True
-    now = ray.cluster_resources()
-    return {r: float(now.get(r, 0)) for r in RESOURCES}, False
+    """CPU/GPU of ``asvp_ray.ray_utils.cluster_capacity`` (the one capacity view every plan reads)."""
+    top, autoscaling = _cluster_capacity()
+    return {r: float(top.get(r, 0.0)) for r in RESOURCES}, autoscaling
 
 
 def _method(cfg: Config):
