@@ -159,7 +159,9 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     return out, True
 
 
-def _capacity_line(now: Dict[str, float], can: Dict[str, float], autoscaling: bool) -> str:
+def capacity_line(now: Dict[str, float], can: Dict[str, float], autoscaling: bool) -> str:
+    """One line for plans' logs and errors: ``now 2 CPU, 0 GPU; can grow to 10 CPU, 4 GPU``, or
+    ``now 2 CPU, 0 GPU (no autoscaler)``."""
     keys = ("CPU", "GPU")
     a = ", ".join(f"{float(now.get(r, 0)):g} {r}" for r in keys)
     b = ", ".join(f"{float(can.get(r, 0)):g} {r}" for r in keys)
@@ -201,10 +203,10 @@ def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5
         if n > 0 and n > float(can.get(r, 0.0)) + 1e-9:
             raise ConfigError(
                 f"{what} need {n:g} {r} but the cluster can never have that many "
-                f"({_capacity_line(ray.cluster_resources(), can, autoscaling)}), so they would wait forever; "
+                f"({capacity_line(ray.cluster_resources(), can, autoscaling)}), so they would wait forever; "
                 f"shrink {fix}" + (f", or add {r}s (a node type with {r} in the autoscaler's config)"
                                    if autoscaling else f", or add nodes with {r}"))
-    total = {r: max(float(ray.cluster_resources().get(r, 0.0)), float(can.get(r, 0.0))) for r in need}
+    total = can  # already the larger of the nodes now and what the autoscaler may add
     for r, n in need.items():
         have, mine = float(total.get(r, 0.0)), held.get(r, 0.0)
         if n > 0 and mine > 0 and n > have - mine + 1e-9:

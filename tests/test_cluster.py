@@ -436,7 +436,7 @@ def test_cluster_readme_try_it_block_runs_verbatim():
     script = "set -euo pipefail\n" + block + '\necho "TEMP_DIR=$T"\n'
     p = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
-    sid = p.pid
+    sid, tmp = p.pid, None
     try:
         out, _ = p.communicate(timeout=900)
         tmp = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("TEMP_DIR=")), None)
@@ -450,16 +450,12 @@ def test_cluster_readme_try_it_block_runs_verbatim():
     finally:
         if p.poll() is None:
             p.kill()
-        out_tmp = None
-        try:
-            out_tmp = tmp  # noqa: F821 - set when the block got as far as printing it
-        except NameError:
-            pass
+        # tmp is set once the block got as far as printing it
         pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid()
-                and (_sid(int(d)) == sid or (out_tmp and out_tmp in _cmdline(int(d))))]
+                and (_sid(int(d)) == sid or (tmp and tmp in _cmdline(int(d))))]
         LoopbackCluster._signal_all(pids)
-        if out_tmp:
-            shutil.rmtree(out_tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_init_ray_loads_torch_before_it_connects():

@@ -190,13 +190,13 @@ class TrainConfig(BaseModel):
                                    f"set use_gpu: auto (CPU workers when no GPU is up) or num_workers: "
                                    f"{max(1, int(ray.cluster_resources().get('GPU', 0)))}",
                                    resource_timeout(self.resource_timeout_s))
-            from asvp_ray.ray_utils import _capacity_line, cluster_capacity
+            from asvp_ray.ray_utils import capacity_line, cluster_capacity
 
             # what the cluster can become, not this instant's nodes: an autoscaler's idle workers
             # scale to zero between fine-tunes, and the workers wait for it to add them back
             resources, autoscaling = cluster_capacity()
             log.info("Ray Train workers: the cluster has %s",
-                     _capacity_line(ray.cluster_resources(), resources, autoscaling))
+                     capacity_line(ray.cluster_resources(), resources, autoscaling))
             if nodes is None:
                 nodes = [x.get("Resources", {}) for x in ray.nodes() if x.get("Alive")]
         cpus = float(resources.get("CPU", 0))
