@@ -31,3 +31,14 @@ def fault_point(name: str) -> None:
 def fault_env() -> dict:
     """The ``ASVP_*`` variables to forward to Ray workers (runtime_env), so faults reach them."""
     return {k: v for k, v in os.environ.items() if k.startswith("ASVP_")}
+
+
+def gpu_on_cpu() -> bool:
+    """Test-only: ``ASVP_TEST_GPU_ON_CPU=1`` makes work that reserved a GPU compute on the CPU when
+    the process has no CUDA (the fake GPU nodes of a cluster rehearsal: they declare ``GPU: 1`` but
+    have no card), so that scheduling is exactly a GPU run's. Never set outside tests."""
+    if os.environ.get("ASVP_TEST_GPU_ON_CPU") != "1":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()

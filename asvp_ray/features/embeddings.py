@@ -53,7 +53,10 @@ def write_embedding_parts(source, folder: str, part_rows: int,
     """
     import ray.data
 
+    from asvp_ray.placement import apply_to_ray_data
+
     check_nested({"CPU": TASK_CPUS}, "the embeddings import's read tasks", "ray start --num-cpus (more CPUs)")
+    apply_to_ray_data()  # the read and write tasks stay off GPU nodes
     fs, files = source.files()
     # select_columns is pushed down into the read: the other columns are never read
     ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=TASK_CPUS).select_columns(["id", "feature"])

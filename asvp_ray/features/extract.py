@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray._faults import fault_env, fault_point
+from asvp_ray._faults import fault_env, fault_point, gpu_on_cpu
 from asvp_ray.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.features.backbones import (BackboneSpec, Preprocessor, backbone_architecture, backbone_weights_hash,
                                         create_backbone, data_config, input_config)
@@ -116,6 +116,8 @@ def resolve_compute(cfg, plan: Optional["ActorPlan"] = None) -> Compute:
     if plan.device != "cuda":
         return Compute("cpu", choose_precision(cfg.amp, "cpu"), cfg.amp)
     wait_for_actors(cfg, plan)
+    if gpu_on_cpu():  # a cluster rehearsal's fake GPU nodes: scheduled as GPU work, computed in fp32 on CPUs
+        return Compute("cuda", "fp32", cfg.amp)
     if cfg.amp == "off":
         return Compute("cuda", "fp32", cfg.amp)
     import ray
@@ -290,6 +292,8 @@ class FeatureExtractor:
 
         torch.set_num_threads(int(torch_threads))
         self.spec = BackboneSpec(**spec)
+        if device == "cuda" and gpu_on_cpu():  # test-only: a rehearsal's fake GPU node has no card
+            device = "cpu"
         self.device = device
         facts = cuda_facts() if device == "cuda" else {}
         own = choose_precision(amp, device, facts.get("capability"), facts.get("gpu", "this GPU"), key="extract.amp")
@@ -425,6 +429,9 @@ def _actor_stage(ds, plan: ActorPlan, spec: BackboneSpec, checkpoint: Optional[s
     """The extraction's actor-pool stage (``FeatureExtractor``) on ``ds``."""
     from ray.data import ActorPoolStrategy
 
+    from asvp_ray.placement import gpu_actor_selector
+
+    gpu_sel = gpu_actor_selector() if plan.device == "cuda" else None
     return ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=dict(spec=asdict(spec), checkpoint=checkpoint, torch_threads=plan.torch_threads,
@@ -435,6 +442,8 @@ def _actor_stage(ds, plan: ActorPlan, spec: BackboneSpec, checkpoint: Optional[s
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
         **({"resources": plan.resources} if plan.resources else {}),
+        # GPU actors leave the pipeline's CPU-only label selector (placement.apply_to_ray_data)
+        **({"label_selector": gpu_sel} if gpu_sel else {}),
         batch_format="numpy",
         # Ray Data's own default for actors, given explicitly: Ray Data fuses task stages into a
         # following actor stage whose remote arguments are equal, which would move the decode and
@@ -493,6 +502,9 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
              plan.why)
     check_nested({"CPU": plan.min_actors * plan.num_cpus + 1.0, "GPU": plan.min_actors * plan.num_gpus},
                  "the extraction actors and a read task", "extract.min_actors / extract.num_cpus_per_actor")
+    from asvp_ray.placement import apply_to_ray_data
+
+    apply_to_ray_data()  # read, decode and write tasks (and CPU actors) stay off GPU nodes
     # the read tasks resize to the input size (uint8); the actors only normalise and compute
     input_cfg = _comparable(input_config(spec))
 

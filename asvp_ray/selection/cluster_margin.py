@@ -117,7 +117,9 @@ def fit_clusters_on_shards(shards, n_rows: int, n_clusters: Optional[int], coars
 
     rows = sample_positions(n_rows, sample_size, seed)
     pieces = shards.rows_at_refs(rows)
-    task = ray.remote(_fit_clusters_from_shards).options(num_cpus=0)
+    from asvp_ray.placement import cpu_options
+
+    task = ray.remote(_fit_clusters_from_shards).options(num_cpus=0, **cpu_options())
     kwargs = dict(n_clusters=n_clusters, coarse_clusters=coarse_clusters, sample_size=sample_size,
                   kmeans_iters=kmeans_iters, seed=seed, key=key, n_rows=n_rows)
     return ray.get(task.remote(pieces, len(rows), torch.get_num_threads(), kwargs))

@@ -368,7 +368,9 @@ def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_optio
 
     init_ray()
     num_shards = int(num_shards or default_num_shards())
-    opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    from asvp_ray.placement import cpu_options
+
+    opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **cpu_options()}  # off GPU nodes
     opts.update(actor_options or {})
     opts["runtime_env"] = _with_lean_memory(opts.get("runtime_env"))
     remote_cls = ray.remote(holder_cls)
@@ -512,7 +514,9 @@ def compute_on_rows(shards: "StoreShards", positions: Sequence[np.ndarray], fn: 
     import torch
 
     pieces = [shards.rows_at_refs(np.asarray(p, dtype=np.int64)) for p in positions]
-    task = ray.remote(_compute_on_rows).options(num_cpus=0)
+    from asvp_ray.placement import cpu_options
+
+    task = ray.remote(_compute_on_rows).options(num_cpus=0, **cpu_options())
     return ray.get(task.remote(pieces, [len(p) for p in positions], torch.get_num_threads(), fn, args))
 
 

@@ -180,6 +180,9 @@ def _labelled_dataset(source, ids: np.ndarray, labels: np.ndarray, what: str):
     Raises:
         BadInputError: the source returned fewer or other images than ``ids``.
     """
+    from asvp_ray.placement import apply_to_ray_data
+
+    apply_to_ray_data()  # reading and decoding the labelled images stays off GPU nodes
     order = np.argsort(ids, kind="stable")
     ds = source.to_dataset(ids=ids).map_batches(
         _with_labels, fn_kwargs={"ids": ids[order], "labels": labels[order]}, batch_size=None,
@@ -702,10 +705,17 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
               "n_train": len(ids), "has_eval": "eval" in datasets,
               "torch_threads": plan.torch_threads, "loader_workers": plan.loader_workers,
               "on_epoch_end": on_epoch_end}
+    from asvp_ray._faults import gpu_on_cpu
+    from asvp_ray.placement import cpu_selector
+
     trainer = TorchTrainer(
         _train_worker, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),
+        # test-only: a rehearsal's fake GPU workers have no CUDA, so no NCCL; they train on the CPU with gloo
+        **({"torch_config": ray.train.torch.TorchConfig(backend="gloo")} if plan.use_gpu and gpu_on_cpu() else {}),
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                               resources_per_worker=plan.resources_per_worker),
+                                               resources_per_worker=plan.resources_per_worker,
+                                               # CPU workers stay off GPU nodes (GPU workers need one)
+                                               label_selector=None if plan.use_gpu else cpu_selector()),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
