@@ -32,6 +32,25 @@ GPU_WORK = {LABEL: "!cpu"}
 _decided: Dict[str, Optional[Dict[str, str]]] = {}
 
 
+def node_types() -> list:
+    """The autoscaler's node types as Ray's cluster config in the GCS reports them (name, resources,
+    min_count, max_count); [] without an autoscaler."""
+    try:
+        from ray._private.state import state as ray_state
+
+        config = ray_state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a Ray without this private API: no node types known
+        return []
+    return [{"name": g.name, "resources": dict(g.resources), "min": g.min_count, "max": g.max_count}
+            for g in (getattr(config, "node_group_configs", None) or [])]
+
+
+def largest_cpu_node() -> float:
+    """CPUs of the largest node type the autoscaler can add that has no GPU (0: none)."""
+    return max([float(t["resources"].get("CPU", 0)) for t in node_types()
+                if not t["resources"].get("GPU", 0) and t["max"] != 0] or [0.0])
+
+
 def _cpu_node_possible() -> Optional[str]:
     """A node up now, or a node type the autoscaler may add, that has CPUs and no GPU (its name),
     else None."""
@@ -42,16 +61,10 @@ def _cpu_node_possible() -> Optional[str]:
         if n.get("Alive") and res.get("CPU", 0) > 0 and not res.get("GPU", 0) \
                 and (n.get("Labels") or {}).get(LABEL) != "gpu":
             return f"node {n['NodeID'][:8]} ({res.get('CPU', 0):g} CPU, no GPU) is up"
-    try:
-        from ray._private.state import state as ray_state
-
-        config = ray_state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - a Ray without this private API: the nodes up decide
-        config = None
-    for g in getattr(config, "node_group_configs", None) or []:
-        res = dict(g.resources)
-        if res.get("CPU", 0) > 0 and not res.get("GPU", 0) and g.max_count != 0:
-            return f"the autoscaler can add node type {g.name!r} ({res['CPU']:g} CPU, no GPU)"
+    for t in node_types():
+        res = t["resources"]
+        if res.get("CPU", 0) > 0 and not res.get("GPU", 0) and t["max"] != 0:
+            return f"the autoscaler can add node type {t['name']!r} ({res['CPU']:g} CPU, no GPU)"
     return None
 
 

@@ -476,3 +476,22 @@ def test_init_ray_loads_torch_before_it_connects():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SEEN [True]" in r.stdout, r.stdout
+
+
+def test_shipped_configs_label_every_node_group_for_placement():
+    from asvp_ray.placement import LABEL
+
+    rc, _ = _raycluster()
+    spec = rc["spec"]
+    assert spec["autoscalerOptions"]["version"] == "v2", "autoscaler v1 ignores label selectors when it scales"
+    assert spec["headGroupSpec"]["labels"][LABEL] == "head"
+    for g in spec["workerGroupSpecs"]:
+        gpu = "nvidia.com/gpu" in _containers(g)[0]["resources"]["limits"]
+        assert g["labels"][LABEL] == ("gpu" if gpu else "cpu"), g["groupName"]
+    cfg = _load("aws-gpu.yaml")
+    for name, t in cfg["available_node_types"].items():
+        gpu = t["node_config"]["InstanceType"].startswith(("g", "p"))
+        want = "head" if name == cfg["head_node_type"] else ("gpu" if gpu else "cpu")
+        assert t["labels"][LABEL] == want, name
+        if gpu:
+            assert t["min_workers"] == 0, "GPU workers scale from zero (device/use_gpu auto read the autoscaler's types)"

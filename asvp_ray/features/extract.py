@@ -189,7 +189,10 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     for CPU actors. Ray cannot see an autoscaler's node limit, so growing past the current size
     needs ``extract.max_actors``; actors beyond what the nodes hold stay pending until the
     autoscaler adds nodes (``extract.device: cuda`` with no GPU up yet plans one GPU actor and
-    ``extract`` waits for the GPU node, see ``wait_for_resources``).
+    ``extract`` waits for the GPU node, see ``wait_for_resources``). ``extract.device: auto``
+    chooses GPU actors when the cluster has GPUs now or its autoscaler can add them
+    (``ray_utils.cluster_capacity``); CPU actors on a cluster whose CPU nodes scaled to zero are
+    sized for one node of its largest CPU type.
 
     Args:
         cfg: an ``ExtractConfig``.
@@ -199,14 +202,28 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     Raises:
         ConfigError: the minimum pool would starve the read tasks of CPUs.
     """
+    can: Dict[str, float] = {}
     if resources is None:
-        import ray
+        resources = _budget()
+        if resources is None:  # the live cluster: what is up now, and what its autoscaler can add
+            import ray
 
-        resources = _budget() or ray.cluster_resources()
+            from asvp_ray.placement import largest_cpu_node
+            from asvp_ray.ray_utils import cluster_capacity
+
+            resources = {str(k): float(v) for k, v in ray.cluster_resources().items()}
+            can = cluster_capacity()[0]
+            # CPU nodes scaled to zero: size the pool for one node of the largest CPU type (it waits for it)
+            node_cpus = largest_cpu_node()
+            if resources.get("CPU", 0) < node_cpus:
+                log.info("extract: %g CPU up now; planning CPU actors for one %g-CPU node the autoscaler adds",
+                         resources.get("CPU", 0), node_cpus)
+                resources = dict(resources, CPU=node_cpus)
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
     custom = {str(k): float(v) for k, v in (getattr(cfg, "resources_per_actor", None) or {}).items()}
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.num_gpus_per_actor)
+    # device auto: GPU actors when the cluster has GPUs or its autoscaler can add them
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and max(gpus, can.get("GPU", 0)) >= cfg.num_gpus_per_actor)
     if use_gpu:
         fit = int(gpus // cfg.num_gpus_per_actor)
         lo, hi, why = _pool_size(cfg, fit, f"the cluster's {gpus:g} GPU(s) now at {cfg.num_gpus_per_actor:g} per actor")
