@@ -257,8 +257,16 @@ class PoolShardsConfig(_Strict):
     mode: Literal["auto", "driver", "shards"] = Field(
         "auto", description="driver: the driver loads the current feature version (fastest while it fits); "
                             "shards: shard actors load their rows from the feature store themselves and the driver "
-                            "holds ids, labels and the labelled rows' features only; auto: shards from min_rows rows")
-    min_rows: PositiveInt = Field(2_000_000, description="auto: pools of at least this many rows go to shards")
+                            "holds ids, labels and the labelled rows' features only; auto: shards when the pool "
+                            "matrix (rows x dim x 4 bytes) is over driver_memory_fraction of the driver node's "
+                            "memory and the cluster has or can add other nodes, else the driver")
+    driver_memory_fraction: float = Field(
+        0.1, gt=0, le=1, description="auto: the largest share of the driver node's memory (Ray's 'memory' "
+                                     "resource of that node; this machine's memory before Ray starts) the pool "
+                                     "matrix may take in the driver")
+    min_rows: Optional[PositiveInt] = Field(
+        None, description="deprecated (use driver_memory_fraction): when set, auto shards pools of at least this "
+                          "many rows, whatever their width, as before")
     num_shards: Optional[PositiveInt] = Field(None, description="shard actors; None: one per alive node, at least 2")
     num_cpus: float = Field(1.0, ge=0, description="CPUs each shard actor reserves (it scores and selects with them)")
 

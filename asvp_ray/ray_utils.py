@@ -159,6 +159,31 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     return out, True
 
 
+def this_node() -> Dict[str, object]:
+    """The node this process runs on, as Ray sees it: ``memory`` (bytes: the node's ``memory``
+    resource, what Ray gives tasks and actors there; before Ray is initialised, this machine's
+    memory, its container's limit where lower), ``resources`` (the node's totals), ``alive_nodes``
+    (the cluster's, 1 before Ray) and ``source`` (where the memory figure came from, for logs).
+    Not a capacity view: what the cluster can become is :func:`cluster_capacity`."""
+    import ray
+
+    if ray.is_initialized():
+        me = ray.get_runtime_context().get_node_id()
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        node = next((n for n in alive if n.get("NodeID") == me), None)
+        res = {str(k): float(v) for k, v in (node or {}).get("Resources", {}).items()}
+        if res.get("memory"):
+            return {"memory": res["memory"], "resources": res, "alive_nodes": len(alive),
+                    "source": f"Ray's memory resource of node {node.get('NodeManagerAddress', me)}"}
+    from ray._private.utils import get_system_memory  # cgroup-aware: a pod's limit, not its host's memory
+
+    try:
+        total = float(get_system_memory())
+    except Exception:  # noqa: BLE001 - no psutil / cgroup files: the kernel's page count
+        total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {"memory": total, "resources": {}, "alive_nodes": 1, "source": "this machine's memory"}
+
+
 def capacity_line(now: Dict[str, float], can: Dict[str, float], autoscaling: bool) -> str:
     """One line for plans' logs and errors: ``now 2 CPU, 0 GPU; can grow to 10 CPU, 4 GPU``, or
     ``now 2 CPU, 0 GPU (no autoscaler)``."""

@@ -142,3 +142,97 @@ def test_shard_actors_run_with_the_lean_allocator_settings_under_the_users_own(r
         shards.group.close()
     assert seen == [{"ARROW_DEFAULT_MEMORY_POOL": want_arrow, "MALLOC_ARENA_MAX": "4", "ASVP_TEST_USER_VAR": "kept"}] * 2
     assert mine["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "4", "ASVP_TEST_USER_VAR": "kept"}}  # not changed
+
+
+# ---------------------------------------------------------------- pool_shards.mode: auto, by bytes
+def _versions(rows: int, dim: int, sets=()):
+    """A FeatureVersions whose current version holds ``rows`` x ``dim`` (only what _pool_mode reads)."""
+    from types import SimpleNamespace
+
+    from asvp_ray.loop.versions import FeatureVersions
+
+    v = FeatureVersions.__new__(FeatureVersions)
+    v.cfg = load_config(str(SMOKE), list(sets))
+    v.current = 0
+    v.ids = np.arange(rows, dtype=np.int64)
+    v.store = SimpleNamespace(meta=lambda version: {"rows": rows, "dim": dim, "splits": {"pool": {"rows": rows,
+                                                                                                  "dim": dim}}})
+    return v
+
+
+def _cluster(monkeypatch, node_gb: float, alive: int = 1, cluster_gb=None, autoscaling=False):
+    """The driver's node (``node_gb`` of Ray's memory resource) and the cluster's capacity."""
+    import asvp_ray.ray_utils as ru
+    import asvp_ray.selection.sharded as sharded
+
+    node = {"memory": node_gb * 1e9, "CPU": 8.0}
+    cap = {"memory": (cluster_gb if cluster_gb is not None else node_gb * alive) * 1e9, "CPU": 8.0 * alive}
+    monkeypatch.setattr(ru, "this_node", lambda: {"memory": node["memory"], "resources": dict(node),
+                                                  "alive_nodes": alive, "source": "Ray's memory resource of node x"},
+                        raising=False)  # raising=False: on the code before it, the rule itself fails the tests
+    monkeypatch.setattr(ru, "cluster_capacity", lambda: (dict(cap), autoscaling))
+    monkeypatch.setattr(ru, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(sharded, "default_num_shards", lambda: max(2, alive))
+
+
+def test_auto_keeps_a_narrow_pool_of_millions_of_rows_in_the_driver(monkeypatch, caplog):
+    """3,000,000 x 8 (96 MB) on a 16 GB node of a two-node cluster: 0.6%, kept (min_rows, the old
+    rule, sharded it: 3,000,000 rows >= 2,000,000)."""
+    _cluster(monkeypatch, node_gb=16, alive=2)
+    with caplog.at_level("INFO", logger="asvp_ray.driver"):
+        assert _versions(3_000_000, 8)._pool_mode() == "driver"
+    assert "pool 3,000,000 x 8 = 0.10 GB = 0.6% of the driver node's 16.0 GB" in caplog.text
+    assert "kept in the driver" in caplog.text
+
+
+def test_auto_shards_a_wide_pool_over_the_share_of_the_driver_nodes_memory(monkeypatch, caplog):
+    """1,000,000 x 1280 (5.12 GB) on a 16 GB head: 32% > 10%; with another node up, or an
+    autoscaler that can add one, it goes to shard actors (min_rows kept it: 1M < 2M rows)."""
+    _cluster(monkeypatch, node_gb=16, alive=2)
+    with caplog.at_level("INFO", logger="asvp_ray.driver"):
+        assert _versions(1_000_000, 1280)._pool_mode() == "shards"
+    assert "5.12 GB = 32.0% of the driver node's 16.0 GB" in caplog.text and "sharded over 2 shard actors" in caplog.text
+
+    _cluster(monkeypatch, node_gb=16, alive=1, cluster_gb=16 + 4 * 64, autoscaling=True)  # KubeRay, workers at 0
+    assert _versions(1_000_000, 1280)._pool_mode() == "shards"
+    # the same bytes under the share of a bigger node stay; a larger share lets them stay too
+    _cluster(monkeypatch, node_gb=128, alive=2)
+    assert _versions(1_000_000, 1280)._pool_mode() == "driver"
+    _cluster(monkeypatch, node_gb=16, alive=2)
+    assert _versions(1_000_000, 1280, ["pool_shards.driver_memory_fraction=0.5"])._pool_mode() == "driver"
+
+
+def test_auto_keeps_a_pool_over_the_share_in_the_driver_without_another_node(monkeypatch, caplog):
+    """One node, no autoscaler: shard actors would hold the same bytes on the same node. Kept, and
+    the warning says so and how to shard anyway."""
+    _cluster(monkeypatch, node_gb=16, alive=1)
+    with caplog.at_level("INFO", logger="asvp_ray.driver"):
+        assert _versions(1_000_000, 1280)._pool_mode() == "driver"
+    warn = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warn and "32.0% of the driver node's 16.0 GB" in warn[0].getMessage()
+    assert "no other node can hold shards" in warn[0].getMessage() and "(no autoscaler)" in warn[0].getMessage()
+
+
+def test_min_rows_set_explicitly_keeps_its_old_meaning(monkeypatch, caplog):
+    """An old config's pool_shards.min_rows still decides by rows, whatever the bytes."""
+    from asvp_ray.config import PoolShardsConfig
+
+    assert PoolShardsConfig().min_rows is None and PoolShardsConfig().driver_memory_fraction == 0.1
+    _cluster(monkeypatch, node_gb=16, alive=2)
+    with caplog.at_level("INFO", logger="asvp_ray.driver"):
+        assert _versions(3_000_000, 8, ["pool_shards.min_rows=2000000"])._pool_mode() == "shards"
+    assert "min_rows 2000000 (deprecated" in caplog.text
+    assert _versions(1_000_000, 1280, ["pool_shards.min_rows=2000000"])._pool_mode() == "driver"
+    # explicit modes are never second-guessed
+    assert _versions(1_000_000, 1280, ["pool_shards.mode=driver"])._pool_mode() == "driver"
+    assert _versions(10, 8, ["pool_shards.mode=shards"])._pool_mode() == "shards"
+
+
+def test_this_node_is_the_drivers_node_in_rays_view(ray_local):
+    """Ray's memory resource of the node this process runs on (a single local node here)."""
+    from asvp_ray.ray_utils import this_node
+
+    node = this_node()
+    me = ray_local.get_runtime_context().get_node_id()
+    want = next(n for n in ray_local.nodes() if n["NodeID"] == me)["Resources"]["memory"]
+    assert node["memory"] == want > 0 and node["alive_nodes"] == 1 and "memory resource" in node["source"]

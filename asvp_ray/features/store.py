@@ -650,23 +650,46 @@ class VersionWriter:
         return False
 
 
-def _decode_into(f: "pq.ParquetFile", ids: np.ndarray, feats: np.ndarray, at: int) -> int:
-    """Decode a part a row group at a time into ``ids`` / ``feats`` from row ``at``; returns the
-    next free row (decoding a whole fixed-size-list column at once takes about 5x its bytes)."""
+def _open_part(source) -> "pq.ParquetFile":
+    """A part for decoding: no pre-buffering. ``pq.ParquetFile`` pre-buffers by default, i.e. reads
+    the whole file's column chunks into memory before the first batch and keeps them while the
+    file is open: with every part of a version open at once, a second copy of the pool (a
+    200,000 x 256 version's read peaked at 2.5x its matrix, 1.4x without pre-buffering)."""
+    return pq.ParquetFile(source, pre_buffer=False)
+
+
+def _decode_into(f: "pq.ParquetFile", ids: Optional[np.ndarray], feats: np.ndarray, at: int,
+                 rank: Optional[np.ndarray] = None) -> int:
+    """Decode a part a row group at a time into ``ids`` / ``feats`` from row ``at`` (file order);
+    returns the next row. With ``rank`` (file row -> sorted row) each feature row goes straight to
+    its sorted place and ``ids`` may be None (only the features are decoded). Decoding a whole
+    fixed-size-list column at once takes about 5x its bytes."""
     dim = feats.shape[1]
-    for batch in f.iter_batches(batch_size=ROW_GROUP_ROWS, use_threads=False):
+    columns = ["feature"] if ids is None else ["id", "feature"]
+    for batch in f.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns, use_threads=False):
         m = batch.num_rows
-        ids[at:at + m] = batch.column(0).to_numpy()
-        feats[at:at + m] = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+        if ids is not None:
+            ids[at:at + m] = batch.column("id").to_numpy()
+        rows = batch.column("feature").flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+        if rank is None:
+            feats[at:at + m] = rows
+        else:
+            feats[rank[at:at + m]] = rows
         at += m
     return at
 
 
-def _sorted_by_id(ids: np.ndarray, feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _sorted_rank(ids: np.ndarray) -> Optional[np.ndarray]:
+    """None when ``ids`` ascend; else sorts ``ids`` in place (stable) and returns each file row's
+    sorted position, for a second decoding pass that puts every feature row in its place (the
+    feature matrix is never copied to sort it: a few int64 arrays of the pool's length here)."""
+    if len(ids) < 2 or bool(np.all(ids[:-1] <= ids[1:])):
+        return None
     order = np.argsort(ids, kind="stable")
-    if not np.all(order == np.arange(len(ids))):
-        ids, feats = ids[order], feats[order]
-    return ids, np.ascontiguousarray(feats)
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(len(ids), dtype=np.int64)
+    ids[:] = ids[order]
+    return rank
 
 
 class FeatureStore:
@@ -852,7 +875,7 @@ class FeatureStore:
         files = []
         for path, rec in parts:
             try:
-                files.append(pq.ParquetFile(path))
+                files.append(_open_part(path))
             except (pa.ArrowException, OSError) as e:
                 self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
         mismatched = [path for path, rec in parts if rec is not None and file_digest(path) != {
@@ -861,16 +884,32 @@ class FeatureStore:
         dim = files[0].schema_arrow.field("feature").type.list_size if files else 0
         ids = np.empty(n, dtype=np.int64)
         feats = np.empty((n, max(dim, 0)), dtype=np.float32)
-        at = 0
-        for (path, _), f in zip(parts, files):
-            try:
-                at = _decode_into(f, ids, feats, at)
-            except (pa.ArrowException, OSError, ValueError) as e:
-                self._damaged(version, path, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+        self._decode_parts(version, [(path, lambda f=f: f) for (path, _), f in zip(parts, files)], ids, feats)
         self._check_finite(version, split, ids, feats)
         if mismatched:
             self._damaged(version, mismatched[0], "does not match the size and sha256 meta.json lists")
-        return _sorted_by_id(ids, feats)
+        return ids, feats
+
+    def _decode_parts(self, version: int, sources, ids: np.ndarray, feats: np.ndarray) -> None:
+        """Fill the preallocated ``ids`` / ``feats`` from the parts (``sources``: (where, open)
+        pairs, ``open()`` giving the part's ParquetFile), sorted by id. Parts listed in id order
+        holding ascending ids (what the writers make) take one pass; otherwise the ids are
+        sorted and a second pass decodes the features again, each row into its sorted place:
+        the matrix is never held twice."""
+        rank = None
+        for second in (False, True):
+            at = 0
+            for where, open_part in sources:
+                f = open_part()
+                try:
+                    at = _decode_into(f, None if second else ids, feats, at, rank)
+                except (pa.ArrowException, OSError, ValueError) as e:
+                    self._damaged(version, where, f"cannot be read as Parquet ({type(e).__name__}: {e})")
+            if second:
+                return
+            rank = _sorted_rank(ids)
+            if rank is None:
+                return
 
     def _read_object_store(self, version: int, split: str, parts) -> Tuple[np.ndarray, np.ndarray]:
         """``read`` from an object store: each listed part is fetched whole (one GET, up to about
@@ -880,28 +919,37 @@ class FeatureStore:
         dim = int(self.meta(version)["splits"][split]["dim"] or 0)
         ids = np.empty(n, dtype=np.int64)
         feats = np.empty((n, dim), dtype=np.float32)
-        at = 0
-        for path, rec in parts:
+
+        def fetch(path, rec):  # the part's bytes, checked; freed when the next part is fetched
             where = self._where(version, rec, path)
             data = _read_all(self.fs, path)
             if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
                 self._damaged(version, where, "does not match the size and sha256 meta.json lists")
             try:
-                f = pq.ParquetFile(pa.BufferReader(data))
-                if f.metadata.num_rows != int(rec["rows"]):
-                    self._damaged(version, where, f"holds {f.metadata.num_rows} rows where meta.json lists {rec['rows']}")
-                at = _decode_into(f, ids, feats, at)
+                f = _open_part(pa.BufferReader(data))
             except (pa.ArrowException, OSError, ValueError) as e:
                 self._damaged(version, where, f"cannot be read as Parquet ({type(e).__name__}: {e})")
-            del data
-        self._check_finite(version, split, ids, feats)
-        return _sorted_by_id(ids, feats)
+            if f.metadata.num_rows != int(rec["rows"]):
+                self._damaged(version, where, f"holds {f.metadata.num_rows} rows where meta.json lists {rec['rows']}")
+            return f
 
-    def _check_finite(self, version: int, split: str, ids: np.ndarray, feats: np.ndarray) -> None:
-        finite = np.isfinite(feats).all(axis=1)
-        if not finite.all():
+        self._decode_parts(version, [(self._where(version, rec, path), functools.partial(fetch, path, rec))
+                                     for path, rec in parts], ids, feats)
+        self._check_finite(version, split, ids, feats)
+        return ids, feats
+
+    def _check_finite(self, version: int, split: str, ids: np.ndarray, feats: np.ndarray,
+                      chunk: int = 65_536) -> None:
+        bad: List[int] = []  # checked in row blocks: np.isfinite of the whole matrix is a quarter of its bytes
+        for s in range(0, len(feats), chunk):
+            finite = np.isfinite(feats[s:s + chunk]).all(axis=1)
+            if not finite.all():
+                bad += ids[s:s + chunk][~finite][:10 - len(bad)].tolist()
+                if len(bad) >= 10:
+                    break
+        if bad:
             raise BadInputError(f"feature version v{version} ({split}) in {self.path(version)} holds NaN or infinite "
-                                f"values for ids {ids[~finite][:10].tolist()}; the files are damaged: delete "
+                                f"values for ids {bad}; the files are damaged: delete "
                                 f"{self.path(version)} and rerun to extract it again")
 
     def read_ids(self, version: int, split: str = POOL) -> np.ndarray:

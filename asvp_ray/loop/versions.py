@@ -25,6 +25,27 @@ def _device_seconds(wall: float, resources: Dict[str, float]) -> Dict[str, float
             "gpu_s": round(wall * resources.get("gpus", 0.0), 4)}
 
 
+def auto_pool_mode(rows: int, dim: int, node_memory: float, fraction: float, other_nodes: bool):
+    """``pool_shards.mode: auto``: where the pool matrix (``rows`` x ``dim`` float32) lives.
+
+    It stays in the driver while it takes at most ``fraction`` of the driver node's memory
+    (``node_memory`` bytes), and when it takes more but there is no other node to hold shards
+    (none up now, and no autoscaler that can add one): shard actors on the driver's own node
+    would hold the same bytes there. Otherwise it goes to shard actors.
+
+    Returns:
+        ("driver" | "shards", the decision in words with its numbers, for the log).
+    """
+    matrix = rows * dim * 4
+    share = matrix / node_memory if node_memory > 0 else float("inf")
+    line = (f"pool {rows:,} x {dim} = {matrix / 1e9:.2f} GB = {100 * share:.1f}% of the driver node's "
+            f"{node_memory / 1e9:.1f} GB (at most {100 * fraction:g}% in the driver: "
+            f"pool_shards.driver_memory_fraction)")
+    if share <= fraction or not other_nodes:
+        return "driver", line + "; kept in the driver"
+    return "shards", line
+
+
 class FeatureVersions:
     """Feature versions of one run directory.
 
@@ -104,10 +125,46 @@ class FeatureVersions:
         return np.searchsorted(self.ids, ids)
 
     def _pool_mode(self) -> str:
+        """``pool_shards.mode``, with ``auto`` decided by :func:`auto_pool_mode` (logged)."""
         ps = self.cfg.pool_shards
         if ps.mode != "auto":
             return ps.mode
-        return "shards" if len(self.ids) >= ps.min_rows else "driver"
+        rows = len(self.ids)
+        if ps.min_rows is not None:  # deprecated: by rows, whatever their width, as before
+            mode = "shards" if rows >= ps.min_rows else "driver"
+            log.info("pool_shards.mode auto with min_rows %d (deprecated; driver_memory_fraction decides by bytes "
+                     "when min_rows is unset): %d pool rows; %s", ps.min_rows, rows,
+                     "sharded" if mode == "shards" else "kept in the driver")
+            return mode
+        meta = self.store.meta(self.current)
+        dim = int((meta.get("splits", {}).get("pool") or {}).get("dim") or meta.get("dim") or 0)
+        from asvp_ray.ray_utils import cluster_capacity, init_ray, this_node
+
+        node = this_node()
+        matrix = rows * dim * 4
+        if matrix > ps.driver_memory_fraction * node["memory"] and not node["resources"]:
+            init_ray()  # over the limit by this machine's memory: ask Ray for the node's and the cluster's
+            node = this_node()
+        others, cluster = False, ""
+        if matrix > ps.driver_memory_fraction * node["memory"]:
+            now = node["resources"]
+            cap, autoscaling = cluster_capacity()
+            others = node["alive_nodes"] > 1 or any(cap.get(r, 0.0) > now.get(r, 0.0) for r in ("memory", "CPU"))
+            cluster = (f"{node['alive_nodes']} node{'s' if node['alive_nodes'] != 1 else ''} up; the cluster "
+                       f"{'can grow to' if autoscaling else 'has'} {cap.get('CPU', 0.0):g} CPU and "
+                       f"{cap.get('memory', 0.0) / 1e9:.1f} GB of memory{'' if autoscaling else ' (no autoscaler)'}")
+        mode, line = auto_pool_mode(rows, dim, node["memory"], ps.driver_memory_fraction, others)
+        if mode == "shards":
+            from asvp_ray.selection.sharded import default_num_shards
+
+            n = ps.num_shards or default_num_shards()
+            log.info("pool_shards auto: %s (%s); sharded over %d shard actors (%s)", line, node["source"], n, cluster)
+        elif matrix <= ps.driver_memory_fraction * node["memory"]:
+            log.info("pool_shards auto: %s (%s)", line, node["source"])
+        else:
+            log.warning("pool_shards auto: %s (%s), over the share, but no other node can hold shards (%s); "
+                        "pool_shards.mode: shards would put them on this same node", line, node["source"], cluster)
+        return mode
 
     @property
     def shards(self):
