@@ -22,6 +22,11 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
         num_cpus: CPUs of a new local instance (default: all of this machine's).
         quiet: silence Ray Data's own progress bars (asvp-ray draws its own).
 
+    On every path (a new local instance, a cluster joined by address, a ``ray job submit``
+    entrypoint) the job's workers run :func:`quiet_worker` at start (``runtime_env``'s
+    ``worker_process_setup_hook``), so the console shows the same lines everywhere: asvp-ray's
+    own, Ray's warnings and errors, not Ray Data's INFO lines or Ray Train's preemption watcher.
+
     A new local instance starts Ray's dashboard unless ``$ASVP_RAY_DASHBOARD`` is ``0`` (the test
     suite sets it: about 2.5 s less per start-up here, and one process less on a 2-CPU machine).
     """
@@ -37,6 +42,12 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
 
         address = address or os.environ.get("RAY_ADDRESS")
         kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+        # This process first (Ray Data runs here for `asvp-ray extract`; a local instance started
+        # below inherits these variables), then every worker of the job, on every node.
+        quiet_worker()
+        runtime_env = _quiet_runtime_env()
+        if runtime_env:
+            kwargs["runtime_env"] = runtime_env
         if not address:
             if os.environ.get("ASVP_RAY_DASHBOARD", "1") == "0":
                 kwargs["include_dashboard"] = False  # CI and tests: a new local instance without the dashboard
@@ -45,20 +56,6 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
             # step; 0.5 s costs nothing on one machine (measured: a 1-epoch fine-tune on 100
             # images, 19.2 -> 15.8 s). A cluster keeps its own setting.
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-            # Ray Train's preemption watcher (one more actor process per fine-tune, polling for
-            # nodes being drained) has nothing to watch on one machine: a 1-worker fine-tune of
-            # 120 images 19.4 -> 14.1 s here, and its "constructor arguments in the object store"
-            # error line leaves the console. A cluster keeps its own setting.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            # Ray Data in every process of the instance: no progress bars of its own (asvp-ray
-            # draws one per extraction) and INFO lines to its log file only, not the console.
-            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING_CONFIG)
-            # Ray Train's dataset manager sets an ExecutionOptions field that Ray Data itself has
-            # deprecated: a RayDeprecationWarning per fine-tune on the console that no user can act on.
-            ignore = "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options"
-            if ignore not in os.environ.get("PYTHONWARNINGS", ""):
-                os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), ignore]))
         if address:
             ray.init(address=address, **kwargs)
         elif num_cpus is not None:  # always a fresh local instance of that size
@@ -67,6 +64,82 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, quie
             ray.init(**kwargs)
     if quiet:
         quiet_ray_data()
+
+
+# Ray Train's dataset manager (Ray's own code, ray/train/_internal/data_config.py
+# `default_ingest_options`) copies DataContext's `exclude_resources` into the ExecutionOptions it
+# builds, a field Ray Data itself has deprecated: a RayDeprecationWarning per fine-tune on the
+# console, raised in Ray Train's DatasetManager actor, that no asvp-ray user can act on.
+EXCLUDE_RESOURCES_DEPRECATION = r"`ExecutionOptions\.exclude_resources` is deprecated"
+
+# The variable Ray sets to the job's runtime_env for a `ray job submit` entrypoint (the value of
+# ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR).
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def quiet_worker() -> None:
+    """What the console shows from this process: called by ``init_ray`` in the process that
+    connects, and in every worker process of the job at start (``runtime_env``'s
+    ``worker_process_setup_hook``, on every node; a local instance, a joined cluster or a
+    submitted job alike). Each setting is a default: a value already in the environment (the
+    node's, or the job's ``runtime_env`` ``env_vars``) is kept.
+
+    - Ray Data: no progress bars of its own (asvp-ray draws one per extraction); its INFO lines
+      ("Dataset ... execution finished") and the "Progress bars disabled" notice go to the
+      session's ``logs/ray-data/ray-data.log`` only, warnings and errors still to the console
+      (``ray_data_logging.yaml`` through ``RAY_DATA_LOGGING_CONFIG``, this node's copy).
+    - Ray Train: no preemption watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``): one actor
+      process less per fine-tune (a 1-worker fine-tune of 120 images 19.4 -> 14.1 s on one
+      machine), and its core worker's "constructor arguments in the object store" ERROR line
+      leaves the console. asvp-ray's training loop does not read Ray Train's preemption info; a
+      worker lost with its node still restarts the worker group from the last checkpoint
+      (``train.max_failures``). Set the variable to 1 on the nodes or in the job's runtime_env to
+      keep the watcher.
+    - Python warnings: Ray Train's ``exclude_resources`` deprecation (``EXCLUDE_RESOURCES_DEPRECATION``)
+      is ignored; every other warning is shown as before.
+    """
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if "RAY_DATA_LOGGING_CONFIG" not in os.environ and os.path.isfile(RAY_DATA_LOGGING_CONFIG):
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_LOGGING_CONFIG
+        import sys
+
+        if "ray.data" in sys.modules:  # already configured from the default at its import: again
+            try:
+                from ray.data._internal.logging import configure_logging
+
+                configure_logging()
+            except Exception:  # noqa: BLE001 - a Ray without it: Ray Data's default logging
+                log.debug("could not apply %s to Ray Data's loggers", RAY_DATA_LOGGING_CONFIG, exc_info=True)
+    import warnings
+
+    # Imported first: its import adds Ray's own "module" filter for RayDeprecationWarning in
+    # front of the list, which would otherwise shadow the filter added here.
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_DEPRECATION, category=RayDeprecationWarning)
+
+
+def _quiet_runtime_env() -> dict:
+    """The ``runtime_env`` for ``ray.init`` that runs :func:`quiet_worker` in every worker of the
+    job, or ``{}`` where a submitted job's own runtime_env already has a setup hook (Ray refuses
+    two; the job's wins)."""
+    hook = f"{__name__}.{quiet_worker.__name__}"
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if raw:
+        import json
+
+        try:
+            job_env = (json.loads(raw) or {}).get("runtime_env") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+        has_hook = bool(job_env.get("worker_process_setup_hook")) or any(
+            "SETUP_HOOK" in k for k in (job_env.get("env_vars") or {}))
+        if has_hook:
+            log.info("the job's runtime_env has its own worker_process_setup_hook; asvp-ray's (%s) is left out, so "
+                     "Ray Data's INFO lines and Ray Train's preemption watcher may show on the console", hook)
+            return {}
+    return {"worker_process_setup_hook": hook}
 
 
 def quiet_ray_data() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -401,6 +402,101 @@ def test_job_submission_runs_asvp_ray_on_a_two_node_cluster_and_spreads_the_work
     finally:
         left = cluster.stop()
     assert not left, f"cluster processes still alive: {left}"
+
+
+# ---------------------------------------------------------------------------------- the console on a cluster
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What Ray printed on a cluster and a local instance hid (issue #27): Ray Train's preemption
+# watcher's core-worker error, Ray Train's ExecutionOptions.exclude_resources deprecation, a
+# raylet's worker-start warning, Ray Data's INFO lines and notices.
+_NOISE = ("PreemptionWatcher", "RayDeprecationWarning", "exclude_resources", "worker processes have been started",
+          "Progress bars disabled", "execution finished")
+
+
+def _check_console(out: str, run_dir: Path, rounds: int) -> None:
+    """asvp-ray's own lines, each once; none of Ray's noise; run.log still holds asvp-ray's lines."""
+    out = _ANSI.sub("", out)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert [m.group(1) for m in map(re.compile(r"^round +(\d+): ").match, lines) if m] == \
+        [str(i) for i in range(rounds)], out[-6000:]
+    for ours in ("final model: ", "cost: ", "done: "):
+        assert sum(line.startswith(ours) for line in lines) == 1, (ours, out[-6000:])
+    noisy = [line for line in lines if any(n in line for n in _NOISE)]
+    assert not noisy, "\n".join(noisy)
+    twice = sorted({line for line in lines if lines.count(line) > 1})
+    assert not twice, "lines printed more than once:\n" + "\n".join(twice)
+    log = (run_dir / "run.log").read_text()
+    for i in range(rounds):
+        assert f"asvp_ray.driver: round {i}: " in log, log[-3000:]
+    assert "asvp_ray.driver: final model" in log, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_console_on_a_cluster_shows_what_a_local_run_shows():
+    """`asvp-ray run` joined to a two-node cluster (RAY_ADDRESS) and run as a job (`ray job
+    submit`): the console holds asvp-ray's round lines, final model, cost and done lines once
+    each, and none of the lines a local instance hides (before init_ray set up every worker of the
+    job through runtime_env's worker_process_setup_hook, both showed Ray Train's PreemptionWatcher
+    error, the exclude_resources RayDeprecationWarning and Ray Data's INFO lines); run.log still
+    has asvp-ray's own lines."""
+    cluster = LoopbackCluster(cpus_per_node=2)
+    sets = ["--set", "budget.schedule=[40,40]", "--set", "train.epochs=1", "--set", "train.lp_epochs=1"]
+    try:
+        cluster.start()
+        joined = cluster.tmp / "runs" / "joined"
+        r = subprocess.run([str(BIN / "asvp-ray"), "run", "examples/smoke.yaml", "--out", str(joined), *sets],
+                           env=cluster.env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        _check_console(r.stdout + r.stderr, joined, rounds=2)
+
+        job = cluster.tmp / "runs" / "job"
+        r = cluster.ray("job", "submit", "--address", cluster.url, "--runtime-env", "cluster/runtime_env.yaml", "--",
+                        "asvp-ray", "run", "examples/smoke.yaml", "--out", str(job), *sets, timeout=600)
+        assert r.returncode == 0 and "succeeded" in r.stdout + r.stderr, (r.stdout[-3000:], r.stderr[-3000:])
+        _check_console(r.stdout + r.stderr, job, rounds=2)
+    finally:
+        left = cluster.stop()
+    assert not left, f"cluster processes still alive: {left}"
+
+
+def test_quiet_worker_ignores_only_the_exclude_resources_deprecation():
+    """quiet_worker (every worker of an asvp-ray job runs it) hides Ray Train's exclude_resources
+    deprecation and no other RayDeprecationWarning; its filter stands in front of the one Ray adds
+    at import. Settings already in the environment (the node's, the job's env_vars) are kept."""
+    code = ("import os, warnings\n"
+            "os.environ['RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'] = '1'\n"
+            "from asvp_ray.ray_utils import quiet_worker, RAY_DATA_LOGGING_CONFIG\n"
+            "quiet_worker()\n"
+            "from ray.data import ExecutionOptions, ExecutionResources\n"
+            "from ray.util.annotations import RayDeprecationWarning\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    ExecutionOptions(exclude_resources=ExecutionResources(cpu=1))\n"
+            "    warnings.warn('something else is deprecated', RayDeprecationWarning)\n"
+            "print('SEEN', [str(w.message) for w in seen])\n"
+            "e = os.environ\n"
+            "print('ENV', e['RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'], e['RAY_DATA_DISABLE_PROGRESS_BARS'],\n"
+            "      e['RAY_DATA_LOGGING_CONFIG'] == RAY_DATA_LOGGING_CONFIG)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTHONWARNINGS"))}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SEEN ['something else is deprecated']" in r.stdout, r.stdout
+    assert "ENV 1 1 True" in r.stdout, r.stdout
+
+
+def test_quiet_runtime_env_leaves_a_jobs_own_setup_hook(monkeypatch):
+    """init_ray's runtime_env names quiet_worker as the setup hook, except in a submitted job whose
+    runtime_env has its own: Ray refuses to merge two, and the job's wins."""
+    from asvp_ray import ray_utils
+
+    ours = {"worker_process_setup_hook": "asvp_ray.ray_utils.quiet_worker"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_utils._quiet_runtime_env() == ours
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"TQDM_DISABLE": "1"}}}))
+    assert ray_utils._quiet_runtime_env() == ours
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"worker_process_setup_hook": "m.f"}}))
+    assert ray_utils._quiet_runtime_env() == {}
 
 
 # ---------------------------------------------------------------------------------- the docs, verbatim
