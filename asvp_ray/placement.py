@@ -33,16 +33,11 @@ _decided: Dict[str, Optional[Dict[str, str]]] = {}
 
 
 def node_types() -> list:
-    """The autoscaler's node types as Ray's cluster config in the GCS reports them (name, resources,
-    min_count, max_count); [] without an autoscaler."""
-    try:
-        from ray._private.state import state as ray_state
+    """The autoscaler's node types (name, resources, labels, min, max, head), wherever the
+    autoscaler keeps them (:mod:`asvp_ray.node_types`); [] without an autoscaler."""
+    from asvp_ray.node_types import node_types as _types
 
-        config = ray_state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - a Ray without this private API: no node types known
-        return []
-    return [{"name": g.name, "resources": dict(g.resources), "min": g.min_count, "max": g.max_count}
-            for g in (getattr(config, "node_group_configs", None) or [])]
+    return [t for t in _types() if not t["head"]]
 
 
 def largest_cpu_node() -> float:
@@ -63,8 +58,12 @@ def _cpu_node_possible() -> Optional[str]:
             return f"node {n['NodeID'][:8]} ({res.get('CPU', 0):g} CPU, no GPU) is up"
     for t in node_types():
         res = t["resources"]
-        if res.get("CPU", 0) > 0 and not res.get("GPU", 0) and t["max"] != 0:
+        if t["max"] == 0:
+            continue
+        if res.get("CPU", 0) > 0 and not res.get("GPU", 0):
             return f"the autoscaler can add node type {t['name']!r} ({res['CPU']:g} CPU, no GPU)"
+        if not res and t["labels"].get(LABEL) == "cpu":  # a launcher file before Ray fills resources in
+            return f"the autoscaler can add node type {t['name']!r} (labelled {LABEL}: cpu)"
     return None
 
 

@@ -207,7 +207,7 @@ def asvp_errors_unwrapped() -> Iterator[None]:
 
 def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     """What the cluster can become: per resource, the nodes up now or, when an autoscaler is
-    configured (the cluster config it reports to the GCS, which Ray Train v2 reads too), the larger
+    configured (its node types, wherever it keeps them: :mod:`asvp_ray.node_types`), the larger
     of that and what its node types can add up to. Every plan that asks "can this ever run" reads
     this, not ``ray.cluster_resources()`` at one instant: on an autoscaling cluster an idle worker
     group scales to zero between phases.
@@ -218,12 +218,9 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     import ray
 
     now = {str(k): float(v) for k, v in ray.cluster_resources().items()}
-    try:
-        from ray._private.state import state as ray_state
+    from asvp_ray.node_types import max_resources
 
-        top = ray_state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - a Ray without this private API: the nodes' totals
-        top = None
+    top = max_resources(now)
     if not top:
         return now, False
     out = dict(now)

@@ -168,6 +168,8 @@ logging.basicConfig(level=logging.INFO)
 init_ray()
 head = ray.get_runtime_context().get_node_id()
 before = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+from asvp_ray.ray_utils import cluster_capacity
+capacity = cluster_capacity()
 cfg = ExtractConfig(batch_size=32, progress=False, resources_per_actor={"extract_node": 1})
 rows = 0
 for ids, feats, skipped in extract(FashionMNISTSource(split="train", limit=96),
@@ -175,7 +177,8 @@ for ids, feats, skipped in extract(FashionMNISTSource(split="train", limit=96),
     rows += len(ids)
     dim = feats.shape[1]
 nodes = [{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]
-print("RESULT " + json.dumps({"head": head, "before": before, "nodes": nodes, "rows": rows, "dim": dim}))
+print("RESULT " + json.dumps({"head": head, "before": before, "nodes": nodes, "rows": rows, "dim": dim,
+                             "capacity": capacity}))
 """
 
 
@@ -195,6 +198,9 @@ def test_autoscaler_adds_the_node_the_extraction_actors_ask_for():
         assert r.returncode == 0 and out, f"driver failed ({seconds:.0f} s):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
         res = json.loads(out[-1][len("RESULT "):])
         assert res["before"] == [res["head"]], "a worker node was up before the extraction asked for one"
+        # what the cluster can grow to, read from the autoscaler's own config (its monitor on the head)
+        can, autoscaling = res["capacity"]
+        assert autoscaling and can["CPU"] == 3.0 and can["extract_node"] == 1.0, res["capacity"]
         workers = [n for n in res["nodes"] if n["id"] != res["head"]]
         # the only place the actors (1 CPU + 1 extract_node each) fit: the node the autoscaler added
         assert len(workers) == 1 and workers[0]["resources"].get("extract_node") == 1.0

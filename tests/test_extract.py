@@ -208,6 +208,10 @@ def test_actor_plan_leaves_a_cpu_for_reads():
     # cuda with no GPU up yet plans one GPU actor: extract() waits for the node (tests/test_autoscale.py)
     cuda = plan_actors(ExtractConfig(device="cuda"), {"CPU": 2.0})
     assert cuda.device == "cuda" and (cuda.min_actors, cuda.max_actors, cuda.num_gpus) == (1, 1, 1.0)
+    # two GPUs on two CPUs (a laptop with two cards): a read task still fits beside both actors
+    two = plan_actors(ExtractConfig(device="cuda", num_actors=2), {"CPU": 2.0, "GPU": 2.0})
+    assert (two.min_actors, two.num_gpus) == (2, 1.0) and two.min_actors * two.num_cpus + 1.0 <= 2.0
+    assert plan_actors(ExtractConfig(), {"CPU": 16.0, "GPU": 4.0}).num_cpus == 1.0
 
 
 def test_smoke_config_builds_its_sources():

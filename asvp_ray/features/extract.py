@@ -227,7 +227,9 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
     if use_gpu:
         fit = int(gpus // cfg.num_gpus_per_actor)
         lo, hi, why = _pool_size(cfg, fit, f"the cluster's {gpus:g} GPU(s) now at {cfg.num_gpus_per_actor:g} per actor")
-        num_cpus = min(1.0, max(cpus - 1, 0.5))
+        # up to 1 CPU each, less where the minimum pool and a read task would not fit the CPUs
+        # (2 GPU actors on a 2-CPU machine: 0.5 each, 1 left for the reads), never under 0.25
+        num_cpus = min(1.0, max((cpus - 1) / max(lo, 1), 0.25))
         threads = cfg.torch_threads or 2
         return ActorPlan(lo, hi, num_cpus, float(cfg.num_gpus_per_actor), threads, "cuda", custom, why)
     free_for_actors = cpus - 1.0  # one CPU stays for the read/decode tasks

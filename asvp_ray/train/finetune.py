@@ -465,7 +465,11 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     method, num_classes = config["method"], int(config["num_classes"])
     from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
 
+    from asvp_ray._faults import gpu_on_cpu
+
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and gpu_on_cpu():  # test-only: a rehearsal's fake GPU node has no card
+        device = torch.device("cpu")
     facts: Dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
@@ -540,7 +544,7 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             gc.collect()
             phase = ep_phase
             opt, sched = _optimizer(model, phase, cfg, lp_epochs if phase == "lp" else ft_epochs)
-            net = ray.train.torch.prepare_model(model)
+            net = ray.train.torch.prepare_model(model, move_to_device=device)  # the device chosen above
             if state is not None and state["phase"] == phase and int(state["epoch"]) + 1 == epoch:
                 opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
