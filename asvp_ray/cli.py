@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -96,12 +97,27 @@ def _round_line(rec) -> str:
             f"  proxy test acc {'-' if acc is None else f'{acc:.4f}'}  v{rec['feature_version']}  ({secs})")
 
 
+RUN_OUT_HELP = ("Run directory: a folder, or a bucket URI (s3://bucket/prefix, gs://bucket/prefix) that holds "
+                "the whole run, no shared file system needed. Rerun the same command to resume it.")
+FORCE_HELP = ("A run in a bucket: take its lease although another process holds it (only when you are sure that "
+              "process is gone; by default a killed process's lease is taken over once it expires).")
+RUN_DIR_HELP = "The run directory (a folder or a bucket URI)."
+
+
+def _shown(location: str) -> str:
+    """A run location as printed: credentials in a URI redacted."""
+    from asvp_ray.redact import redact_uri
+
+    return redact_uri(str(location))
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML config (see examples/smoke.yaml, examples/fashion_mnist.yaml)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory. Rerun the same command to resume it."),
+    out: str = typer.Option(..., "--out", "-o", help=RUN_OUT_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run a whole active-learning experiment (resumes an unfinished run directory).
@@ -121,16 +137,18 @@ def run(
         with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
             cfg = load_config(str(config), set_)
             init_ray(address)
+            if force:
+                os.environ["ASVP_LEASE_FORCE"] = "1"  # forwarded to the driver actor with the ASVP_* variables
             actor = driver_actor(cfg, str(out))
             status = ray.get(actor.prepare.remote())
             if status["finished"]:
                 summ = ray.get(actor.get_summary.remote())
                 last = summ["rounds"][-1] if summ["rounds"] else {}
-                typer.echo(f"run in {out} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
+                typer.echo(f"run in {_shown(out)} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
                            f"last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
                 return
             if status["next_round"] > 0:
-                typer.echo(f"resuming {out} at round {status['next_round']} ({status['n_labeled']} labels so far)")
+                typer.echo(f"resuming {_shown(out)} at round {status['next_round']} ({status['n_labeled']} labels so far)")
             for _ in range(status["next_round"], status["rounds"]):
                 rec = ray.get(actor.run_round.remote())
                 typer.echo(_round_line(rec))
@@ -149,18 +167,22 @@ def run(
                        f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
     except AsvpError as e:
         _fail(e)
-    typer.echo(f"done: {out}/summary.json, {out}/labeled.parquet, log in {out}/run.log")
+    o = _shown(out).split("?", 1)[0].rstrip("/")
+    typer.echo(f"done: {o}/summary.json, {o}/labeled.parquet, log in {o}/run.log"
+               + (" (in the bucket: `asvp-ray status` and `asvp-ray report` read them there)" if "://" in o else ""))
 
 
-def _driver_for(run_dir: Path, config: Optional[Path] = None, set_: Optional[List[str]] = None, address=None,
+def _driver_for(run_dir: str, config: Optional[Path] = None, set_: Optional[List[str]] = None, address=None,
                 need_ray: bool = True):
     from asvp_ray.config import load_config
     from asvp_ray.loop.driver import Driver
+    from asvp_ray.loop.rundir import RunDir
     from asvp_ray.ray_utils import init_ray
 
-    cfg_path = config or (run_dir / "config.yaml")
+    cfg_path = config or RunDir(run_dir).config_path
     if config is None and not cfg_path.is_file():
-        raise typer.BadParameter(f"{run_dir} has no config.yaml; create the run with `asvp-ray init CONFIG --out {run_dir}`")
+        raise typer.BadParameter(f"{_shown(run_dir)} has no config.yaml; create the run with "
+                                 f"`asvp-ray init CONFIG --out {_shown(run_dir)}`")
     cfg = load_config(str(cfg_path), set_ or [])
     if need_ray or cfg.method != "svpp":  # svpp selection is proxy-only: no cluster needed
         init_ray(address)
@@ -170,7 +192,7 @@ def _driver_for(run_dir: Path, config: Optional[Path] = None, set_: Optional[Lis
 @app.command()
 def init(
     config: Path = typer.Argument(..., help="YAML config; its oracle is set to human."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory to create (a folder or a bucket URI)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
 ) -> None:
@@ -181,7 +203,7 @@ def init(
             st = d.prepare()
     except AsvpError as e:
         _fail(e)
-    typer.echo(f"initialised {out}: features v{st['feature_version']} ready. Next: asvp-ray select {out}")
+    typer.echo(f"initialised {_shown(out)}: features v{st['feature_version']} ready. Next: asvp-ray select {_shown(out)}")
 
 
 LS_URL_HELP = ("A Label Studio server, e.g. http://127.0.0.1:8080; the API token is read from the environment "
@@ -196,7 +218,7 @@ def _check_ls(labelstudio: Optional[str], project: Optional[str]) -> None:
 
 @app.command()
 def select(
-    run_dir: Path = typer.Argument(..., help="A run directory made by `asvp-ray init`."),
+    run_dir: str = typer.Argument(..., help="A run directory made by `asvp-ray init` (a folder or a bucket URI)."),
     close: bool = typer.Option(False, "--close", help="Close the open round although some ids are unlabelled."),
     labelstudio: Optional[str] = typer.Option(None, "--labelstudio", help=LS_URL_HELP),
     project: Optional[str] = typer.Option(None, "--project", help=LS_PROJECT_HELP),
@@ -222,30 +244,51 @@ def select(
         if labelstudio and not close and state and state.get("open_round") and len(pending_ids(rd, state)):
             r = state["open_round"]["round"]  # (re)push the open round: tasks already there are skipped
             typer.echo(f"round {r} is open with {len(pending_ids(rd, state))} pending id(s); pushing its tasks")
-            q = rd.path / "queries"
-            _push(run_dir, [q / f"round-{r}.csv", q / f"round-{r}.labelstudio.json", q / "labelstudio-config.xml"],
+            q = _queries_here(rd)
+            _push(q, [q / f"round-{r}.csv", q / f"round-{r}.labelstudio.json", q / "labelstudio-config.xml"],
                   labelstudio, project)
             return
         with closing(_driver_for(run_dir, address=address, need_ray=False)) as d:
             d.prepare()
             res = d.human_select(close=close)
+            qdir = _queries_here(d.rd)
+            if d.rd.bucket is not None and res.get("opened"):
+                res["opened"]["files"] = [qdir / Path(f).relative_to(d.rd.path / "queries") for f in res["opened"]["files"]]
     except AsvpError as e:
         _fail(e)
     if res["closed"]:
         typer.echo(_round_line(res["closed"]))
     if res["done"]:
         typer.echo(f"all rounds are done ({d.status()['n_labeled']} labels). Train the final model with "
-                   f"`asvp-ray final {run_dir}`")
+                   f"`asvp-ray final {_shown(run_dir)}`")
         return
     o = res["opened"]
     typer.echo(f"round {o['round']}: {o['n']} images selected by {o['selected_by']}; label them from "
                f"{o['files'][0]} (or import {o['files'][1]} into Label Studio), then "
-               f"`asvp-ray label {run_dir} FILE`")
+               f"`asvp-ray label {_shown(run_dir)} FILE`")
     if labelstudio:
-        _push(run_dir, o["files"], labelstudio, project)
+        _push(qdir, o["files"], labelstudio, project)
 
 
-def _push(run_dir: Path, files, url: str, project: str) -> None:
+def _queries_here(rd) -> Path:
+    """Where the labellers' files of ``rd`` are on this machine: DIR/queries, or for a run in a
+    bucket a copy in ./<run name>-queries/ (its paths rewritten to that folder), since the run's
+    own folder here is a private cache."""
+    import shutil
+
+    q = rd.path / "queries"
+    if rd.bucket is None or not q.is_dir():
+        return q
+    dest = Path.cwd() / f"{rd.name}-queries"
+    shutil.copytree(q, dest, dirs_exist_ok=True)
+    for f in list(dest.glob("*.csv")) + list(dest.glob("*.json")):
+        text = f.read_text()
+        if str(q) in text:
+            f.write_text(text.replace(str(q), str(dest)))
+    return dest
+
+
+def _push(qdir: Path, files, url: str, project: str) -> None:
     import json
     import os
 
@@ -253,7 +296,7 @@ def _push(run_dir: Path, files, url: str, project: str) -> None:
 
     tasks = json.loads(Path(files[1]).read_text())
     local = [t["data"]["path"] for t in tasks if "://" not in t["data"]["path"]]
-    qdir = os.path.abspath(run_dir / "queries")
+    qdir = os.path.abspath(qdir)
     if local and all(p.startswith(qdir + os.sep) for p in local):
         folders = [qdir]
     else:
@@ -273,7 +316,7 @@ def _push(run_dir: Path, files, url: str, project: str) -> None:
 
 @app.command()
 def label(
-    run_dir: Path = typer.Argument(..., help="The run directory."),
+    run_dir: str = typer.Argument(..., help=RUN_DIR_HELP),
     file: Optional[Path] = typer.Argument(None, help="Labels: a Label Studio export (JSON, JSON_MIN, CSV or TSV), "
                                                       "or a CSV/Parquet file with columns id,label. Omit with "
                                                       "--labelstudio."),
@@ -283,6 +326,7 @@ def label(
     agreement: Optional[str] = typer.Option(None, "--agreement", help="Several annotations of one image that "
                                             "disagree: error, majority or last (default: label.agreement of the "
                                             "run's config, itself error by default)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Import labels; everything is validated before anything changes.
 
@@ -306,9 +350,9 @@ def label(
             raise typer.BadParameter(f"--agreement {agreement!r} is not one of error, majority, last")
         rd = RunDir(run_dir)
         if not rd.config_path.is_file():
-            raise typer.BadParameter(f"{run_dir} is not a run directory (no config.yaml)")
+            raise typer.BadParameter(f"{_shown(run_dir)} is not a run directory (no config.yaml)")
         cfg = load_config(str(rd.config_path))
-        rd.lock()
+        rd.lock(force=force)
         try:
             if labelstudio:
                 from asvp_ray.loop.labelstudio import pull_export
@@ -342,14 +386,14 @@ def _source_classes(cfg):
 
 
 @app.command()
-def status(run_dir: Path = typer.Argument(..., help="The run directory.")) -> None:
+def status(run_dir: str = typer.Argument(..., help=RUN_DIR_HELP)) -> None:
     """Show selected, labelled and pending counts per round."""
     from asvp_ray.loop.human import status_table
     from asvp_ray.loop.rundir import RunDir
 
     rd = RunDir(run_dir)
     if not rd.state_path.is_file():
-        _fail(AsvpError(f"{run_dir} is not an initialised run directory (no state.json)"))
+        _fail(AsvpError(f"{_shown(run_dir)} is not an initialised run directory (no state.json)"))
     rows = status_table(rd)
     typer.echo(f"{'round':>5} {'state':>6} {'selected':>8} {'labelled':>8} {'pending':>7}  proxy test acc")
     for r in rows:
@@ -379,7 +423,7 @@ def strategies() -> None:
 
 @app.command()
 def final(
-    run_dir: Path = typer.Argument(..., help="The run directory, all rounds done."),
+    run_dir: str = typer.Argument(..., help="The run directory, all rounds done (a folder or a bucket URI)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
 ) -> None:
     """Train the final model on the labelled set (final.training_method) and evaluate it."""
@@ -388,7 +432,7 @@ def final(
         with closing(_driver_for(run_dir, address=address)) as d:
             d.prepare()
             if not d.rounds_done:
-                raise AsvpError(f"{run_dir} has rounds left ({d.status()['next_round']} of {d.status()['rounds']} "
+                raise AsvpError(f"{_shown(run_dir)} has rounds left ({d.status()['next_round']} of {d.status()['rounds']} "
                                 "done); finish them first")
             fin = d.run_final()
     except AsvpError as e:
@@ -398,7 +442,7 @@ def final(
 
 @app.command()
 def report(
-    runs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    runs: List[str] = typer.Argument(..., help="Run directories to compare (folders or bucket URIs)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: table.csv, table.md and PNG plots."),
 ) -> None:
     """Compare runs: a table (CSV, Markdown) and plots of accuracy against labels, cost and time."""

@@ -27,13 +27,22 @@ that used no cache. ``total_seconds`` = ``sampling_seconds`` + the final trainin
 prices; ``total_dollars`` = labels + that compute."""
 
 
-def load_run(path: Path) -> Dict[str, Any]:
-    p = Path(path) / "summary.json"
+def load_run(path) -> Dict[str, Any]:
+    """A run's summary.json (a folder, or a run in a bucket: ``s3://`` / ``gs://``)."""
+    from asvp_ray.features.store import is_uri
+
+    if is_uri(path):
+        from asvp_ray.loop.rundir import RunDir
+
+        rd = RunDir(str(path))
+        p, shown = rd.summary_path, rd.location
+    else:
+        p, shown = Path(path) / "summary.json", str(path)
     if not p.is_file():
-        raise BadInputError(f"{path} is not an asvp-ray run directory (no summary.json); pass run directories "
+        raise BadInputError(f"{shown} is not an asvp-ray run directory (no summary.json); pass run directories "
                             "made by `asvp-ray run`")
     s = json.loads(p.read_text())
-    s["_dir"] = str(path)
+    s["_dir"] = shown.split("?", 1)[0].rstrip("/")
     return s
 
 
@@ -182,7 +191,7 @@ def make_report(run_dirs: Sequence[Path], out: Path) -> Dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [load_run(Path(d)) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise BadInputError("report needs at least one run directory")
     out.mkdir(parents=True, exist_ok=True)

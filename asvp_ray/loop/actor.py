@@ -19,6 +19,7 @@ def driver_actor(config: Config, out: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from asvp_ray.features.store import is_uri
     from asvp_ray.loop.driver import Driver
 
     node = ray.get_runtime_context().get_node_id()
@@ -26,4 +27,4 @@ def driver_actor(config: Config, out: str):
     env = {**thread_env(config.driver_threads or node_cpus()), **fault_env(), **lean_memory_env()}
     return Actor.options(num_cpus=0, max_concurrency=4, runtime_env={"env_vars": env},
                          scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-                         ).remote(config.model_dump(mode="json"), str(Path(out).resolve()))
+                         ).remote(config.model_dump(mode="json"), out if is_uri(out) else str(Path(out).resolve()))

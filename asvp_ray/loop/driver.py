@@ -252,7 +252,7 @@ class Driver:
             ``{"round", "ids", "selected_by", "seconds", "extra"}`` for ``complete_round``.
         """
         if self.rounds_done:
-            raise RunDirError(f"all {len(self.cfg.budget.schedule)} rounds of {self.rd.path} are done; "
+            raise RunDirError(f"all {len(self.cfg.budget.schedule)} rounds of {self.rd.location} are done; "
                               "nothing to select (extend budget.schedule in a new run to buy more)")
         r = self.next_round
         n = self.cfg.budget.schedule[r]
@@ -312,9 +312,9 @@ class Driver:
     def run_round(self) -> Dict[str, Any]:
         """One whole round with the configured (non-human) oracle. Returns its record."""
         if self.oracle is None:
-            raise ConfigError(f"{self.rd.path} uses oracle: human, so rounds run one step at a time: "
-                              f"`asvp-ray select {self.rd.path}`, label queries/round-K.csv, then "
-                              f"`asvp-ray label {self.rd.path} FILE`")
+            raise ConfigError(f"{self.rd.location} uses oracle: human, so rounds run one step at a time: "
+                              f"`asvp-ray select {self.rd.location}`, label queries/round-K.csv, then "
+                              f"`asvp-ray label {self.rd.location} FILE`")
         batch = self.select_batch()
         with self._timed(batch["seconds"], "label", cpus=0.0):
             labels = self.oracle.label(batch["ids"])
@@ -359,7 +359,7 @@ class Driver:
         return {"next_round": self.next_round, "rounds": len(self.cfg.budget.schedule), "finished": self.finished,
                 "rounds_done": self.rounds_done,
                 "n_labeled": int(len(self.labeled["id"])), "feature_version": self.feature_version,
-                "path": str(self.rd.path), "compute_threads": compute_threads(), "allocators": allocator_settings()}
+                "path": self.rd.location, "compute_threads": compute_threads(), "allocators": allocator_settings()}
 
     def progress(self) -> Dict[str, Any]:
         return dict(self._progress)

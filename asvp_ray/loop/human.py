@@ -387,7 +387,7 @@ def import_labels(rd: RunDir, file: Path, classes: Sequence[str], agreement: str
     """
     state = rd.read_state()
     if not state:
-        raise RunDirError(f"{rd.path} is not an initialised run; run `asvp-ray init CONFIG --out {rd.path}`")
+        raise RunDirError(f"{rd.location} is not an initialised run; run `asvp-ray init CONFIG --out {rd.location}`")
     open_round = state.get("open_round")
     lab = rd.read_labeled()
     pend = pending_ids(rd, state)

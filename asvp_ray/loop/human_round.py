@@ -44,7 +44,7 @@ def human_select(d: "Driver", close: bool = False) -> Dict[str, Any]:
         if len(pend) and not close:
             raise RunDirError(
                 f"round {r} still has {len(pend)} pending id(s) (queries/round-{r}.csv); import their labels "
-                f"with `asvp-ray label {d.rd.path} FILE`, or pass --close to close round {r} with the "
+                f"with `asvp-ray label {d.rd.location} FILE`, or pass --close to close round {r} with the "
                 f"{n_done} label(s) it has")
         if n_done == 0:
             raise RunDirError(f"round {r} has no labels yet; import some with `asvp-ray label` before closing it")

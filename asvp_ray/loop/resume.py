@@ -108,7 +108,7 @@ def check_config_matches(rd, cfg) -> None:
         diff = [k for k in config_differences(redact_obj(old), redact_obj(cfg.model_dump(mode="json")))
                 if not k.startswith(RESUMABLE_CHANGES)]
         if diff:
-            raise RunDirError(f"{rd.path} holds a run made with a different config (differs in: "
+            raise RunDirError(f"{rd.location} holds a run made with a different config (differs in: "
                               f"{', '.join(diff)}); resume it with the same config, or use a new --out")
 
 

@@ -47,11 +47,34 @@ class RunDir:
         path: the run directory (created on demand).
     """
 
-    def __init__(self, path: os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: Union[os.PathLike, str]):
+        from asvp_ray.features.store import is_uri
+
+        #: the run in a bucket (``s3://`` / ``gs://``), or None for a folder (see asvp_ray.loop.bucket)
+        self.bucket = None
+        if is_uri(path):
+            from asvp_ray.loop.bucket import BucketRun
+
+            self.bucket = BucketRun(str(path))
+            self.bucket.pull()  # readers see the last commit; a writer pulls again under its lease
+            self.path = self.bucket.cache
+        else:
+            self.path = Path(path)
         self._lock_fd: Optional[int] = None
         #: where fine-tunes write (a Path, or a URI with the config's options); set by open_store
         self.checkpoints: Union[Path, str] = self.path / "checkpoints"
+
+    @property
+    def location(self) -> str:
+        """The run as the user named it: its folder, or its bucket URI with credentials redacted."""
+        return self.bucket.where if self.bucket else str(self.path)
+
+    @property
+    def name(self) -> str:
+        """The run's last path component (names its folder on a storage)."""
+        if self.bucket:
+            return self.bucket.where.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        return self.path.resolve().name
 
     # paths
     @property
@@ -99,6 +122,8 @@ class RunDir:
         credentials are dropped: pyarrow then takes them from the environment; with credentials in
         the config use :meth:`open_store`.)"""
         rec = self.read_storage()
+        if rec and rec.get("storage") is None and self.bucket is not None:  # the run's own bucket: its options
+            return FeatureStore(with_options_of(rec["features"], self.bucket.uri))
         return FeatureStore(with_options_of(rec["features"], None) if rec else self.path / "features")
 
     def open_store(self, storage: Optional[str]) -> FeatureStore:
@@ -118,11 +143,18 @@ class RunDir:
             raise RunDirError(f"{self.path} keeps its features at {rec['features']} (storage: {rec['storage']}), "
                               f"but the config says storage: {storage}; resume it with storage: {rec['storage']} "
                               "(and its credentials), or use a new --out")
+        if storage is None and self.bucket is not None:  # a run in a bucket keeps its features there
+            if rec is None:
+                rec = {"storage": None, "features": join_uri(self.bucket.uri, "features"),
+                       "checkpoints": join_uri(self.bucket.uri, "checkpoints")}
+                atomic_write_json(self.storage_path, rec)  # redacted there
+            self.checkpoints = with_options_of(self._checkpoints_of(rec), self.bucket.uri)
+            return FeatureStore(with_options_of(rec["features"], self.bucket.uri))
         if storage is None:
             self.checkpoints = self.path / "checkpoints"
             return FeatureStore(self.path / "features")
         if rec is None:
-            folder = run_folder_location(storage, self.path)
+            folder = run_folder_location(storage, Path(self.name))
             rec = {"storage": storage, "features": join_uri(folder, "features"),
                    "checkpoints": join_uri(folder, "checkpoints")}
             atomic_write_json(self.storage_path, rec)  # redacted there
@@ -132,12 +164,18 @@ class RunDir:
         return FeatureStore(features)
 
     # lock
-    def lock(self) -> "RunDir":
+    def lock(self, force: bool = False) -> "RunDir":
         """Take the directory's exclusive lock (held until ``unlock`` or process exit).
+
+        A run in a bucket takes its lease instead (renewed while this process runs) and then
+        reads the last commit into its local folder.
 
         Raises:
             RunDirError: another process holds it.
         """
+        if self.bucket is not None:
+            self.bucket.acquire(force=force)
+            return self
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -153,6 +191,17 @@ class RunDir:
         return self
 
     def unlock(self) -> None:
+        if self.bucket is not None:
+            if self.bucket.lease is not None and not self.bucket.lease.lost and self.state_path.is_file():
+                try:
+                    self.bucket.push()  # the log lines written since the last commit
+                except Exception as e:  # noqa: BLE001 - the last round is committed already
+                    import logging
+
+                    logging.getLogger(__name__).warning("could not upload the run's last log lines to %s: %s",
+                                                        self.location, e)
+            self.bucket.release()
+            return
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -169,7 +218,11 @@ class RunDir:
         return json.loads(self.state_path.read_text())
 
     def write_state(self, state: Dict[str, Any]) -> None:
+        """state.json, the commit point. A run in a bucket then uploads every file that changed and
+        commits them with one record (:meth:`asvp_ray.loop.bucket.BucketRun.push`)."""
         atomic_write_json(self.state_path, state)
+        if self.bucket is not None:
+            self.bucket.push()
 
     def read_summary(self) -> Optional[Dict[str, Any]]:
         if not self.summary_path.is_file():

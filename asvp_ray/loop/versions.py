@@ -254,7 +254,7 @@ class FeatureVersions:
             res = self.extract_resources()
             wall = time.perf_counter() - t0
             cost = dict(self.store.meta(0).get("cost") or {}, phase="extract", resources=res,
-                        **_device_seconds(wall, res), charged_by=str(self.rd.path))
+                        **_device_seconds(wall, res), charged_by=self.rd.location)
             try:  # the cache's copy records what this run is charged, so runs reusing it pay the same
                 link_version(self.store.path(0), cache, 0, meta_update={"cost": cost})
             except OSError as e:  # another run cached it first: theirs is identical
@@ -307,7 +307,7 @@ class FeatureVersions:
             cost["finetune"] = finetune_cost
         meta = extract_to_store(self.store, version, self.pool, self.spec, self.cfg.extract, test=self.test,
                                 checkpoint=checkpoint, skip_unreadable=self.cfg.data.skip_unreadable,
-                                extra_meta={"run": str(self.rd.path), "cost": cost}, compute=compute)
+                                extra_meta={"run": self.rd.location, "cost": cost}, compute=compute)
         log.info("feature version v%d: %d x %d in %.1fs", version, meta["rows"], meta["dim"], meta["seconds"])
 
     def import_embeddings(self) -> None:
@@ -325,7 +325,7 @@ class FeatureVersions:
                  f", {len(self.test)} test rows from {self.test.path}" if self.test is not None else "")
         t0 = time.perf_counter()
         meta = {"backbone": None, "weights": "embeddings", "pool_source": self.pool.describe(),
-                "test_source": self.test.describe() if self.test is not None else None, "run": str(self.rd.path),
+                "test_source": self.test.describe() if self.test is not None else None, "run": self.rd.location,
                 "cost": {"phase": "extract", "resources": {"cpus": 1.0, "gpus": 0.0}}, "skipped": []}
         bar = _Progress(total, "features v0 (embeddings)", self.cfg.extract.progress)
         try:
