@@ -41,10 +41,12 @@ def _commit_round(rd: RunDir, n: int) -> None:
     rd.write_state({"next_round": 1, "n_labeled": n})
 
 
-def test_a_commit_is_one_record_and_readers_see_only_committed_rounds(s3_server, monkeypatch):
+@pytest.mark.parametrize("store", ["s3_server", "gcs_server"])
+def test_a_commit_is_one_record_and_readers_see_only_committed_rounds(store, request, monkeypatch):
+    server = request.getfixturevalue(store)
     monkeypatch.setenv("ASVP_LEASE_SETTLE_S", "0.05")
-    uri, prefix = _fresh(s3_server)
-    fs = s3_server["fs"]
+    uri, prefix = _fresh(server)
+    fs = server["fs"]
     rd = RunDir(uri).lock()
     try:
         rd.write_config("method: svpp\n")
