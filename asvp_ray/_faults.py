@@ -3,7 +3,7 @@
 
 Points: ``phase:<phase>:r<round>`` when a round phase starts (select, proxy_train, refresh_finetune,
 refresh_extract, final_train, ...), ``extract:v<version>:batch<k>`` after the k-th batch of a
-feature version is written, and ``commit:v<version>`` just before an object store's meta.json. Unset (the normal case) it costs one dictionary lookup.
+feature version is written, and ``commit:v<version>`` just before an object store's meta.json, ``bucket:before_commit`` / ``bucket:after_commit`` around a bucket run's commit record. Unset (the normal case) it costs one dictionary lookup.
 """
 from __future__ import annotations
 

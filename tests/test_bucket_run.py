@@ -125,28 +125,33 @@ rd = RunDir(sys.argv[1]).lock()
 rd.write_labeled([*range(10)], [0] * 10, [0] * 10)
 rd.write_state({"next_round": 1, "n_labeled": 10})
 rd.write_labeled([*range(50)], [0] * 50, [0] * 50)
-os.environ["ASVP_KILL_AT"] = "bucket:before_commit"  # killed after its uploads, before the record
+os.environ["ASVP_KILL_AT"] = sys.argv[2]
 rd.write_state({"next_round": 2, "n_labeled": 50})
 """
 
 
-def test_a_writer_killed_between_its_uploads_and_its_record_leaves_the_previous_round(s3_server, tmp_path):
+@pytest.mark.parametrize("point,committed", [("bucket:before_commit", 10), ("bucket:after_commit", 50)])
+def test_a_writer_killed_around_its_commit_record_leaves_one_whole_round(s3_server, tmp_path, point, committed):
+    """Killed after its uploads but before the record: readers see the previous round; killed after
+    the record but before removing the replaced objects: the new one. Either way the next writer
+    removes every object the record does not name."""
     uri, prefix = _fresh(s3_server)
     fs = s3_server["fs"]
     env = dict(os.environ, ASVP_LEASE_SETTLE_S="0.05", ASVP_LEASE_TTL_S="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", KILLED_WRITER, uri], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", KILLED_WRITER, uri, point], env=env, capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == -9, r.stderr[-2000:]
     rec = json.loads(fs.open_input_stream(f"{prefix}/_commit.json").read())
     stray = [o for o in _objects(fs, prefix) if o.startswith("gen/") and o not in
              {f["object"] for f in rec["files"].values()}]
-    assert stray, "the killed writer's uploads should be in the bucket, named by no record"
+    assert stray, "objects no record names should be left in the bucket by the kill"
     reader = RunDir(uri)
-    assert reader.read_state() == {"next_round": 1, "n_labeled": 10} and len(reader.read_labeled()["id"]) == 10
+    assert reader.read_state() == {"next_round": 1 if committed == 10 else 2, "n_labeled": committed}
+    assert len(reader.read_labeled()["id"]) == committed
     time.sleep(1.5)  # its lease expires
     nxt = RunDir(uri).lock()
     try:
-        assert nxt.read_state()["n_labeled"] == 10
+        assert nxt.read_state()["n_labeled"] == committed
         assert not [o for o in _objects(fs, prefix) if o in stray], "the next writer removes what no record names"
     finally:
         nxt.unlock()

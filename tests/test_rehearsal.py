@@ -281,11 +281,12 @@ def _job_finished(cluster: "ShippedCluster", job_id: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_gpu_nodes_lost_mid_extraction(tmp_path, local_run):
+def test_gpu_nodes_lost_mid_extraction_and_mid_fine_tune(tmp_path, local_run):
     """Machines go away on a real cluster (spot reclaims, node failures). Every GPU node is killed
-    while the extraction actors work on them: Ray Data restarts the actors on nodes the autoscaler
-    adds and retries the lost batches, and the run ends as the local one did, nothing lost or
-    written twice. (Losing the node of a Ray Train worker mid-fine-tune is not rehearsed yet.)"""
+    while the extraction actors work on them, and again while the refresh's Ray Train worker
+    fine-tunes: Ray Data restarts the actors on nodes the autoscaler adds and retries the lost
+    batches, Ray Train restarts the worker group (train.max_failures) from its last checkpoint,
+    and the run ends as the local one did, nothing lost or written twice."""
     argv, runtime_env, out_dir = _job_argv(tmp_path)
     cluster = ShippedCluster(shipped_node_types(), IDLE_TIMEOUT_S)
     killed: List[tuple] = []
@@ -295,7 +296,7 @@ def test_gpu_nodes_lost_mid_extraction(tmp_path, local_run):
         deadline = time.monotonic() + 1500
         # the run's own log says when each phase has started; then every GPU node up is lost
         log = out_dir / "run.log"
-        for phase, line in (("extraction", "extraction plan:"),):
+        for phase, line in (("extraction", "extraction plan:"), ("fine-tune", "Ray Train workers:")):
             while time.monotonic() < deadline and not (log.is_file() and line in log.read_text()):
                 assert not _job_finished(cluster, job_id), f"the job ended before its {phase} (killed: {killed})"
                 time.sleep(0.5)
@@ -305,13 +306,16 @@ def test_gpu_nodes_lost_mid_extraction(tmp_path, local_run):
                 gpu = [n["node_id"] for n in nodes if n["state"] == "ALIVE" and _kinds([n])[n["node_id"]] == "gpu"]
             time.sleep(3)  # into the work
             pids = [p for node in gpu for p in _kill_node(cluster, node)]
-            assert gpu and pids, f"no GPU node to lose during the {phase}: {nodes}"
+            from tests.test_cluster import _cmdline
+
+            assert gpu and pids, (f"no GPU node to lose during the {phase}: {gpu}; raylets of the cluster: "
+                                  f"{[_cmdline(p)[:300] for p in cluster.pids() if 'raylet' in _cmdline(p)]}")
             killed.append((phase, round(time.time() - t0, 1), [g[-6:] for g in gpu], len(pids)))
             text = log.read_text()
             assert {"extraction": "feature version v0:", "fine-tune": "fine-tune refresh-v1"}[phase] not in text, \
                 f"the {phase} had finished before its nodes were lost; the test must kill sooner:\n{text[-2000:]}"
         print("KILLED (phase, s after submit, node, processes):", killed)
-        assert [k[0] for k in killed] == ["extraction"]
+        assert [k[0] for k in killed] == ["extraction", "fine-tune"]
         state = cluster.wait_for_job(job_id, timeout=1500)
         logs = cluster.ray("job", "logs", "--address", cluster.url, job_id).stdout
         assert state == "SUCCEEDED", f"job {state}:\n{logs[-6000:]}\n{cluster.diagnose(out_dir)}"

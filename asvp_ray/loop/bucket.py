@@ -238,6 +238,7 @@ class BucketRun:
                   "writer": (self.lease.record or {}).get("holder")}
         _put(self.fs, f"{self.root}/{COMMIT}", json.dumps(record, indent=1).encode())
         self.record = record
+        fault_point("bucket:after_commit")
         log.debug("committed %s generation %d (%d of %d files uploaded) in %.3f s", self.where, gen, uploaded,
                   len(files), time.perf_counter() - t0)
         self.collect_garbage()
