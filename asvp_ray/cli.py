@@ -330,8 +330,9 @@ def label(
 ) -> None:
     """Import labels; everything is validated before anything changes.
 
-    Label Studio exports are recognised by their shape and read through data.asvp_id (never
-    Label Studio's task id). Cumulative exports can be imported again and again: labels already
+    Several `label` commands at once (labellers importing their parts) run one after the other:
+    each waits up to ASVP_LOCK_WAIT_S seconds (120) for the run. Label Studio exports are
+    recognised by their shape and read through data.asvp_id (never Label Studio's task id). Cumulative exports can be imported again and again: labels already
     stored with the same value are skipped and counted; a different value is an error. The
     import (file, format, agreement policy, counts) is kept in the round's record.
     """
@@ -352,7 +353,8 @@ def label(
         if not rd.config_path.is_file():
             raise typer.BadParameter(f"{_shown(run_dir)} is not a run directory (no config.yaml)")
         cfg = load_config(str(rd.config_path))
-        rd.lock(force=force)
+        # labellers importing at once queue behind each other (the lock, or a bucket run's lease)
+        rd.lock(force=force, wait_s=float(os.environ.get("ASVP_LOCK_WAIT_S", "120")))
         try:
             if labelstudio:
                 from asvp_ray.loop.labelstudio import pull_export
@@ -460,7 +462,10 @@ def report(
 def tune_cmd(
     config: Path = typer.Argument(..., help="Base YAML config every trial starts from."),
     space: Path = typer.Option(..., "--space", "-s", help="YAML search space (see examples/space.yaml)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Study directory. Rerun the same command to resume it."),
+    out: str = typer.Option(..., "--out", "-o", help="Study directory, or a bucket (s3://bucket/prefix, "
+                                                      "gs://bucket/prefix) where the trials' runs, the feature cache, "
+                                                      "Tune's state and the results live. Rerun the same command to "
+                                                      "resume it."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     num_samples: int = typer.Option(1, help="Samples of the space; each runs every grid combination."),
     scheduler: str = typer.Option("fifo", help="fifo (every trial runs every round) or asha (early stopping "
@@ -479,7 +484,8 @@ def tune_cmd(
 
     Features are extracted once into OUT/feature_cache and shared by every trial. Each trial
     reports its proxy test accuracy per round. Writes OUT/results.csv, OUT/best_config.yaml
-    (accepted by `asvp-ray run`) and OUT/curves.png.
+    (accepted by `asvp-ray run`) and OUT/curves.png. OUT may be a bucket (s3://, gs://): then
+    nothing of the study needs a file system shared by the cluster's nodes.
     """
     from asvp_ray.config import load_config
     from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
@@ -499,7 +505,7 @@ def tune_cmd(
         _fail(e)
     typer.echo(res.table)
     if res.interrupted:
-        typer.secho(f"study interrupted; rerun the same command to resume it ({out})", fg=typer.colors.YELLOW,
+        typer.secho(f"study interrupted; rerun the same command to resume it ({_shown(out)})", fg=typer.colors.YELLOW,
                     err=True)
         raise typer.Exit(code=130)
     typer.echo(f"done: {res.results_csv}, {res.curves_png}"

@@ -302,8 +302,9 @@ class Config(_Strict):
                           "selection); None: every CPU of the node it runs on (its phases do not overlap the "
                           "extraction and training workers'). The actor still reserves no CPU.")
     feature_cache: Optional[str] = Field(
-        None, description="a folder shared by runs (e.g. Tune trials): features v0 of the same backbone and "
-                          "data are extracted once there and reused")
+        None, description="a folder or object-store URI shared by runs (e.g. Tune trials): features v0 of the "
+                          "same backbone and data are extracted once there and reused (hard-linked from a local "
+                          "folder, copied from or to a bucket)")
     storage: Optional[str] = Field(
         None, description="where the feature store, the fine-tuned model files and Ray Train's checkpoints "
                           "live: null = DIR/features and DIR/checkpoints in the run directory; a local folder or "
@@ -319,14 +320,12 @@ class Config(_Strict):
 
         return check_storage(v)
 
-    @model_validator(mode="after")
-    def _feature_cache_local(self):
-        from asvp_ray.features.store import is_uri
+    @field_validator("feature_cache")
+    @classmethod
+    def _feature_cache_form(cls, v):
+        from asvp_ray.features.store import check_storage
 
-        if is_uri(self.feature_cache):
-            raise ConfigError(f"config key 'feature_cache' ({self.feature_cache}) must be a local folder (it "
-                              "hard-links versions into run directories); use storage for object storage")
-        return self
+        return check_storage(v, "config key 'feature_cache'")
 
     @model_validator(mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -198,6 +199,7 @@ def _outcome_bucket(uri: str):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_run_in_a_bucket_killed_and_resumed_from_another_folder_ends_as_a_local_run(s3_server, tmp_path):
     local = tmp_path / "local"
     r = _cli("run", SMOKE, "--out", local, *_sets(), cwd=tmp_path)
@@ -266,10 +268,21 @@ def test_human_rounds_on_a_run_in_a_bucket_from_any_folder(s3_server, ray_local,
     assert len(ids) == 30 and str(q / "round-0.csv") in text
     tasks = json.loads((q / "round-0.labelstudio.json").read_text())
     assert all(Path(t["data"]["path"]).is_file() and str(q) in t["data"]["path"] for t in tasks)
-    labels = tmp_path / "labels.csv"
-    labels.write_text("id,label\n" + "".join(f"{i},{truth[i]}\n" for i in ids))
-    code, text = cli(tmp_path / "c", "label", uri, labels)
-    assert code == 0 and "imported 30 label(s) into round 0; 0 pending" in text, text
+    # three labellers import their thirds at the same moment, each from its own folder: the lease
+    # queues them (each waits for the others), and every label lands on its image
+    procs = []
+    for k in range(3):
+        part = tmp_path / f"labels-{k}.csv"
+        part.write_text("id,label\n" + "".join(f"{i},{truth[i]}\n" for i in ids[k::3]))
+        (tmp_path / f"c{k}").mkdir()
+        procs.append(subprocess.Popen(CLI + ["label", uri, str(part)], cwd=tmp_path / f"c{k}", text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, TQDM_DISABLE="1", ASVP_LEASE_SETTLE_S="0.3")))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    pending = [re.search(r"imported 10 label\(s\) into round 0; (\d+) pending", o) for o in outs]
+    assert all(pending), outs
+    assert sorted(int(m.group(1)) for m in pending) == [0, 10, 20], outs  # one after the other
     code, text = cli(tmp_path / "d", "status", uri)
     assert code == 0 and "total labelled: 30; pending: 0" in text, text
     code, text = cli(tmp_path / "d", "select", uri)  # closes round 0, opens round 1
@@ -277,5 +290,91 @@ def test_human_rounds_on_a_run_in_a_bucket_from_any_folder(s3_server, ray_local,
     rd = RunDir(uri)
     got = rd.read_labeled()
     assert sorted(got["id"].tolist()) == sorted(ids) and all(truth[i] == lab for i, lab in zip(got["id"], got["label"]))
-    assert [p.name for p in (tmp_path / "c").iterdir()] == []
+    assert all(not list((tmp_path / f"c{k}").iterdir()) for k in range(3))
     assert [p.name for p in (tmp_path / "a").iterdir()] == []
+
+
+# ---------------------------------------------------------------------------- a study in a bucket
+def _trials_in_bucket(uri: str):
+    """{trial id: its committed summary.json} of a study in a bucket."""
+    from asvp_ray.features.store import child_folders, join_uri, resolve_uri
+    from asvp_ray.loop.bucket import read_committed
+
+    fs, root = resolve_uri(uri)
+    out = {}
+    for t in child_folders(fs, f"{root}/runs"):
+        data = read_committed(join_uri(uri, "runs", t), "summary.json")
+        out[t] = json.loads(data) if data else {}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_study_in_a_bucket_interrupted_and_resumed_from_another_folder(s3_server, tmp_path):
+    """`asvp-ray tune --out s3://...` (credentials in the URI): Ctrl+C once a trial has finished,
+    then the same command from another folder. Trials' runs, the feature cache, Tune's state and the
+    results all live in the bucket; every round ran once; features were extracted once; the folders
+    the commands ran in stay empty and no object holds the secret."""
+    import csv
+    import io
+    import signal
+
+    from asvp_ray.features.store import child_folders, join_uri, resolve_uri
+    from asvp_ray.loop.bucket import read_committed
+
+    secret = f"sEcReT-{uuid.uuid4().hex[:10]}"
+    prefix = f"study-{uuid.uuid4().hex[:8]}"
+    uri = s3_server["uri"](prefix).replace("s3://asvp/", f"s3://asvp-test:{secret}@asvp/")
+    space = tmp_path / "space.yaml"
+    space.write_text("strategy: {grid: [margin, entropy]}\n")
+    args = ["tune", SMOKE, "--space", space, "--out", uri, "--max-concurrent", "1", *_sets()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASVP_KILL", "RAY_ADDRESS"))}
+    env.update(TQDM_DISABLE="1", ASVP_LEASE_TTL_S="5", ASVP_LEASE_SETTLE_S="0.1")
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    a.mkdir()
+    b.mkdir()
+    first = subprocess.Popen(CLI + [str(x) for x in args], cwd=a, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while first.poll() is None and time.monotonic() < deadline:
+        trials = _trials_in_bucket(s3_server["uri"](prefix))
+        if any(s.get("status") == "finished" for s in trials.values()) and len(trials) == 2:
+            break
+        time.sleep(1.0)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, (out[-2000:], err[-4000:])
+    assert "study interrupted; rerun the same command to resume it" in err
+    assert secret not in out + err
+    before = {t: read_committed(join_uri(s3_server["uri"](prefix), "runs", t), "run.log")
+              for t, s in _trials_in_bucket(s3_server["uri"](prefix)).items() if s.get("status") == "finished"}
+    assert len(before) == 1
+
+    second = subprocess.run(CLI + [str(x) for x in args], cwd=b, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert secret not in second.stdout + second.stderr
+    fs, root = resolve_uri(s3_server["uri"](prefix))
+    rows = list(csv.DictReader(io.StringIO(fs.open_input_stream(f"{root}/results.csv").read().decode())))
+    assert sorted((r["strategy"], r["status"], r["rounds"], r["n_labeled"]) for r in rows) == [
+        ("entropy", "finished", "3", "70"), ("margin", "finished", "3", "70")]
+    assert all(r["trial"] in second.stdout for r in rows)
+    assert all(float(r["proxy_test_accuracy"]) >= 0.25 for r in rows)  # chance is 0.1
+    for r in rows:
+        assert r["run_dir"].startswith("s3://asvp-test:***@asvp/") or "***" in r["run_dir"], r["run_dir"]
+        log = read_committed(join_uri(s3_server["uri"](prefix), "runs", r["trial"]), "run.log").decode()
+        for k in range(3):  # the resumed study kept the finished trial and resumed the other
+            assert log.count(f"round {k}: +") == 1, (r["trial"], log)
+        assert "extracting feature version" not in log and "reusing features v0 from the feature cache" in log
+        if r["trial"] in before:
+            assert log.encode() == before[r["trial"]]
+        # Tune's own results, one report per round, in the bucket
+        results = fs.open_input_stream(f"{root}/tune/{r['trial']}/result.json").read().decode().splitlines()
+        assert [json.loads(x)["round"] for x in results][-3:] == [0, 1, 2]
+    keys = child_folders(fs, f"{root}/feature_cache")
+    assert len(keys) == 1 and "v0" in child_folders(fs, f"{root}/feature_cache/{keys[0]}")
+    names = _objects(fs, root)
+    assert {"study.yaml", "results.csv", "best_config.yaml", "curves.png"} <= set(names)
+    for n in names:
+        assert secret.encode() not in fs.open_input_stream(f"{root}/{n}").read(), n
+    assert not list(a.iterdir()) and not list(b.iterdir()), "the study wrote into the folder it was started from"

@@ -68,7 +68,6 @@ def test_launcher_config_is_valid_for_the_ray_cluster_launcher():
     rc, _ = _raycluster()
     kube_image = _containers(rc["spec"]["headGroupSpec"])[0]["image"]
     assert cfg["docker"]["image"] == kube_image
-    assert "-v /mnt/runs:/mnt/runs" in cfg["docker"]["run_options"]
     assert "FROM rayproject/ray:2.60.0-py311-gpu" in (CLUSTER / "Dockerfile").read_text()
     cpu = [v for v in workers.values() if not v["node_config"]["InstanceType"].startswith(("g", "p"))]
     assert cpu and all(v["min_workers"] == 0 < v["max_workers"] for v in cpu), "no CPU worker type scaling from zero"
@@ -78,24 +77,27 @@ def test_launcher_config_is_valid_for_the_ray_cluster_launcher():
     assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
     assert all("RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands",
                                                                       "worker_start_ray_commands"))
-    assert "/mnt/runs" in setup, "no shared file system for run directories"
+    # runs live in a bucket: no shared file system is mounted, every node gets the bucket's credentials
+    # from the instance profile `ray up` creates for the head (ray-autoscaler-v1, with S3 access)
+    assert "mount" not in setup and not any("/mnt/runs" in o for o in cfg["docker"]["run_options"])
+    assert "IamInstanceProfile" not in head["node_config"], "the head must get the launcher's default profile"
+    assert all(v["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"} for v in workers.values())
 
 
 def _raycluster():
     docs = _load_all("kuberay/raycluster.yaml")
     rc = next(d for d in docs if d["kind"] == "RayCluster")
-    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
-    return rc, pvc
+    return rc, [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
 
 
 def _containers(group: dict) -> List[dict]:
     return group["template"]["spec"]["containers"]
 
 
-def test_kuberay_raycluster_has_images_gpu_workers_and_a_shared_volume():
-    rc, pvc = _raycluster()
+def test_kuberay_raycluster_has_images_gpu_workers_and_bucket_credentials_and_needs_no_shared_volume():
+    rc, pvcs = _raycluster()
     assert rc["apiVersion"] == "ray.io/v1"
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    assert not pvcs, "runs live in a bucket: the shipped cluster needs no (ReadWriteMany) volume"
     spec = rc["spec"]
     assert spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]
@@ -104,9 +106,9 @@ def test_kuberay_raycluster_has_images_gpu_workers_and_a_shared_volume():
         c = _containers(g)[0]
         assert c["image"] and ":" in c["image"]
         assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
-        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in g["template"]["spec"]["volumes"]}
-        assert mounts["runs"] == "/runs" and claims["runs"] == pvc["metadata"]["name"]
+        assert not any("persistentVolumeClaim" in v for v in g["template"]["spec"]["volumes"])
+        # every pod reaches the bucket: the driver commits runs, extraction actors and Train workers write
+        assert {"secretRef": {"name": "asvp-bucket", "optional": True}} in c["envFrom"]
     gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in _containers(g)[0]["resources"]["limits"]]
     assert gpu and all(int(_containers(g)[0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for g in gpu)
     assert all(g["maxReplicas"] > g["minReplicas"] == 0 for g in gpu), "GPU workers do not scale from zero"
@@ -138,7 +140,7 @@ def test_rayjob_entrypoint_is_a_valid_asvp_ray_run_command():
     local = ROOT / Path(params["config"]).relative_to(IMAGE_ROOT)
     cfg = load_config(str(local), params["set_"])  # the overrides are valid config keys and values
     assert cfg.extract.device == "cuda" and cfg.train.use_gpu is True
-    assert Path(params["out"]).is_relative_to("/runs"), "the run directory is not on the shared volume"
+    assert params["out"].startswith("s3://your-bucket/"), "the run directory is not in the bucket"
     assert "COPY --chown=ray:users examples ./examples" in (CLUSTER / "Dockerfile").read_text()
 
 

@@ -3,7 +3,9 @@ cluster/kuberay/raycluster.yaml asks) with its fake node provider (nodes are loc
 the node types, labels, minimums and maximums read from raycluster.yaml; the RayJob's entrypoint
 from rayjob.yaml submitted with ``ray job submit``. The fake GPU nodes declare ``GPU: 1`` and have
 no card: the test-only switch ``ASVP_TEST_GPU_ON_CPU`` makes work that reserved a GPU compute on
-the CPU, so scheduling is exactly a GPU run's.
+the CPU, so scheduling is exactly a GPU run's. The run directory is where the RayJob puts it, a
+bucket (here a prefix of the suite's moto S3 server): no node shares a file system with another
+for the run, as on the shipped cluster, which has no shared volume.
 
 What a user of the shipped cluster would check: the job finishes; the GPU group scales up from
 zero for the extraction, idles out, comes back for the refresh's fine-tune, and is gone at the
@@ -23,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -130,14 +133,23 @@ def _labelled_set(run_dir: Path) -> List[tuple]:
     return sorted(zip(*(t[k] for k in keys)))
 
 
-def _job_argv(tmp: Path):
-    """The RayJob's entrypoint with this machine's paths, its runtime env with the test switches."""
+BUCKET = "s3://your-bucket/"
+
+
+def _job_argv(tmp: Path, s3_server: Optional[dict] = None):
+    """The RayJob's entrypoint with this machine's paths and bucket, its runtime env with the test
+    switches. The run goes to the bucket the entrypoint names, here a fresh prefix of the moto S3
+    server; every fake node has its credentials in its environment, as every pod of raycluster.yaml
+    has them from the asvp-bucket Secret."""
     argv, runtime_env = rayjob_entrypoint()
     assert argv[:2] == ["asvp-ray", "run"]
-    # the image's paths (/app = the repository, /runs = the shared volume) on this machine
-    argv = [a.replace("/app/", f"{ROOT}/").replace("/runs/", f"{tmp}/runs/") for a in argv]
+    out = argv[argv.index("--out") + 1]
+    assert out.startswith(BUCKET), f"the RayJob's run directory is not in the bucket: {out}"
+    argv = [a.replace("/app/", f"{ROOT}/") for a in argv]  # the image's copy of the repository
+    if s3_server is not None:
+        argv[argv.index("--out") + 1] = s3_server["uri"](f"rehearsal-{uuid.uuid4().hex[:8]}/{out[len(BUCKET):]}")
     runtime_env.setdefault("env_vars", {}).update(ASVP_TEST_GPU_ON_CPU="1", ASVP_RESOURCE_TIMEOUT_S="240")
-    return argv, runtime_env, Path(argv[argv.index("--out") + 1])
+    return argv, runtime_env, argv[argv.index("--out") + 1]
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +203,13 @@ def _timeline(nodes: List[dict], t0: float) -> List[tuple]:
                   for n in nodes if not n["is_head_node"])
 
 
-def _check_run_dir(out_dir: Path, local: Path) -> None:
-    """Finished, the same labelled set and rounds as the local run, nothing lost or duplicated."""
+def _check_run_dir(uri: str, local: Path) -> None:
+    """The run in the bucket: finished, the same labelled set and rounds as the local run, nothing
+    lost or duplicated."""
+    from asvp_ray.features.store import resolve_uri
+    from asvp_ray.loop.rundir import RunDir
+
+    out_dir = RunDir(uri).path  # the last commit, pulled
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
     # at_labels [60]: the 60 initial labels reach it before round 0 selects (fine-tune + v1)
@@ -202,21 +219,23 @@ def _check_run_dir(out_dir: Path, local: Path) -> None:
     assert _labelled_set(local) == _labelled_set(out_dir)
     local_rounds = json.loads((local / "summary.json").read_text())["rounds"]
     assert [r["n_labeled"] for r in summary["rounds"]] == [r["n_labeled"] for r in local_rounds]
-    for v in ("v0", "v1"):  # every pool image once in each feature version
-        got = [i for part in sorted((out_dir / "features" / v).glob("part-*.parquet"))
-               for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()]
+    fs, root = resolve_uri(uri)
+    for v in ("v0", "v1"):  # every pool image once in each feature version (every part object there)
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/features/{v}", recursive=False))
+        parts = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+        got = [i for part in parts for i in pq.read_table(part, columns=["id"], filesystem=fs).column("id").to_pylist()]
         assert len(got) == len(set(got)) == 1200, f"feature version {v}: {len(got)} rows, {len(set(got))} ids"
 
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_the_shipped_kuberay_cluster_rehearsed_on_the_fake_autoscaler(tmp_path, local_run):
+def test_the_shipped_kuberay_cluster_rehearsed_on_the_fake_autoscaler(tmp_path, local_run, s3_server):
     shape = shipped_node_types()
     assert shape["head_cpus"] == 0 and shape["autoscaler_v2"]
     gpu_types = [n for n, t in shape["workers"].items() if t["resources"].get("GPU")]
     cpu_types = [n for n, t in shape["workers"].items() if not t["resources"].get("GPU")]
     assert gpu_types and cpu_types and all(t["min_workers"] == 0 for t in shape["workers"].values())
-    argv, runtime_env, out_dir = _job_argv(tmp_path)
+    argv, runtime_env, out_dir = _job_argv(tmp_path, s3_server)
 
     cluster = ShippedCluster(shape, IDLE_TIMEOUT_S)
     try:
@@ -224,7 +243,7 @@ def test_the_shipped_kuberay_cluster_rehearsed_on_the_fake_autoscaler(tmp_path, 
         job_id, t0 = _submit(cluster, argv, runtime_env)
         state = cluster.wait_for_job(job_id, timeout=1500)
         logs = cluster.ray("job", "logs", "--address", cluster.url, job_id).stdout
-        assert state == "SUCCEEDED", f"job {state}:\n{logs[-6000:]}\n{cluster.diagnose(out_dir)}"
+        assert state == "SUCCEEDED", f"job {state}:\n{logs[-6000:]}\n{cluster.diagnose(tmp_path)}"
         t_end = time.time()
         _wait_for_head_only(cluster)  # the workers idle out after the job: the cluster is back to its head
         nodes = cluster.state("nodes")
@@ -259,26 +278,56 @@ def test_the_shipped_kuberay_cluster_rehearsed_on_the_fake_autoscaler(tmp_path, 
     assert not left, f"cluster processes still alive: {left}"
 
 
-def _kill_node(cluster: "ShippedCluster", node_id: str) -> List[int]:
-    """SIGKILL the processes of one fake node of ``cluster`` (its raylet and agents, which name the
-    node id on their command line; its workers die with the raylet), as a machine that is lost."""
-    from tests.test_cluster import _cmdline
+#: what each phase leaves in the run's bucket once done: a feature version's manifest, the model file
+DONE = {"extraction": "features/v0/meta.json", "fine-tune": "checkpoints/refresh-v1/model.pt"}
 
-    def of_node(pid: int) -> bool:
-        if node_id in _cmdline(pid):
-            return True
-        try:  # the fake provider names the node in the environment of the processes it starts
-            return f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+
+def _in_bucket(uri: str, rel: str) -> bool:
+    import pyarrow.fs as pafs
+
+    from asvp_ray.features.store import resolve_uri
+
+    fs, root = resolve_uri(uri)
+    return fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.File
+
+
+def _node_processes(cluster: "ShippedCluster") -> Dict[str, Tuple[str, List[int]]]:
+    """{node id: (node type, pids)} of the fake worker nodes up now: the fake provider starts each
+    node's raylet and agents with RAY_OVERRIDE_NODE_ID_FOR_TESTING and RAY_NODE_TYPE_NAME in their
+    environment (their workers inherit it)."""
+    out: Dict[str, Tuple[str, List[int]]] = {}
+    pids = cluster.pids()
+    for pid in pids:
+        try:
+            env = dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_bytes().decode(
+                errors="replace").split("\0") if "=" in x)
         except OSError:
-            return False
+            continue
+        node = env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+        if node:
+            out.setdefault(node, (env.get("RAY_NODE_TYPE_NAME", "?"), []))[1].append(pid)
+    for pid in pids:  # processes that name their node on the command line only (its agents)
+        cmd = _title(pid)
+        for node, (_, mine) in out.items():
+            if node in cmd and pid not in mine:
+                mine.append(pid)
+    return out
 
-    victims = [pid for pid in cluster.pids() if of_node(pid)]
-    for pid in victims:
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").strip()
+    except OSError:
+        return ""
+
+
+def _kill(pids: List[int]) -> None:
+    """SIGKILL a node's processes, as a machine that is lost."""
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return victims
 
 
 def _job_finished(cluster: "ShippedCluster", job_id: str) -> bool:
@@ -289,56 +338,53 @@ def _job_finished(cluster: "ShippedCluster", job_id: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_gpu_nodes_lost_mid_extraction_and_mid_fine_tune(tmp_path, local_run):
+def test_gpu_nodes_lost_mid_extraction_and_mid_fine_tune(tmp_path, local_run, s3_server):
     """Machines go away on a real cluster (spot reclaims, node failures). Every GPU node is killed
     while the extraction actors work on them, and again while the refresh's Ray Train worker
     fine-tunes: Ray Data restarts the actors on nodes the autoscaler adds and retries the lost
     batches, Ray Train restarts the worker group (train.max_failures) from its last checkpoint,
     and the run ends as the local one did, nothing lost or written twice."""
-    argv, runtime_env, out_dir = _job_argv(tmp_path)
+    argv, runtime_env, out_dir = _job_argv(tmp_path, s3_server)
     cluster = ShippedCluster(shipped_node_types(), IDLE_TIMEOUT_S)
     killed: List[tuple] = []
     try:
         cluster.start()
         job_id, t0 = _submit(cluster, argv, runtime_env)
         deadline = time.monotonic() + 1500
-        # the run's own log says when each phase has started; then every GPU node up is lost
-        log = out_dir / "run.log"
-        for phase, line in (("extraction", "extraction plan:"), ("fine-tune", "Ray Train workers:")):
-            while time.monotonic() < deadline and not (log.is_file() and line in log.read_text()):
-                assert not _job_finished(cluster, job_id), f"the job ended before its {phase} (killed: {killed})"
-                time.sleep(0.5)
-            # the GPU nodes the phase's own actors run on, once they are up (the log line comes at
-            # planning time; nodes still listed from an earlier phase may be idling out)
-            actor = {"extraction": "MapWorker", "fine-tune": "RayTrainWorker"}[phase]
-            gpu: List[str] = []
-            pids: List[int] = []
-            while time.monotonic() < deadline and not pids:
-                nodes = {n["node_id"]: n for n in cluster.state("nodes") or [] if n["state"] == "ALIVE"}
-                kinds = _kinds(list(nodes.values()))
-                actors = cluster.state("actors") or []
-                gpu = sorted({a["node_id"] for a in actors
-                              if a["state"] == "ALIVE" and actor in a.get("class_name", "")
-                              and kinds.get(a.get("node_id")) == "gpu"})
-                if gpu:
-                    time.sleep(3)  # into the work
-                    pids = [p for node in gpu for p in _kill_node(cluster, node)]
-                else:
-                    assert not _job_finished(cluster, job_id), f"the job ended before its {phase} (killed: {killed})"
-                    time.sleep(0.3)
-            from tests.test_cluster import _cmdline
-
-            assert gpu and pids, (f"no GPU node to lose during the {phase}: {gpu}; raylets of the cluster: "
-                                  f"{[_cmdline(p)[:300] for p in cluster.pids() if 'raylet' in _cmdline(p)]}")
-            killed.append((phase, round(time.time() - t0, 1), [g[-6:] for g in gpu], len(pids)))
-            text = log.read_text()
-            assert {"extraction": "feature version v0:", "fine-tune": "fine-tune refresh-v1"}[phase] not in text, \
-                f"the {phase} had finished before its nodes were lost; the test must kill sooner:\n{text[-2000:]}"
+        # Each phase's own workers, once up on GPU nodes (Ray titles a worker process after its actor:
+        # ray::MapWorker(MapBatches(FeatureExtractor)) for the extraction, ray::RayTrainWorker for the
+        # fine-tune): a second into their work, every GPU node up is lost. A fake node's processes
+        # are found by the node id and type the provider puts in their environment.
+        gpu_types = {n for n, t in shipped_node_types()["workers"].items() if t["resources"].get("GPU")}
+        title = {"extraction": "ray::MapWorker(MapBatches(FeatureExtractor))", "fine-tune": "ray::RayTrainWorker"}
+        for phase in ("extraction", "fine-tune"):
+            targets: Dict[str, List[int]] = {}
+            checked = time.monotonic()
+            while time.monotonic() < deadline and not targets:
+                gpu_nodes = {n: pids for n, (t, pids) in _node_processes(cluster).items() if t in gpu_types}
+                if any(_title(p).startswith(title[phase]) for pids in gpu_nodes.values() for p in pids):
+                    targets = gpu_nodes
+                if not targets:
+                    if time.monotonic() - checked > 5:
+                        assert not _job_finished(cluster, job_id), f"the job ended before its {phase} ({killed})"
+                        checked = time.monotonic()
+                    time.sleep(0.2)
+            time.sleep(1.0)  # into the work
+            targets = {n: pids for n, (t, pids) in _node_processes(cluster).items() if n in targets}
+            for pids in targets.values():
+                _kill(pids)
+            assert targets, f"no GPU node to lose during the {phase}"
+            killed.append((phase, round(time.time() - t0, 1), [n[-6:] for n in targets],
+                           sum(len(p) for p in targets.values())))
+            # what the phase commits to the bucket is not there yet (checked to exist after the job)
+            assert not _in_bucket(out_dir, DONE[phase]), \
+                f"the {phase} had finished before its nodes were lost ({DONE[phase]}); the test must kill sooner"
         print("KILLED (phase, s after submit, node, processes):", killed)
         assert [k[0] for k in killed] == ["extraction", "fine-tune"]
         state = cluster.wait_for_job(job_id, timeout=1500)
         logs = cluster.ray("job", "logs", "--address", cluster.url, job_id).stdout
-        assert state == "SUCCEEDED", f"job {state}:\n{logs[-6000:]}\n{cluster.diagnose(out_dir)}"
+        assert state == "SUCCEEDED", f"job {state}:\n{logs[-6000:]}\n{cluster.diagnose(tmp_path)}"
+        assert all(_in_bucket(out_dir, rel) for rel in DONE.values()), "the phases' outputs are named elsewhere"
         timeline = _timeline(cluster.state("nodes"), t0)
         print("TIMELINE (s after submit: start, end, kind, node)\n" + "\n".join(map(str, timeline)))
         print("JOB LOG (restarts):\n" + "\n".join(x for x in logs.splitlines() if any(

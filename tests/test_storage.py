@@ -275,8 +275,10 @@ def test_storage_key_is_checked_at_load_and_at_run_start(s3_server, tmp_path):
         load_config(str(SMOKE), ["storage=ftp://x/y"])
     with pytest.raises(ConfigError, match=r"'storage' \(s3:///p\) names no bucket"):
         load_config(str(SMOKE), ["storage=s3:///p"])
-    with pytest.raises(ConfigError, match="'feature_cache' .* must be a local folder"):
-        load_config(str(SMOKE), [f"feature_cache={s3_server['uri']('x')}"])
+    # a feature cache may be a bucket (a study in a bucket keeps its cache there); its form is checked
+    assert load_config(str(SMOKE), [f"feature_cache={s3_server['uri']('x')}"]).feature_cache.startswith("s3://")
+    with pytest.raises(ConfigError, match=r"'feature_cache' \(ftp://x/y\): unknown scheme 'ftp'"):
+        load_config(str(SMOKE), ["feature_cache=ftp://x/y"])
     missing = s3_server["uri"]("x").replace("s3://asvp/", "s3://no-such-bucket/")
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist there; create it"):
         Driver(load_config(str(SMOKE), [f"storage={missing}"]), str(tmp_path / "r1"))

@@ -136,12 +136,13 @@ def resolve_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def check_storage(storage: Optional[str]) -> Optional[str]:
+def check_storage(storage: Optional[str], key: str = "config key 'storage'") -> Optional[str]:
     """The ``storage`` key's value checked for its form (no network): None, a local path, or an
     object-store URI ``s3://bucket[/prefix]`` / ``gs://bucket[/prefix]``.
 
     Raises:
-        ConfigError: an unknown scheme or a URI without a bucket, naming the key and the fix.
+        ConfigError: an unknown scheme or a URI without a bucket, naming ``key`` (what the value
+            was given as) and the fix.
     """
     from asvp_ray.errors import ConfigError
 
@@ -150,16 +151,16 @@ def check_storage(storage: Optional[str]) -> Optional[str]:
     storage = str(storage).strip()
     scheme = uri_scheme(storage)
     if not storage:
-        raise ConfigError("config key 'storage' is empty; set it to a local folder, s3://bucket/prefix or "
+        raise ConfigError(f"{key} is empty; set it to a local folder, s3://bucket/prefix or "
                           "gs://bucket/prefix, or null for the run directory")
     if scheme is None or scheme == "file":
         return storage
     if scheme not in OBJECT_STORE_SCHEMES:
-        raise ConfigError(f"config key 'storage' ({storage}): unknown scheme {scheme!r}; use a local folder, "
+        raise ConfigError(f"{key} ({storage}): unknown scheme {scheme!r}; use a local folder, "
                           "s3://bucket/prefix or gs://bucket/prefix (options such as "
                           "?endpoint_override=host:port&scheme=http after it)")
     if not urllib.parse.urlsplit(storage).netloc.rpartition("@")[2]:
-        raise ConfigError(f"config key 'storage' ({storage}) names no bucket; write {scheme}://BUCKET/prefix")
+        raise ConfigError(f"{key} ({storage}) names no bucket; write {scheme}://BUCKET/prefix")
     return storage
 
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -102,8 +103,26 @@ class Lease:
                        "expires_at": time.time() + ttl}
         _put(self.fs, self.path, json.dumps(self.record, indent=1).encode())
 
-    def acquire(self, force: bool = False) -> None:
-        """Take the lease, or raise RunDirError naming who holds it and until when."""
+    def acquire(self, force: bool = False, wait_s: float = 0.0) -> None:
+        """Take the lease, or raise RunDirError naming who holds it and until when. With
+        ``wait_s``, a lease held by another process (or lost in a race for a free one) is tried
+        again until it is free or ``wait_s`` has passed: short commands (``label``) queue."""
+        deadline = time.monotonic() + wait_s
+        waited = False
+        while True:
+            try:
+                self._acquire_once(force)
+                return
+            except RunDirError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if not waited:
+                    log.info("waiting up to %.0f s for the run: %s", left, str(e).split(";")[0])
+                    waited = True
+                time.sleep(min(0.5 + random.random(), max(left, 0.05)))
+
+    def _acquire_once(self, force: bool) -> None:
         force = force or os.environ.get("ASVP_LEASE_FORCE") == "1"
         cur = self.read()
         if cur and cur.get("token") != self.token:
@@ -144,7 +163,14 @@ class Lease:
                 log.warning("renewing the lease of %s failed (%s); retrying", self.where, e)
 
     def check(self) -> None:
-        """Raise if this process no longer holds the lease (it must not commit)."""
+        """Raise if this process no longer holds the lease (it must not commit): the lease object
+        is read, so a writer that lost a race for it finds out before its commit record."""
+        if not self.lost:
+            cur = self.read()
+            if not cur or cur.get("token") != self.token:
+                self.lost = True
+                log.error("the lease of %s is held by %s now: this process does not commit", self.where,
+                          (cur or {}).get("holder", "nobody"))
         if self.lost:
             raise RunDirError(f"this process lost the lease of {self.where} to another process; it did not commit. "
                               "Only one process may write a run")
@@ -196,9 +222,9 @@ class BucketRun:
                 shutil.copyfileobj(src, out, 1 << 20)
         return self.record
 
-    def acquire(self, force: bool = False) -> None:
+    def acquire(self, force: bool = False, wait_s: float = 0.0) -> None:
         self.lease = Lease(self.fs, self.root, self.where)
-        self.lease.acquire(force)
+        self.lease.acquire(force, wait_s)
         self.pull()  # what was committed up to now, under the lease
         self.collect_garbage()
 
@@ -258,3 +284,34 @@ class BucketRun:
                     self.fs.delete_file(i.path)
                 except OSError as e:  # the next writer tries again
                     log.debug("could not remove %s: %s", i.path, e)
+
+
+def read_committed(uri: str, rel: str) -> Optional[bytes]:
+    """One file of the current commit of the run at ``uri`` (``summary.json``, ...), or None when
+    the run has no commit or the commit names no such file; reads nothing else."""
+    fs, root = resolve_uri(str(uri).rstrip("/"))
+    for _ in range(3):  # a writer may commit and remove the object between the two reads
+        data = _read(fs, f"{root}/{COMMIT}")
+        entry = (json.loads(data).get("files", {}) if data else {}).get(rel)
+        if entry is None:
+            return None
+        obj = _read(fs, f"{root}/{entry['object']}")
+        if obj is not None:
+            return obj
+    return None
+
+
+def wait_for_lease(uri: str, wait_s: float) -> None:
+    """Wait until no valid lease holds the run at ``uri`` (at most ``wait_s`` seconds): a process
+    killed without releasing its lease (a Tune trial stopped by Ctrl+C) holds it until it expires."""
+    fs, root = resolve_uri(str(uri).rstrip("/"))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        data = _read(fs, f"{root}/{LEASE}")
+        cur = json.loads(data) if data else None
+        left = float(cur.get("expires_at", 0)) - time.time() if cur else 0.0
+        if left <= 0:
+            return
+        log.info("run %s is still leased by %s for %.0f s; waiting", redact_uri(uri), cur.get("holder"), left)
+        time.sleep(min(left + 0.5, 5.0, max(deadline - time.monotonic(), 0.1)))
+

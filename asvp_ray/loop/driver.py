@@ -302,11 +302,15 @@ class Driver:
         self.summary["rounds"].append(record)
         self.next_round = r + 1
         self.open_round = None
+        line = ("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, n_new, record["selected_by"],
+                record["n_labeled"], record["proxy_test_accuracy"])
+        if self.rd.bucket is not None:  # its run.log is uploaded with the commit: the round's line goes in it
+            log.info(*line)
         self._commit()
         if refreshed:
             self.versions.prune()
-        log.info("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, n_new, record["selected_by"],
-                 record["n_labeled"], record["proxy_test_accuracy"])
+        if self.rd.bucket is None:  # a local log is appended at once: the line follows the commit
+            log.info(*line)
         return record
 
     def run_round(self) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -164,27 +165,38 @@ class RunDir:
         return FeatureStore(features)
 
     # lock
-    def lock(self, force: bool = False) -> "RunDir":
+    def lock(self, force: bool = False, wait_s: float = 0.0) -> "RunDir":
         """Take the directory's exclusive lock (held until ``unlock`` or process exit).
 
         A run in a bucket takes its lease instead (renewed while this process runs) and then
         reads the last commit into its local folder.
 
+        Args:
+            force: a run in a bucket: take a lease another process holds.
+            wait_s: wait up to this long for another process to let go (short commands such as
+                ``label`` queue behind each other instead of failing).
+
         Raises:
-            RunDirError: another process holds it.
+            RunDirError: another process holds it (after ``wait_s``).
         """
         if self.bucket is not None:
-            self.bucket.acquire(force=force)
+            self.bucket.acquire(force=force, wait_s=wait_s)
             return self
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirError(f"run directory {self.path} is in use by another asvp-ray process ({holder}); "
-                              "wait for it to finish, stop it, or use another --out") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.3)
+                    continue
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path} is in use by another asvp-ray process ({holder}); "
+                                  "wait for it to finish, stop it, or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         self._lock_fd = fd

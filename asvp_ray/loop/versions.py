@@ -228,8 +228,9 @@ class FeatureVersions:
             here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
         """
         from asvp_ray.features.extract import resolve_compute
-        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, legacy_cache_entries,
-                                             link_version)
+        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, is_uri, join_uri,
+                                             legacy_cache_entries, link_version)
+        from asvp_ray.redact import redact_uri
 
         t0 = time.perf_counter()
         if getattr(self.pool, "kind", "") == "embeddings":  # bring your own: v0 is the file itself
@@ -241,15 +242,17 @@ class FeatureVersions:
         # Device and precision name the entry: bf16 GPU features are never served to a CPU run.
         compute = resolve_compute(self.cfg.extract)
         key = cache_key(self._cache_inputs(), device=compute.device, precision=compute.precision)
-        cache = FeatureStore(Path(self.cfg.feature_cache) / key)
+        in_bucket = is_uri(self.cfg.feature_cache)
+        cache = FeatureStore(join_uri(self.cfg.feature_cache, key) if in_bucket else Path(self.cfg.feature_cache) / key)
+        shown = redact_uri(str(cache.root)) if in_bucket else str(cache.root)
         if 0 not in cache.versions():
-            old = legacy_cache_entries(Path(self.cfg.feature_cache))
+            old = [] if in_bucket else legacy_cache_entries(Path(self.cfg.feature_cache))
             if old:
                 log.warning("feature cache %s holds %d entr%s made before device and precision were part of the "
                             "key (%s); they are not reused (delete them to free the space)", self.cfg.feature_cache,
                             len(old), "y" if len(old) == 1 else "ies", ", ".join(p.name for p in old))
             log.info("feature cache %s has no features for this backbone, data, device (%s) and precision (%s); "
-                     "extracting", cache.root, compute.device, compute.precision)
+                     "extracting", shown, compute.device, compute.precision)
             self.extract(0, compute=compute)
             res = self.extract_resources()
             wall = time.perf_counter() - t0
@@ -260,12 +263,12 @@ class FeatureVersions:
             except OSError as e:  # another run cached it first: theirs is identical
                 log.info("feature cache not updated (%s)", e)
             return {"cached": False, "wall_s": wall, "resources": res}
-        check_cached_compute(cache.meta(0), compute.device, compute.precision, cache.path(0))
-        log.info("reusing features v0 from the feature cache %s (%s, %s)", cache.path(0), compute.device,
-                 compute.precision)
+        entry = redact_uri(str(cache.path(0)))
+        check_cached_compute(cache.meta(0), compute.device, compute.precision, entry)
+        log.info("reusing features v0 from the feature cache %s (%s, %s)", entry, compute.device, compute.precision)
         link_version(cache.path(0), self.store, 0)
         cost = self.store.meta(0).get("cost")
-        return {"cached": True, "cost": cost, "spent_s": time.perf_counter() - t0, "source": str(cache.path(0))}
+        return {"cached": True, "cost": cost, "spent_s": time.perf_counter() - t0, "source": entry}
 
     def charge_v0(self, ledger, pending: Optional[Dict[str, Any]]) -> None:
         """Charge features v0 to the ledger: what this process spent extracting them, or, for a

@@ -14,6 +14,12 @@ Layout of a study directory ``DIR``::
     DIR/curves.png           proxy test accuracy against labels, one line per trial; stars: final models
     DIR/curves.json          the plotted values (read back from the figure)
 
+``DIR`` may be a bucket (``s3://bucket/prefix``, ``gs://...``): then each trial's run directory is
+a run in the bucket (``asvp_ray.loop.bucket``: commit record, lease), the feature cache is a
+folder there whose versions are copied into the trials' stores, Ray Tune keeps its experiment
+state there (``RunConfig(storage_path=..., storage_filesystem=...)``), and the results are uploaded
+once written. Nothing of the study needs a file system shared by the cluster's nodes.
+
 A trial runs a ``Driver`` in its own Ray task, round by round, and reports each round to Tune
 (``round``, ``n_labeled``, ``proxy_test_accuracy``, ...; ``final_test_accuracy`` with the last
 round when the run trains a final model), with a tiny checkpoint naming the round. ASHA, when
@@ -31,6 +37,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -61,26 +68,73 @@ class StudyResult:
     """What a study produced.
 
     Attributes:
-        out: the study directory.
+        out: the study directory (a folder, or its URI with credentials redacted).
         rows: one dict per trial, best first (the rows of ``results.csv``).
         best: the best row (None when no trial finished a round).
         table: the results as printed text.
-        results_csv, best_config, curves_png: the files written (best_config None without a best).
+        results_csv, best_config, curves_png: the files written (best_config None without a best);
+            URIs with credentials redacted for a study in a bucket.
         interrupted: the study stopped before every trial ended (rerun to resume it).
         restored: this call resumed an earlier, interrupted study.
         prefetched: feature-cache keys extracted before the trials (empty when all were cached).
     """
 
-    out: Path
+    out: Union[Path, str]
     rows: List[Dict[str, Any]]
     best: Optional[Dict[str, Any]]
     table: str
-    results_csv: Path
-    best_config: Optional[Path]
-    curves_png: Path
+    results_csv: Union[Path, str]
+    best_config: Optional[Union[Path, str]]
+    curves_png: Union[Path, str]
     interrupted: bool
     restored: bool
     prefetched: List[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- places
+def _child(out: Union[Path, str], *names: str) -> Union[Path, str]:
+    """``names`` under the study: a path, or a URI (options and credentials kept) in a bucket."""
+    from asvp_ray.features.store import is_uri, join_uri
+
+    return join_uri(str(out), *names) if is_uri(out) else Path(out).joinpath(*names)
+
+
+def _read_text(loc: Union[Path, str]) -> Optional[str]:
+    """A file of the study (local or in a bucket), or None when it is not there."""
+    from asvp_ray.features.store import is_uri, resolve_uri
+    from asvp_ray.loop.bucket import _read
+
+    if is_uri(loc):
+        fs, path = resolve_uri(str(loc))
+        data = _read(fs, path)
+        return data.decode() if data is not None else None
+    return Path(loc).read_text() if Path(loc).is_file() else None
+
+
+def _write_bytes(loc: Union[Path, str], data: bytes) -> None:
+    """A file of the study written whole: atomically on a disk, one PUT in a bucket."""
+    from asvp_ray.features.store import _put, atomic_write_bytes, is_uri, resolve_uri
+
+    if is_uri(loc):
+        fs, path = resolve_uri(str(loc))
+        _put(fs, path, data)
+    else:
+        atomic_write_bytes(Path(loc), data)
+
+
+def _run_summary(run_dir: Union[Path, str]) -> Dict[str, Any]:
+    """A trial run's summary.json ({} when it has none yet): its last commit, for a run in a bucket."""
+    from asvp_ray.features.store import is_uri
+    from asvp_ray.loop.bucket import read_committed
+
+    try:
+        if is_uri(run_dir):
+            data = read_committed(str(run_dir), "summary.json")
+            return json.loads(data) if data else {}
+        p = Path(run_dir) / "summary.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:  # being replaced right now (a local file read mid-write by an old writer)
+        return {}
 
 
 # ---------------------------------------------------------------------------------- the trial
@@ -162,10 +216,16 @@ def _trial(params: Dict[str, Any], *, base: Dict[str, Any], feature_cache: str, 
         os.environ[BUDGET_ENV] = json.dumps(extract_budget)
     if Path(cwd).is_dir():  # relative paths in the config mean what they meant to the study
         os.chdir(cwd)
+    from asvp_ray.features.store import is_uri
+    from asvp_ray.loop.bucket import wait_for_lease
+
     cfg = trial_config(base, params, feature_cache)
-    run_dir = Path(runs) / tune.get_context().get_trial_id()
+    run_dir = _child(runs, tune.get_context().get_trial_id())
     reported = _last_reported()
-    _wait_for_lock(run_dir, LOCK_WAIT_S)
+    if is_uri(run_dir):  # the lease of the trial's previous attempt, killed with the study
+        wait_for_lease(str(run_dir), LOCK_WAIT_S)
+    else:
+        _wait_for_lock(Path(run_dir), LOCK_WAIT_S)
     driver = Driver(cfg, str(run_dir))
     try:
         driver.prepare()
@@ -194,28 +254,28 @@ def _base_config(config: Union[str, Path, Config, Dict[str, Any]], overrides: Se
     return load_config(str(config), overrides)
 
 
-def _check_study(out: Path, meta: Dict[str, Any]) -> bool:
+def _check_study(out: Union[Path, str], meta: Dict[str, Any]) -> bool:
     """Write ``study.yaml``, or check that an existing one matches. Returns True when it existed."""
     from asvp_ray.loop.resume import config_differences
-    from asvp_ray.features.store import atomic_write_bytes
 
-    path = out / "study.yaml"
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
+    shown = redact_text(str(out))
+    text = _read_text(_child(out, "study.yaml"))
+    if text is not None:
+        old = yaml.safe_load(text) or {}
         # study.yaml holds URIs with credentials redacted: compare what was written
         diff = config_differences(redact_obj(old.get("config", {})), redact_obj(meta["config"]))
         if diff:
-            raise RunDirError(f"{out} holds a study of a different config (differs in: {', '.join(diff)}); rerun it "
+            raise RunDirError(f"{shown} holds a study of a different config (differs in: {', '.join(diff)}); rerun it "
                               "with the same config and --set, or use a new --out")
         if old.get("space") != meta["space"]:
-            raise RunDirError(f"{out} holds a study of a different search space ({old.get('space')}); rerun it with "
+            raise RunDirError(f"{shown} holds a study of a different search space ({old.get('space')}); rerun it with "
                               "the same --space, or use a new --out")
         return True
-    atomic_write_bytes(path, yaml.safe_dump(redact_obj(meta), sort_keys=False).encode())
+    _write_bytes(_child(out, "study.yaml"), yaml.safe_dump(redact_obj(meta), sort_keys=False).encode())
     return False
 
 
-def _prefetch(base: Dict[str, Any], space: SearchSpace, out: Path, cache: Path) -> List[str]:
+def _prefetch(base: Dict[str, Any], space: SearchSpace, out: Union[Path, str], cache: Union[Path, str]) -> List[str]:
     """Extract features v0 once per backbone + data combination, before any trial starts, so that
     trials find them in the cache instead of racing to extract the same pool."""
     from asvp_ray.loop.driver import Driver
@@ -232,10 +292,10 @@ def _prefetch(base: Dict[str, Any], space: SearchSpace, out: Path, cache: Path) 
         raw["storage"] = None  # scratch runs that only fill the local cache: trials copy v0 to their storage
         raw = set_key(raw, "budget.schedule", [1])  # features only; no round is run
         cfg = load_config(raw=raw)
-        d = Driver(cfg, str(out / "prefetch" / f"features-{i}"))
+        d = Driver(cfg, str(_child(out, "prefetch", f"features-{i}")))
         try:
             d.prepare()
-            done.append(str(d.rd.store.path(0)))
+            done.append(redact_text(str(d.rd.store.path(0))))
         finally:
             d.close()
     return done
@@ -285,8 +345,9 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     Args:
         config: the base config (a YAML file, a ``Config`` or its dict).
         space: the search space (a YAML file, its mapping, or a parsed ``SearchSpace``).
-        out: the study directory; when it already holds a study, that study is resumed
-            (``Tuner.restore``) and the config and space must be the same.
+        out: the study directory, a folder or a bucket (``s3://bucket/prefix``, ``gs://...``); when
+            it already holds a study, that study is resumed (``Tuner.restore``) and the config and
+            space must be the same.
         overrides: ``key=value`` overrides of the base config (as ``--set``).
         num_samples: samples of the space (each runs every grid combination).
         scheduler: ``fifo`` (every trial runs every round) or ``asha`` (early stopping on the
@@ -312,7 +373,13 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
 
     check_settings(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
                    max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-    out = Path(out).resolve()
+    from asvp_ray.features.store import check_storage, is_uri, resolve_uri, with_options_of
+
+    remote = is_uri(out)
+    if remote:
+        out = str(check_storage(str(out), "--out")).rstrip("/")  # the form of the URI, before anything runs
+    else:
+        out = Path(out).resolve()
     base_cfg = _base_config(config, overrides)
     if base_cfg.data.test is None:
         raise ConfigError(f"a study ranks trials by {METRIC}, which needs a test set; set data.test in the config")
@@ -324,7 +391,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     sp = space if isinstance(space, SearchSpace) else parse_space(space, base=base)
     base_with_constants = sp.trial_raw(base, {})
     meta = {"config": base, "space": sp.to_yaml_dict()}
-    if (out / "study.yaml").is_file():
+    if _read_text(_child(out, "study.yaml")) is not None:
         _check_study(out, meta)  # another study's directory: refused before Ray is asked anything
     # What one trial needs, before anything is written: a study that cannot fit stops here.
     head = head_resources(cpus_per_trial, gpus_per_trial)
@@ -335,16 +402,27 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     if max_concurrent is not None and plan.max_concurrent < min(max_concurrent, sp.grid_size * num_samples):
         log.warning("max_concurrent=%d lowered to %d: more trials at once would wait on each other's Ray Train "
                     "workers or extraction actors", max_concurrent, plan.max_concurrent)
-    cache = out / "feature_cache"
-    runs = out / "runs"
-    for d in (out, cache, runs):
-        d.mkdir(parents=True, exist_ok=True)
+    cache = _child(out, "feature_cache")
+    runs = _child(out, "runs")
+    if not remote:
+        for d in (out, cache, runs):
+            d.mkdir(parents=True, exist_ok=True)
     existed = _check_study(out, meta)
 
-    exp_path = out / EXPERIMENT
-    restoring = tune.Tuner.can_restore(str(exp_path))
+    # Ray Tune's experiment state: in the study's folder, or in its bucket through the same
+    # pyarrow filesystem (the URI's options and credentials) that the runs use.
+    # Tune pickles its filesystem into its experiment state, and a pyarrow filesystem made from a
+    # URI with credentials holds them: Tune's gets the URI without them (the environment's or the
+    # node's credentials then reach the bucket, as for Ray itself); the trials' runs keep the URI's.
+    fs, root = resolve_uri(with_options_of(redact_text(out), None)) if remote else (None, str(out))
+    if remote and with_options_of(redact_text(out), None) != out:
+        log.info("Ray Tune's experiment state in %s is reached with the environment's credentials (Tune writes its "
+                 "filesystem object into its state, so the credentials in the URI are not given to it)",
+                 redact_text(str(_child(out, EXPERIMENT))))
+    exp_path = f"{root}/{EXPERIMENT}"
+    restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if existed and not restoring:
-        log.info("%s holds a study that has no Tune state yet; starting it", out)
+        log.info("%s holds a study that has no Tune state yet; starting it", redact_text(str(out)))
     prefetched = _prefetch(base_with_constants, sp, out, cache)
 
     trainable = tune.with_resources(
@@ -353,8 +431,9 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
         placement_group_factory(head),
     )
     if restoring:
-        log.info("resuming the study in %s", exp_path)
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        log.info("resuming the study in %s", redact_text(str(_child(out, EXPERIMENT))))
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         sched = None
         if scheduler == "asha":
@@ -371,7 +450,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
                 search_alg=BasicVariantGenerator(random_state=base_cfg.seed, max_concurrent=plan.max_concurrent),
             ),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=str(out), verbose=verbose, callbacks=callbacks,
+                name=EXPERIMENT, storage_path=root, storage_filesystem=fs, verbose=verbose, callbacks=callbacks,
                 # Checkpoints are a few bytes naming the round; keeping all of them avoids the forced
                 # experiment snapshot Tune takes whenever a trial outgrows num_to_keep.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -382,33 +461,32 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     return write_results(out, grid, sp, base_with_constants, restored=restoring, prefetched=prefetched)
 
 
-def _saved_statuses(exp_path: Path) -> Dict[str, str]:
+def _saved_statuses(exp_path: str, fs=None) -> Dict[str, str]:
     """Trial statuses in Tune's saved experiment state. After an interruption (Ctrl+C), the
     ResultGrid that ``fit`` returns shows every trial TERMINATED; the state saved for a restore
     keeps the unfinished ones RUNNING, PENDING or PAUSED."""
     from ray.tune import ExperimentAnalysis
 
-    if not exp_path.is_dir():
+    if fs is None and not Path(exp_path).is_dir():
         return {}
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # trials that never started have no results yet: expected
     try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_path)).trials}
+        return {t.trial_id: t.status for t in ExperimentAnalysis(exp_path, storage_filesystem=fs).trials}
     except Exception as e:  # noqa: BLE001 - no saved state: the statuses come from the run directories
-        log.warning("could not read Tune's saved state in %s (%s); trial statuses come from their runs", exp_path, e)
+        log.warning("could not read Tune's saved state in %s (%s); trial statuses come from their runs",
+                    redact_text(exp_path), e)
         return {}
     finally:
         quiet.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------- results
-def _trial_row(out: Path, res, sp: SearchSpace, saved_status: Optional[str]) -> Dict[str, Any]:
+def _trial_row(out: Union[Path, str], res, sp: SearchSpace, saved_status: Optional[str]) -> Dict[str, Any]:
     trial_id = Path(res.path).name
-    run_dir = out / "runs" / trial_id
-    summary = {}
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = _child(out, "runs", trial_id)
+    summary = _run_summary(run_dir)
     rounds = summary.get("rounds", [])
     schedule = summary.get("schedule") or []
     accs = [r.get(METRIC) for r in rounds if r.get(METRIC) is not None]
@@ -431,7 +509,7 @@ def _trial_row(out: Path, res, sp: SearchSpace, saved_status: Optional[str]) -> 
         f"{METRIC}_mean": round(sum(accs) / len(accs), 6) if accs else None,
         "final_test_accuracy": final,
         **_cost_columns(summary),
-        "run_dir": str(run_dir),
+        "run_dir": redact_text(str(run_dir)),
         "_curve": [(r["n_labeled"], r.get(METRIC)) for r in rounds],
         "_error": str(res.error).splitlines()[0][:300] if res.error is not None else "",
     })
@@ -511,12 +589,21 @@ def _plot(rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path
     save_figure(fig, path, dpi=110)
 
 
-def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, restored: bool = False,
+def write_results(out: Union[Path, str], grid, sp: SearchSpace, base: Dict[str, Any], *, restored: bool = False,
                   prefetched: Optional[List[str]] = None) -> StudyResult:
-    """Write ``results.csv``, ``best_config.yaml`` and ``curves.png`` from a Tune ``ResultGrid``."""
-    from asvp_ray.features.store import atomic_write_bytes
+    """Write ``results.csv``, ``best_config.yaml`` and ``curves.png`` from a Tune ``ResultGrid``
+    (for a study in a bucket: written to a local folder, then each uploaded whole)."""
+    from asvp_ray.features.store import atomic_write_bytes, is_uri, resolve_uri
 
-    saved = _saved_statuses(out / EXPERIMENT)
+    remote = is_uri(out)
+    if remote:
+        fs, root = resolve_uri(str(out))
+        saved = _saved_statuses(f"{root}/{EXPERIMENT}", fs)
+        local = Path(tempfile.mkdtemp(prefix="asvp-study-"))
+    else:
+        saved = _saved_statuses(str(Path(out) / EXPERIMENT))
+        local = Path(out)
+    shown = redact_text(str(out))
     interrupted = any(s not in ("TERMINATED", "ERROR") for s in saved.values())
     rows = [_trial_row(out, res, sp, saved.get(Path(res.path).name)) for res in grid]
     use_final = any(r["final_test_accuracy"] is not None for r in rows if r["status"] == "finished")
@@ -528,7 +615,7 @@ def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, res
     columns += ["sampling_seconds", "spent_seconds"]
     table = format_table(rows, columns)
 
-    csv_path = out / "results.csv"
+    csv_path = local / "results.csv"
     fields = columns + ["run_dir", "error"]
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -539,19 +626,26 @@ def write_results(out: Path, grid, sp: SearchSpace, base: Dict[str, Any], *, res
 
     best_path = None
     if best is not None:
-        cfg = trial_config(base, {k: best[k] for k in sp.keys}, str(out / "feature_cache"))
+        cfg = trial_config(base, {k: best[k] for k in sp.keys}, str(_child(out, "feature_cache")))
         by = "final test accuracy" if use_final else "last-round proxy test accuracy"
-        header = (f"# Best trial of the study in {out}: {best['trial']} ({best['status']}), ranked by {by}\n"
+        header = (f"# Best trial of the study in {shown}: {best['trial']} ({best['status']}), ranked by {by}\n"
                   f"# ({_fmt(best['final_test_accuracy'] if use_final else best[METRIC])} after {best['rounds']} rounds, "
                   f"{best['n_labeled']} labels). Searched values: "
                   + ", ".join(f"{k}={_fmt(best[k])}" for k in sp.keys) + ".\n"
-                  f"# Run it with: asvp-ray run {out / 'best_config.yaml'} --out runs/best\n")
-        best_path = out / "best_config.yaml"
+                  f"# Run it with: asvp-ray run {'best_config.yaml' if remote else local / 'best_config.yaml'} "
+                  "--out runs/best\n")
+        best_path = local / "best_config.yaml"
         atomic_write_bytes(best_path, redact_text(header + dump_config(cfg)).encode())
 
-    png = out / "curves.png"
+    png = local / "curves.png"
     _plot(rows, best, png, sp.keys)
+    if remote:  # each file uploaded whole; the local copies go
+        for f in sorted(local.iterdir()):
+            _write_bytes(_child(out, f.name), f.read_bytes())
+        shutil.rmtree(local, ignore_errors=True)
+        csv_path, png = _child(shown, "results.csv"), _child(shown, "curves.png")
+        best_path = _child(shown, "best_config.yaml") if best_path is not None else None
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} | {"error": r["_error"]} for r in rows]
-    return StudyResult(out=out, rows=clean, best=next((c for c in clean if best and c["trial"] == best["trial"]), None),
+    return StudyResult(out=shown if remote else out, rows=clean, best=next((c for c in clean if best and c["trial"] == best["trial"]), None),
                        table=table, results_csv=csv_path, best_config=best_path, curves_png=png,
                        interrupted=interrupted, restored=restored, prefetched=list(prefetched or []))
