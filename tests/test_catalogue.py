@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (README): each fails with a message that names the item and the fix,
+"""The catalogue of bad inputs (docs/bad-input.md): each fails with a message that names the item and the fix,
 a non-zero exit code, and leaves the run directory's state as it was."""
 from __future__ import annotations
 

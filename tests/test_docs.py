@@ -1,17 +1,25 @@
-"""The command blocks that README.md and cluster/README.md tell a user to run on one machine, run
-as written: taken from the Markdown (so the docs cannot drift from what is tested), in bash, with
-the virtualenv first on PATH and none of the test session's RAY_* / ASVP_* / TQDM_* settings.
+"""The documentation: the command blocks it tells a user to run on one machine, run as written,
+and fast checks of the Markdown itself.
 
-Covered here: README.md's human-labelled workflow ("Human labellers") and its Ray Tune study
-("Ray Tune studies"); cluster/README.md's "`ray job submit` with a runtime environment" and
-"Studies on a cluster", against the two-node cluster of its "Try it on one machine" block, whose
-every fixed port lies outside Ray's worker port range (10002-19999). That block itself, run whole,
-is `tests/test_cluster.py::test_cluster_readme_try_it_block_runs_verbatim`.
+Command blocks are taken from the Markdown (so the docs cannot drift from what is tested) and run
+in bash, with the virtualenv first on PATH and none of the test session's RAY_* / ASVP_* / TQDM_*
+settings. Covered here: the human-labelled workflow of docs/labelling.md ("Human labellers") and
+the Ray Tune study of docs/studies.md ("Ray Tune studies"), both moved there from README.md;
+cluster/README.md's "`ray job submit` with a runtime environment" and "Studies on a cluster",
+against the two-node cluster of its "Try it on one machine" block, whose every fixed port lies
+outside Ray's worker port range (10002-19999). That block itself, run whole, is
+`tests/test_cluster.py::test_cluster_readme_try_it_block_runs_verbatim`.
 
 Left out: `make demo` / `make test` (the suite itself), bench/ (benchmarks of minutes to hours),
 the Label Studio server steps (`tests/test_labelstudio.py` runs a real server), the GPU commands,
-and the cluster launcher / KubeRay blocks (`ray up`, `docker build`, `kubectl`: a cloud account
-or a Kubernetes cluster, not one machine; `tests/test_cluster.py` checks their files)."""
+README.md's cluster quick start (a cluster and a bucket) and the cluster launcher / KubeRay blocks
+(`ray up`, `docker build`, `kubectl`: a cloud account or a Kubernetes cluster, not one machine;
+`tests/test_cluster.py` checks their files).
+
+Fast (no mark): relative links and their anchors resolve in README.md, docs/, bench/README.md and
+CONTRIBUTING.md; README.md stays at most 250 lines with "Two commands" first; no command block is
+written twice; docs/configuration.md's generated reference matches the pydantic schema
+(`scripts/gen_config_docs.py`)."""
 from __future__ import annotations
 
 import json
@@ -32,6 +40,9 @@ from tests.conftest import ROOT
 from tests.test_cluster import LoopbackCluster, _cmdline, _sid, markdown_block
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+LABELLING = DOCS / "labelling.md"
+STUDIES = DOCS / "studies.md"
 CLUSTER_README = ROOT / "cluster" / "README.md"
 BIN = Path(sys.executable).parent
 
@@ -89,7 +100,7 @@ def own_tmpdir():
 
 
 def user_checkout(tmp: Path) -> Path:
-    """A working directory laid out like the user's checkout for the README's relative paths
+    """A working directory laid out like the user's checkout for the docs' relative paths
     (`examples/...`; `runs/` is created by the commands)."""
     work = tmp / "checkout"
     work.mkdir()
@@ -97,7 +108,7 @@ def user_checkout(tmp: Path) -> Path:
     return work
 
 
-# ---------------------------------------------------------------------------------- README.md
+# ---------------------------------------------------------------------------------- docs/labelling.md
 def label_studio_json_export(tasks: List[dict], labels: List[str]) -> List[dict]:
     """What Label Studio's JSON export holds for ``tasks`` (as imported from
     `round-K.labelstudio.json`) annotated with ``labels`` through the `labelstudio-config.xml`
@@ -121,22 +132,24 @@ def label_studio_json_export(tasks: List[dict], labels: List[str]) -> List[dict]
     return out
 
 
-@pytest.mark.slow  # 72 s on this idle 2-CPU machine (feature extraction of 20,000 images): under make test
+@pytest.mark.slow
+@pytest.mark.long  # 72-86 s (feature extraction of 20,000 images): in make test-long, to keep make test under 25 min
 def test_readme_human_labellers_block_runs_verbatim(tmp_path, own_tmpdir):
-    """README.md's "Human labellers" block on examples/fashion_mnist.yaml, as written: init, select
-    (round 0), the labeller's export.json, label, status, select (round 1). The one step the block
-    leaves to the user, labelling in Label Studio, is done here: export.json is written in Label
-    Studio's JSON export form with the true Fashion-MNIST labels of the queried ids."""
+    """docs/labelling.md's "Human labellers" block (README.md's until it moved there) on
+    examples/fashion_mnist.yaml, as written: init, select (round 0), the labeller's export.json,
+    label, status, select (round 1). The one step the block leaves to the user, labelling in Label
+    Studio, is done here: export.json is written in Label Studio's JSON export form with the true
+    Fashion-MNIST labels of the queried ids."""
     from asvp_ray.data.fashion_mnist import CLASSES
     from asvp_ray.data.sources import FashionMNISTSource
 
-    block = section_block(README, "### Human labellers")
+    block = section_block(LABELLING, "# Human labellers")
     lines = block.splitlines(keepends=True)
     cut = next(i for i, line in enumerate(lines) if line.startswith("# ... label them"))
     before, after = "".join(lines[:cut]), "".join(lines[cut:])
     assert "asvp-ray label runs/hitl export.json" in after, block
     work = user_checkout(tmp_path)
-    # ASVP_RAY_DASHBOARD=0: the README's setting for runs that never look at the dashboard
+    # ASVP_RAY_DASHBOARD=0: the docs' setting for runs that never look at the dashboard (CONTRIBUTING.md)
     env = user_env(ASVP_RAY_DASHBOARD="0", TMPDIR=own_tmpdir)
     t0 = time.monotonic()
     out = run_bash(before, work, env, timeout=900)
@@ -170,12 +183,13 @@ def test_readme_human_labellers_block_runs_verbatim(tmp_path, own_tmpdir):
 @pytest.mark.slow
 @pytest.mark.long
 def test_readme_tune_block_runs_verbatim(tmp_path, own_tmpdir):
-    """README.md's "Ray Tune studies" block, as written, in a checkout-like working directory:
-    the two-trial study over examples/smoke.yaml, one trial at a time on this 2-CPU machine, each
-    with a final model; results.csv, best_config.yaml and curves agree with the trials' runs."""
+    """docs/studies.md's "Ray Tune studies" block (README.md's until it moved there), as written,
+    in a checkout-like working directory: the two-trial study over examples/smoke.yaml, one trial
+    at a time on this 2-CPU machine, each with a final model; results.csv, best_config.yaml and
+    curves agree with the trials' runs."""
     from tests.test_tune import _check_study_outputs
 
-    block = section_block(README, "### Ray Tune studies")
+    block = section_block(STUDIES, "## Ray Tune studies")
     assert block.strip().startswith("asvp-ray tune"), block
     work = user_checkout(tmp_path)
     t0 = time.monotonic()
@@ -275,3 +289,132 @@ def test_cluster_readme_job_submit_and_study_blocks_run_on_the_try_it_cluster():
         _stop([], sid=sid, marker=tmp)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- the Markdown itself
+MARKDOWN = [README, ROOT / "CONTRIBUTING.md", ROOT / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+GEN_CONFIG_DOCS = ROOT / "scripts" / "gen_config_docs.py"
+
+
+def _outside_fences(text: str) -> List[str]:
+    """``text``'s lines outside fenced code blocks."""
+    out, fence = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        elif not fence:
+            out.append(line)
+    return out
+
+
+def github_anchors(path: Path) -> set:
+    """The anchors GitHub gives ``path``'s headings: lower case, inline code marks and punctuation
+    but ``-`` and ``_`` dropped, spaces as ``-``; a repeated one gets ``-1``, ``-2``, ..."""
+    seen: Dict[str, int] = {}
+    for line in _outside_fences(path.read_text()):
+        m = re.match(r"#{1,6} +(.*?) *#* *$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        if n:
+            seen[f"{slug}-{n}"] = 1
+    return set(seen)
+
+
+def _gen_config_docs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config_docs", GEN_CONFIG_DOCS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bash_blocks(path: Path) -> List[str]:
+    return re.findall(r"^```bash\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    """README.md: at most 250 lines; the first section is "Two commands" (`make demo`, `make test`);
+    the demo's measured table and the Python API stay in it; the rest is one link away."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, f"README.md has {len(text.splitlines())} lines; move a section to docs/"
+    sections = [line for line in _outside_fences(text) if line.startswith("## ")]
+    assert sections[:2] == ["## Two commands", "## What the demo shows"], sections
+    assert _bash_blocks(README)[0].startswith("make demo ") and "\nmake test " in _bash_blocks(README)[0]
+    assert "| proxy test accuracy | 0.656 |" in text and "### From Python" in text
+    for target in ["docs/run-directory.md", "docs/methods.md", "docs/labelling.md", "docs/studies.md",
+                   "docs/configuration.md", "docs/gpus.md", "docs/bad-input.md", "bench/README.md",
+                   "CONTRIBUTING.md", "cluster/README.md"]:
+        assert f"]({target}" in text, f"README.md does not link {target}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_anchors_resolve(path):
+    """Every relative link (and image) of the documentation names a file of the checkout, and its
+    ``#anchor`` a heading of that file (GitHub's anchors)."""
+    bad = []
+    for line in _outside_fences(path.read_text()):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                bad.append(f"{target}: no such file {dest}")
+            elif anchor and dest.suffix == ".md" and anchor not in github_anchors(dest):
+                bad.append(f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
+    assert not bad, f"{path.relative_to(ROOT)}: " + "; ".join(bad)
+
+
+def test_each_command_block_is_written_once():
+    """A bash block lives in one document (a moved section is moved, not copied): the tests above
+    run the copy a user reads."""
+    where: Dict[str, List[str]] = {}
+    for path in MARKDOWN:
+        for block in _bash_blocks(path):
+            where.setdefault(block, []).append(str(path.relative_to(ROOT)))
+    twice = {b.splitlines()[0]: paths for b, paths in where.items() if len(paths) > 1}
+    assert not twice, twice
+
+
+def test_configuration_reference_is_up_to_date():
+    """docs/configuration.md below its marker is what scripts/gen_config_docs.py writes from the
+    schema today (generated in memory, nothing written)."""
+    gen = _gen_config_docs()
+    current = gen.DOC.read_text()
+    assert gen.render(current) == current, (
+        "docs/configuration.md is out of date with asvp_ray.config.Config: run `python scripts/gen_config_docs.py`")
+
+
+def test_config_docs_generator_lists_every_key_and_keeps_the_prose():
+    """The generator writes only below the marker, lists every key of the schema (nested sections
+    included, with the section's own defaults: data.test is a test split), and refuses a file
+    without the marker."""
+    from pydantic import BaseModel
+
+    from asvp_ray.config import Config, model_of
+
+    gen = _gen_config_docs()
+    prose = "# Configuration\n\nHand-written | kept as it is.\n\n"
+    out = gen.render(prose + gen.MARKER + "\nstale generated text\n")
+    assert out.startswith(prose + gen.MARKER + "\n") and "stale generated text" not in out
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield prefix + name
+            sub = model_of(field.annotation)
+            if sub is not None and issubclass(sub, BaseModel):
+                yield from keys(sub, f"{prefix}{name}.")
+
+    rows = {line.split("|")[1].strip().strip("`"): line for line in out.splitlines() if line.startswith("| `")}
+    missing = [k for k in keys(Config) if k not in rows]
+    assert not missing, missing
+    assert "| `tf_efficientnet_lite0` |" in rows["backbone.name"]
+    assert "| `test` |" in rows["data.test.split"] and "| `train` |" in rows["data.pool.split"]
+    assert "| `[100, 100, 100]` |" in rows["budget.schedule"] and "labels bought per round" in rows["budget.schedule"]
+    assert "float > 0, <= 1 \\| null" in rows["backbone.crop_pct"], rows["backbone.crop_pct"]
+    with pytest.raises(ValueError, match="no marker line"):
+        gen.render(prose)

@@ -324,9 +324,9 @@ def _check_study_outputs(out: Path, n_trials: int, tmp_path: Path, rerun_best: b
 @pytest.mark.slow
 @pytest.mark.long
 def test_readme_tune_command_finishes_with_default_concurrency_and_final_models(tmp_path):
-    """The README's command, unchanged but for --out: every trial trains a final model (Ray Train)
+    """The docs' command (README and docs/studies.md), unchanged but for --out: every trial trains a final model (Ray Train)
     and the study admits only as many trials as fit with their workers, so none waits forever."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text() + (ROOT / "docs" / "studies.md").read_text()
     assert README_TUNE in readme and README_TUNE in SPACE.read_text()
     args = README_TUNE.split()[1:]
     args[args.index("runs/study")] = str(tmp_path / "study")

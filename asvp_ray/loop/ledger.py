@@ -2,7 +2,7 @@
 
 Device-seconds are wall seconds times the devices a phase holds (CPUs reserved by its Ray
 actors/workers, or GPUs), which is what a cluster bills. Unit prices come from the config
-(``cost``); their defaults are documented there and in the README.
+(``cost``); their defaults are documented there and in docs/configuration.md.
 
 Two sums are kept, so that runs compare like with like:
 
