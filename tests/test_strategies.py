@@ -113,8 +113,13 @@ class TestRandom(StrategyContract):
 
     def test_different_seeds_differ_and_cover_pool(self):
         pool = make_pool(labeled=10)
-        picks = {tuple(self.make().select(pool, 5, np.random.default_rng(s)).tolist()) for s in range(10)}
-        assert len(picks) > 1
+        unlabelled = set(pool.ids[~pool.labeled_mask].tolist())
+        picks = [tuple(self.make().select(pool, 5, np.random.default_rng(s)).tolist()) for s in range(600)]
+        assert len(set(picks)) == len(picks)  # every seed its own batch
+        assert all(len(set(p)) == 5 for p in picks)  # no id twice in a batch
+        chosen = {i for p in picks for i in p}
+        # 3,000 draws over the unlabelled ids reach every one of them and never a labelled one
+        assert chosen == unlabelled
 
     def test_needs_no_probs(self):
         pool = PoolView(ids=pool_ids(10), labeled_mask=np.zeros(10, bool))
