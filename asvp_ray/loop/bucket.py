@@ -73,6 +73,21 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _read_json(fs: pafs.FileSystem, path: str) -> Optional[Dict[str, Any]]:
+    """A small JSON object (the lease, the commit record), or None when it is not there. Another
+    process may replace it while it is read (pyarrow reads the size, then the bytes): a torn read
+    is tried again."""
+    for attempt in range(6):
+        try:
+            data = _read(fs, path)
+            return json.loads(data) if data else None
+        except (ValueError, OSError):
+            if attempt == 5:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -93,8 +108,7 @@ class Lease:
         self._thread: Optional[threading.Thread] = None
 
     def read(self) -> Optional[Dict[str, Any]]:
-        data = _read(self.fs, self.path)
-        return json.loads(data) if data else None
+        return _read_json(self.fs, self.path)
 
     def _write(self) -> None:
         ttl = lease_ttl_s()
@@ -207,8 +221,7 @@ class BucketRun:
         return join_uri(self.uri, *names)
 
     def read_record(self) -> Optional[Dict[str, Any]]:
-        data = _read(self.fs, f"{self.root}/{COMMIT}")
-        return json.loads(data) if data else None
+        return _read_json(self.fs, f"{self.root}/{COMMIT}")
 
     def pull(self) -> Optional[Dict[str, Any]]:
         """Replace the cache's contents by the files of the current commit; returns its record."""
@@ -291,8 +304,7 @@ def read_committed(uri: str, rel: str) -> Optional[bytes]:
     the run has no commit or the commit names no such file; reads nothing else."""
     fs, root = resolve_uri(str(uri).rstrip("/"))
     for _ in range(3):  # a writer may commit and remove the object between the two reads
-        data = _read(fs, f"{root}/{COMMIT}")
-        entry = (json.loads(data).get("files", {}) if data else {}).get(rel)
+        entry = ((_read_json(fs, f"{root}/{COMMIT}") or {}).get("files", {})).get(rel)
         if entry is None:
             return None
         obj = _read(fs, f"{root}/{entry['object']}")
@@ -307,8 +319,7 @@ def wait_for_lease(uri: str, wait_s: float) -> None:
     fs, root = resolve_uri(str(uri).rstrip("/"))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        data = _read(fs, f"{root}/{LEASE}")
-        cur = json.loads(data) if data else None
+        cur = _read_json(fs, f"{root}/{LEASE}")
         left = float(cur.get("expires_at", 0)) - time.time() if cur else 0.0
         if left <= 0:
             return
