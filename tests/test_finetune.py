@@ -273,5 +273,11 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_local, fm, tmp_path):
         assert h["param_checksums"][0] == h["param_checksums"][1]
     accs = [h["eval_accuracy"] for h in res.history]
     assert res.kept_epoch == int(np.argmax(accs)) and res.test_accuracy == max(accs)
-    assert torch.load(res.checkpoint, weights_only=True)["epoch"] == res.kept_epoch
-    assert create_backbone(SPEC, checkpoint=res.checkpoint) is not None
+    saved = torch.load(res.checkpoint, weights_only=True)
+    assert saved["epoch"] == res.kept_epoch
+    # the backbone built from the model file carries the kept epoch's weights, not the initial ones
+    loaded = create_backbone(SPEC, checkpoint=res.checkpoint).state_dict()
+    fresh = create_backbone(SPEC).state_dict()
+    floats = [k for k, v in saved["backbone"].items() if v.is_floating_point() and k in loaded]
+    assert floats and all(torch.equal(loaded[k].cpu(), saved["backbone"][k]) for k in floats)
+    assert any(not torch.equal(fresh[k], saved["backbone"][k]) for k in floats), "training changed no weight"
