@@ -10,7 +10,7 @@
 
 ``config`` is a YAML path, a mapping (the YAML's content) or a :class:`~asvp_ray.config.Config`;
 ``out`` a folder or a bucket URI (``s3://``, ``gs://``). Errors are the package's own
-(:mod:`asvp_ray.errors`: ``ConfigError``, ``RunDirError``, ``BadInputError``), never Ray's wrappers.
+(:mod:`asvp_ray.core.errors`: ``ConfigError``, ``RunDirError``, ``BadInputError``), never Ray's wrappers.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def as_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
 
 
 def _location(out: Union[str, os.PathLike]) -> str:
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.storage.locations import is_uri
 
     return str(out) if is_uri(out) else str(Path(out).resolve())
 
@@ -86,7 +86,7 @@ def result(out: Union[str, os.PathLike]) -> RunResult:
     """
     import json
 
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
     from asvp_ray.loop.rundir import RunDir
 
     rd = RunDir(_location(out))
@@ -115,7 +115,7 @@ def run(config: ConfigLike, out: Union[str, os.PathLike], *, overrides: Sequence
     import ray
 
     from asvp_ray.loop.actor import driver_actor
-    from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
+    from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, init_ray
 
     say = progress or (lambda event, data: None)
     with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
@@ -158,7 +158,7 @@ def run(config: ConfigLike, out: Union[str, os.PathLike], *, overrides: Sequence
 def resume(out: Union[str, os.PathLike], *, address: Optional[str] = None, force: bool = False,
            progress: Optional[Progress] = None) -> RunResult:
     """Resume the run in ``out`` with the config it was started with (its ``config.yaml``)."""
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
     from asvp_ray.loop.rundir import RunDir
 
     rd = RunDir(_location(out))
@@ -170,7 +170,7 @@ def resume(out: Union[str, os.PathLike], *, address: Optional[str] = None, force
 def status(out: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     """Per round: ``round``, ``state``, ``selected``, ``labelled``, ``pending``,
     ``proxy_test_accuracy`` (``asvp-ray status``)."""
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
     from asvp_ray.loop.human import status_table
     from asvp_ray.loop.rundir import RunDir
 
@@ -189,7 +189,7 @@ def label(out: Union[str, os.PathLike], file: Union[str, os.PathLike], *, agreem
     Returns:
         the import's record: ``imported``, ``already_stored``, ``pending``, ``format``, ...
     """
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
     from asvp_ray.loop.human import import_labels
     from asvp_ray.loop.rundir import RunDir
 

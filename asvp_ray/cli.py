@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from asvp_ray.errors import AsvpError
+from asvp_ray.core.errors import AsvpError
 
 app = typer.Typer(
     name="asvp-ray",
@@ -32,7 +32,7 @@ SET_HELP = "Override a config key, e.g. --set budget.schedule=[50,50] --set prox
 
 
 def _setup_logging(log_file: Optional[Path] = None, verbose: bool = False) -> None:
-    from asvp_ray.redact import RedactingFormatter
+    from asvp_ray.core.redact import RedactingFormatter
 
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
@@ -66,10 +66,10 @@ def extract(
     from asvp_ray.data.sources import build_source
     from asvp_ray.features.backbones import BackboneSpec
     from asvp_ray.features.extract import extract_to_store
-    from asvp_ray.features.store import check_storage_reachable
+    from asvp_ray.storage.locations import check_storage_reachable
     from asvp_ray.loop.rundir import RunDir
-    from asvp_ray.ray_utils import init_ray
-    from asvp_ray.redact import redact_uri
+    from asvp_ray.runtime.ray_utils import init_ray
+    from asvp_ray.core.redact import redact_uri
 
     _setup_logging(None, verbose)
     try:
@@ -106,7 +106,7 @@ RUN_DIR_HELP = "The run directory (a folder or a bucket URI)."
 
 def _shown(location: str) -> str:
     """A run location as printed: credentials in a URI redacted."""
-    from asvp_ray.redact import redact_uri
+    from asvp_ray.core.redact import redact_uri
 
     return redact_uri(str(location))
 
@@ -165,7 +165,7 @@ def _driver_for(run_dir: str, config: Optional[Path] = None, set_: Optional[List
     from asvp_ray.config import load_config
     from asvp_ray.loop.driver import Driver
     from asvp_ray.loop.rundir import RunDir
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     cfg_path = config or RunDir(run_dir).config_path
     if config is None and not cfg_path.is_file():
@@ -476,7 +476,7 @@ def tune_cmd(
     nothing of the study needs a file system shared by the cluster's nodes.
     """
     from asvp_ray.config import load_config
-    from asvp_ray.ray_utils import asvp_errors_unwrapped, init_ray
+    from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, init_ray
     from asvp_ray.tune import check_settings, parse_space, run_study
 
     _setup_logging(None, verbose)

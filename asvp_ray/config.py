@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 from asvp_ray.train.config import TrainConfig
 
 
@@ -103,7 +103,7 @@ class ExtractConfig(_Strict):
     @field_validator("amp", mode="before")
     @classmethod
     def _amp_bool(cls, v):
-        from asvp_ray.device import normalize_amp
+        from asvp_ray.runtime.device import normalize_amp
 
         return normalize_amp(v, "extract.amp") if isinstance(v, bool) else v
 
@@ -276,7 +276,7 @@ class Config(_Strict):
 
     name: str = "asvp-ray"
     seed: int = 0
-    method: str = Field("svpp", description="a registered method: asvp_ray.loop.methods.METHODS")
+    method: str = Field("svpp", description="a registered method: asvp_ray.methods.METHODS")
     strategy: str = Field("margin", description="a registered strategy: asvp_ray.selection.STRATEGIES; with options "
                                                 "write strategy: {name: coreset, metric: cosine}")
     strategy_options: Dict[str, Any] = Field(
@@ -284,7 +284,7 @@ class Config(_Strict):
                                           "`strategy: {name: ..., OPTION: VALUE}` fills them)")
     oracle: str = Field(
         "simulated", description="simulated: the pool's ground truth; human: asvp-ray select / label rounds "
-                                 "(asvp_ray.loop.oracle.ORACLES)")
+                                 "(asvp_ray.data.oracle.ORACLES)")
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
@@ -316,14 +316,14 @@ class Config(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_form(cls, v):
-        from asvp_ray.features.store import check_storage
+        from asvp_ray.storage.locations import check_storage
 
         return check_storage(v)
 
     @field_validator("feature_cache")
     @classmethod
     def _feature_cache_form(cls, v):
-        from asvp_ray.features.store import check_storage
+        from asvp_ray.storage.locations import check_storage
 
         return check_storage(v, "config key 'feature_cache'")
 
@@ -360,14 +360,14 @@ class Config(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v):
-        from asvp_ray.loop.methods import METHODS
+        from asvp_ray.methods import METHODS
 
         return _registered(METHODS, v)
 
     @field_validator("oracle")
     @classmethod
     def _known_oracle(cls, v):
-        from asvp_ray.loop.oracle import ORACLES
+        from asvp_ray.data.oracle import ORACLES
 
         return _registered(ORACLES, v)
 

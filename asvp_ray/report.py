@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 
 SAMPLING_PHASES_EXCLUDED = ("final_train",)
 COLUMNS = ["run", "method", "strategy", "seed", "labels", "final_test_accuracy", "last_proxy_test_accuracy",
@@ -29,7 +29,7 @@ prices; ``total_dollars`` = labels + that compute."""
 
 def load_run(path) -> Dict[str, Any]:
     """A run's summary.json (a folder, or a run in a bucket: ``s3://`` / ``gs://``)."""
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.storage.locations import is_uri
 
     if is_uri(path):
         from asvp_ray.loop.rundir import RunDir

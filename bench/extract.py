@@ -325,7 +325,7 @@ def run_nodes(args, spec, cfg, source) -> int:
     from ray.cluster_utils import Cluster
 
     from asvp_ray.features.extract import plan_actors
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     ray.shutdown()
     line = ("{what:<16}: ready {startup_s:5.2f} s  total {total_s:6.2f} s  e2e {e2e:6,.0f} img/s  "
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     from asvp_ray.data.sources import FashionMNISTSource
     from asvp_ray.features.backbones import BackboneSpec
     from asvp_ray.features.extract import plan_actors
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     cpus = machine_cpus()

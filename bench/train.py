@@ -108,7 +108,7 @@ def main(argv=None) -> int:
           f"/worker, {args.epochs - 1} timed epochs, {T} thread(s) per process, augment={not args.no_augment}, "
           f"{os.cpu_count()} CPUs on this machine")
 
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     init_ray(num_cpus=max(2 * T, os.cpu_count() or 1))
     # Rounds alternate the settings, so a burst of load from other jobs on a shared machine

@@ -30,7 +30,7 @@ def ray_local():
     """A local Ray instance shared by the whole test session (2 CPUs, like the CI machine)."""
     import ray
 
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     init_ray(num_cpus=2)
     yield ray

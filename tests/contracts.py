@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asvp_ray.errors import BadInputError, EmptyPoolError, PoolExhaustedError
+from asvp_ray.core.errors import BadInputError, EmptyPoolError, PoolExhaustedError
 from asvp_ray.selection import STRATEGIES, PoolView
 
 N_POOL = 60

@@ -16,7 +16,7 @@ from asvp_ray.alignment import (
     ped_move,
     ped_trace,
 )
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 
 
 # --------------------------------------------------------------------------- helpers

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import asvp_ray
-from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.core.errors import ConfigError, RunDirError
 from tests.conftest import ROOT, SMOKE
 
 SETS = ["budget.schedule=[30,20,20]", "proxy.epochs=10", "final.training_method=none"]

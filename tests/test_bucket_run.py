@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from asvp_ray.errors import RunDirError
+from asvp_ray.core.errors import RunDirError
 from asvp_ray.loop.rundir import RunDir
 from tests.conftest import ROOT, SMOKE
 
@@ -297,7 +297,7 @@ def test_human_rounds_on_a_run_in_a_bucket_from_any_folder(s3_server, ray_local,
 # ---------------------------------------------------------------------------- a study in a bucket
 def _trials_in_bucket(uri: str):
     """{trial id: its committed summary.json} of a study in a bucket."""
-    from asvp_ray.features.store import child_folders, join_uri, resolve_uri
+    from asvp_ray.storage.locations import child_folders, join_uri, resolve_uri
     from asvp_ray.loop.bucket import read_committed
 
     fs, root = resolve_uri(uri)
@@ -319,7 +319,7 @@ def test_a_study_in_a_bucket_interrupted_and_resumed_from_another_folder(s3_serv
     import io
     import signal
 
-    from asvp_ray.features.store import child_folders, join_uri, resolve_uri
+    from asvp_ray.storage.locations import child_folders, join_uri, resolve_uri
     from asvp_ray.loop.bucket import read_committed
 
     secret = f"sEcReT-{uuid.uuid4().hex[:10]}"

@@ -151,7 +151,7 @@ def test_disk_full_while_committing_keeps_the_previous_state(run_dir, monkeypatc
         return real_open(path, mode, *a, **k)
 
     monkeypatch.setattr(builtins, "open", full_open)
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
 
     with pytest.raises(RunDirError, match="no space left on the device.*previous version of it is intact"):
         d.run_round()

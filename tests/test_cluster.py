@@ -468,7 +468,7 @@ def test_quiet_worker_ignores_only_the_exclude_resources_deprecation():
     at import. Settings already in the environment (the node's, the job's env_vars) are kept."""
     code = ("import os, warnings\n"
             "os.environ['RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'] = '1'\n"
-            "from asvp_ray.ray_utils import quiet_worker, RAY_DATA_LOGGING_CONFIG\n"
+            "from asvp_ray.runtime.ray_utils import quiet_worker, RAY_DATA_LOGGING_CONFIG\n"
             "quiet_worker()\n"
             "from ray.data import ExecutionOptions, ExecutionResources\n"
             "from ray.util.annotations import RayDeprecationWarning\n"
@@ -489,9 +489,9 @@ def test_quiet_worker_ignores_only_the_exclude_resources_deprecation():
 def test_quiet_runtime_env_leaves_a_jobs_own_setup_hook(monkeypatch):
     """init_ray's runtime_env names quiet_worker as the setup hook, except in a submitted job whose
     runtime_env has its own: Ray refuses to merge two, and the job's wins."""
-    from asvp_ray import ray_utils
+    from asvp_ray.runtime import ray_utils
 
-    ours = {"worker_process_setup_hook": "asvp_ray.ray_utils.quiet_worker"}
+    ours = {"worker_process_setup_hook": "asvp_ray.runtime.ray_utils.quiet_worker"}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert ray_utils._quiet_runtime_env() == ours
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
@@ -565,7 +565,7 @@ def test_init_ray_loads_torch_before_it_connects():
             "seen = []\n"
             "ray.init = lambda *a, **k: seen.append('torch' in sys.modules)\n"
             "ray.is_initialized = lambda: False\n"
-            "from asvp_ray import ray_utils\n"
+            "from asvp_ray.runtime import ray_utils\n"
             "ray_utils.quiet_ray_data = lambda: None\n"
             "assert 'torch' not in sys.modules\n"
             "ray_utils.init_ray(address='127.0.0.1:1', quiet=False)\n"
@@ -577,7 +577,7 @@ def test_init_ray_loads_torch_before_it_connects():
 
 
 def test_shipped_configs_label_every_node_group_for_placement():
-    from asvp_ray.placement import LABEL
+    from asvp_ray.runtime.placement import LABEL
 
     rc, _ = _raycluster()
     spec = rc["spec"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.selection import STRATEGIES, PoolView
 from asvp_ray.selection._graph import delta_graph, graph_recall
 from asvp_ray.selection.typiclust import knn_mean_sqdist

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asvp_ray.config import load_config
-from asvp_ray.errors import AsvpError, ConfigError
+from asvp_ray.core.errors import AsvpError, ConfigError
 from asvp_ray.features.store import FeatureStore
 from asvp_ray.loop.driver import Driver
 from tests.conftest import SMOKE

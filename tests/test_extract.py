@@ -9,7 +9,7 @@ import torch
 
 from asvp_ray.config import ExtractConfig, load_config
 from asvp_ray.data.sources import FashionMNISTSource, ManifestSource, build_source
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.extract import extract_to_store, plan_actors
 from asvp_ray.features.store import FeatureStore
@@ -260,7 +260,7 @@ def test_workers_write_checksummed_parts_and_damage_is_reported(ray_local, tmp_p
     import pyarrow.parquet as pq
 
     from asvp_ray.data.fashion_mnist import read_idx
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
     from asvp_ray.features.store import arrow_to_features, features_to_arrow
 
     pool = FashionMNISTSource(split="train", limit=300)
@@ -322,7 +322,7 @@ def test_killed_extraction_leaves_no_readable_version_and_a_rerun_writes_it(ray_
     import subprocess
     import sys
 
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
 
     root = tmp_path / "features"
     env = dict(os.environ, ASVP_KILL_AT="extract:v0:batch2")  # SIGKILL once the 2nd part is reported

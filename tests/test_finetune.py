@@ -12,7 +12,7 @@ import torch
 
 from asvp_ray.data.fashion_mnist import read_idx
 from asvp_ray.data.sources import FashionMNISTSource
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.train.config import TrainConfig
 from asvp_ray.features.extract import predict_proba

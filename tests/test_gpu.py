@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from asvp_ray.config import ExtractConfig, load_config
-from asvp_ray.device import DevicePreprocessor, choose_precision, faiss_gpu_available, normalize_amp
-from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.runtime.device import DevicePreprocessor, choose_precision, faiss_gpu_available, normalize_amp
+from asvp_ray.core.errors import ConfigError, RunDirError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.train.config import TrainConfig
@@ -289,7 +289,7 @@ def _fake_gpu_faiss(monkeypatch):
 
 
 def test_gpu_reservation_rule_refuses_a_ray_worker_that_reserved_none():
-    from asvp_ray.device import RESERVE_GPU_FIX, UNRESERVED_GPU, unreserved_gpu_reason
+    from asvp_ray.runtime.device import RESERVE_GPU_FIX, UNRESERVED_GPU, unreserved_gpu_reason
 
     assert unreserved_gpu_reason(None) == ""  # the driver, or no Ray: nothing to honour
     assert unreserved_gpu_reason(["0"]) == "" and unreserved_gpu_reason([3, 4]) == ""
@@ -298,7 +298,7 @@ def test_gpu_reservation_rule_refuses_a_ray_worker_that_reserved_none():
 
 
 def test_faiss_gpu_path_follows_rays_reservation(monkeypatch):
-    from asvp_ray.device import _faiss_gpu_check, faiss_gpu_available
+    from asvp_ray.runtime.device import _faiss_gpu_check, faiss_gpu_available
 
     _fake_gpu_faiss(monkeypatch)
     assert _faiss_gpu_check(None)[0] and _faiss_gpu_check(["0"])[0]
@@ -310,7 +310,7 @@ def test_faiss_gpu_path_follows_rays_reservation(monkeypatch):
 def test_faiss_gpu_refused_in_a_ray_task_that_reserved_no_gpu(ray_local):
     """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a task of num_gpus=0, so faiss would see
     (and take) the node's GPUs: the check reads the task's reservation instead."""
-    from asvp_ray.device import ray_gpu_reservation
+    from asvp_ray.runtime.device import ray_gpu_reservation
 
     # defined here, so that Ray ships it by value to a worker that cannot import this test file
     def _faiss_check_in_a_worker():
@@ -322,7 +322,7 @@ def test_faiss_gpu_refused_in_a_ray_task_that_reserved_no_gpu(ray_local):
         real = sys.modules.get("faiss")
         sys.modules["faiss"] = fake
         try:
-            from asvp_ray.device import faiss_gpu_available, ray_gpu_reservation, require_faiss_gpu
+            from asvp_ray.runtime.device import faiss_gpu_available, ray_gpu_reservation, require_faiss_gpu
 
             try:
                 require_faiss_gpu("typiclust")
@@ -356,7 +356,7 @@ def tf32_restored():
 
 
 def test_recorded_fp32_on_cuda_turns_tf32_off(tf32_restored):
-    from asvp_ray.device import match_tf32, tf32_flags
+    from asvp_ray.runtime.device import match_tf32, tf32_flags
 
     assert tf32_flags("fp32", "cpu") is None and tf32_flags("bf16", "cuda") is None
     assert tf32_flags("fp16", "cuda") is None

@@ -218,7 +218,7 @@ def test_task_links_are_url_encoded_files_or_uris(tmp_path):
     from urllib.parse import parse_qs, urlsplit
 
     from asvp_ray.data.sources import ImageFolderSource, ManifestSource
-    from asvp_ray.errors import BadInputError
+    from asvp_ray.core.errors import BadInputError
     from asvp_ray.loop.human import write_queries
     from tests.conftest import write_images
 

@@ -121,7 +121,7 @@ def test_a_run_begun_before_the_reference_keys_existed_still_resumes(tmp_path):
     import yaml
 
     from asvp_ray.config import dump_config
-    from asvp_ray.errors import RunDirError
+    from asvp_ray.core.errors import RunDirError
 
     cfg = load_config(str(SMOKE), SMALL)
     old = yaml.safe_load(dump_config(cfg))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asvp_ray.config import load_config
-from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.core.errors import ConfigError, RunDirError
 from asvp_ray.loop.driver import Driver
 from asvp_ray.loop.rundir import RunDir
 from tests.conftest import SMOKE

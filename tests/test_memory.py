@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from asvp_ray.device import MemoryWatch
+from asvp_ray.runtime.device import MemoryWatch
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -68,7 +68,7 @@ def _rss_shmem_mb() -> float:
 def test_rows_read_from_the_object_store_leave_no_shared_pages_in_this_process(ray_local):
     """StoreShards.rows_at's replies are copied out and their object-store pages unmapped: the
     driver's RSS holds the result once, and the object (and the result) keep their values."""
-    from asvp_ray.device import unmap_shared_pages
+    from asvp_ray.runtime.device import unmap_shared_pages
     from asvp_ray.selection.sharded import gather_rows
 
     ray = ray_local
@@ -101,7 +101,7 @@ _ARROW_READS = r"""
 import sys, time
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
-from asvp_ray.device import lean_arrow_memory, memory_mb, memory_parts_mb, release_free_memory
+from asvp_ray.runtime.device import lean_arrow_memory, memory_mb, memory_parts_mb, release_free_memory
 if sys.argv[2] == "lean":
     lean_arrow_memory()
 start, start_rss = memory_parts_mb()["anon"], memory_mb()["rss_mb"]
@@ -124,7 +124,7 @@ def test_arrow_reads_leave_no_heap_behind_in_a_process_with_the_drivers_allocato
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from asvp_ray.device import lean_memory_env
+    from asvp_ray.runtime.device import lean_memory_env
 
     if "jemalloc" not in pa.supported_memory_backends():
         pytest.skip("this pyarrow has no jemalloc")
@@ -148,7 +148,7 @@ def test_arrow_reads_leave_no_heap_behind_in_a_process_with_the_drivers_allocato
 
 
 def test_lean_memory_env_passes_on_what_the_user_set(monkeypatch):
-    from asvp_ray.device import lean_memory_env
+    from asvp_ray.runtime.device import lean_memory_env
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
@@ -162,8 +162,8 @@ def test_lean_memory_env_passes_on_what_the_user_set(monkeypatch):
 def test_a_pool_view_of_ascending_ids_makes_no_pool_sized_temporaries():
     """PoolView checks that ids are unique; a run's ids ascend, which is checked in chunks. The
     np.unique check it replaced peaked 56 MB at 1,000,000 ids."""
-    from asvp_ray.device import _reset_peak, memory_mb
-    from asvp_ray.errors import BadInputError
+    from asvp_ray.runtime.device import _reset_peak, memory_mb
+    from asvp_ray.core.errors import BadInputError
     from asvp_ray.selection.base import PoolView
 
     ids = np.arange(4_000_000, dtype=np.int64) * 3  # 32 MB
@@ -184,7 +184,7 @@ def test_a_pool_view_of_ascending_ids_makes_no_pool_sized_temporaries():
 _POOL_LOAD = r"""
 import sys
 import numpy as np
-from asvp_ray.device import _reset_peak, lean_arrow_memory, memory_mb, release_free_memory
+from asvp_ray.runtime.device import _reset_peak, lean_arrow_memory, memory_mb, release_free_memory
 lean_arrow_memory()
 from asvp_ray.features.store import FeatureStore
 FeatureStore(sys.argv[2]).read(0)  # Arrow's decoder starts up (a one-off ~30 MB) on a small version
@@ -228,7 +228,7 @@ def test_loading_a_pool_into_the_driver_holds_the_matrix_once(tmp_path, shuffled
     import os
     import subprocess
 
-    from asvp_ray.device import lean_memory_env
+    from asvp_ray.runtime.device import lean_memory_env
 
     pool = _write_version(tmp_path / "pool", 200_000, 256, shuffled)
     small = _write_version(tmp_path / "small", 4_096, 256, False)
@@ -247,7 +247,7 @@ def test_a_version_with_ids_out_of_order_reads_sorted_with_each_row_in_its_place
     """Parts listed out of id order and ids shuffled inside them: read sorts the ids and decodes
     the features a second time straight into their sorted rows, from a
     local folder and from S3 (each part fetched and checked again); NaN is still named by id."""
-    from asvp_ray.errors import BadInputError
+    from asvp_ray.core.errors import BadInputError
     from asvp_ray.features.store import FeatureStore, VersionWriter
 
     root = request.getfixturevalue("s3_server")["uri"](f"order-{tmp_path.name}") if where == "s3" else tmp_path / "s"

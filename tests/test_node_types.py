@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from asvp_ray import node_types as nt
-from asvp_ray import placement
+from asvp_ray.runtime import node_types as nt
+from asvp_ray.runtime import placement
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
@@ -55,7 +55,7 @@ def fresh_caches():
 
 def test_asvp_autoscaling_config_makes_a_local_instance_plan_for_the_cluster_it_names(
         ray_local, monkeypatch, fresh_caches, caplog):
-    from asvp_ray.ray_utils import cluster_capacity
+    from asvp_ray.runtime.ray_utils import cluster_capacity
 
     now, autoscaling = cluster_capacity()
     assert not autoscaling and not now.get("GPU")
@@ -64,7 +64,7 @@ def test_asvp_autoscaling_config_makes_a_local_instance_plan_for_the_cluster_it_
     nt._cache.clear()
     placement._decided.clear()
     monkeypatch.setenv(nt.ENV, str(CLUSTER / "kuberay" / "raycluster.yaml"))
-    with caplog.at_level(logging.INFO, logger="asvp_ray.node_types"):
+    with caplog.at_level(logging.INFO, logger="asvp_ray.runtime.node_types"):
         can, autoscaling = cluster_capacity()
     assert autoscaling
     # the head as it is declared (0 CPU) + 4 CPU nodes x 8 + 4 GPU nodes x 8 CPU / 1 GPU
@@ -76,10 +76,10 @@ def test_asvp_autoscaling_config_makes_a_local_instance_plan_for_the_cluster_it_
 
 def test_an_unreadable_autoscaling_config_is_a_warning_not_a_failure(ray_local, monkeypatch, fresh_caches, caplog,
                                                                      tmp_path):
-    from asvp_ray.ray_utils import cluster_capacity
+    from asvp_ray.runtime.ray_utils import cluster_capacity
 
     monkeypatch.setenv(nt.ENV, str(tmp_path / "missing.yaml"))
-    with caplog.at_level(logging.WARNING, logger="asvp_ray.node_types"):
+    with caplog.at_level(logging.WARNING, logger="asvp_ray.runtime.node_types"):
         _, autoscaling = cluster_capacity()
     assert not autoscaling
     assert "missing.yaml could not be read" in caplog.text

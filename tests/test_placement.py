@@ -18,7 +18,7 @@ DRIVER = r"""
 import json, logging, os, time
 import numpy as np, ray
 from ray.cluster_utils import Cluster
-from asvp_ray.placement import LABEL, cpu_selector
+from asvp_ray.runtime.placement import LABEL, cpu_selector
 
 logging.basicConfig(level=logging.WARNING)
 import torch  # before ray.init, as init_ray does

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asvp_ray.config import load_config
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 from asvp_ray.loop.driver import Driver
 from tests.conftest import SMOKE
 from tests.test_embeddings import _mixture, write_embeddings
@@ -162,7 +162,7 @@ def _versions(rows: int, dim: int, sets=()):
 
 def _cluster(monkeypatch, node_gb: float, alive: int = 1, cluster_gb=None, autoscaling=False):
     """The driver's node (``node_gb`` of Ray's memory resource) and the cluster's capacity."""
-    import asvp_ray.ray_utils as ru
+    import asvp_ray.runtime.ray_utils as ru
     import asvp_ray.selection.sharded as sharded
 
     node = {"memory": node_gb * 1e9, "CPU": 8.0}
@@ -230,7 +230,7 @@ def test_min_rows_set_explicitly_keeps_its_old_meaning(monkeypatch, caplog):
 
 def test_this_node_is_the_drivers_node_in_rays_view(ray_local):
     """Ray's memory resource of the node this process runs on (a single local node here)."""
-    from asvp_ray.ray_utils import this_node
+    from asvp_ray.runtime.ray_utils import this_node
 
     node = this_node()
     me = ray_local.get_runtime_context().get_node_id()

@@ -9,7 +9,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.proxy.mlp import MLPProxy, batch_bounds, cosine_lr_factor
 
 

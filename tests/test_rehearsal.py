@@ -56,7 +56,7 @@ def shipped_node_types() -> Dict:
     """The autoscaler's node types from cluster/kuberay/raycluster.yaml as the KubeRay autoscaler
     derives them (Ray's own conversion: resources, labels, min and max replicas), CPUs capped at
     MAX_CPUS_PER_NODE and memory left to this machine; and the head's CPUs and labels."""
-    from asvp_ray.node_types import from_file
+    from asvp_ray.runtime.node_types import from_file
 
     path = CLUSTER / "kuberay" / "raycluster.yaml"
     types = from_file(path)
@@ -122,7 +122,7 @@ class ShippedCluster(FakeAutoscalingCluster):
 
 
 def _kinds(nodes: List[dict]) -> Dict[str, str]:
-    from asvp_ray.placement import LABEL
+    from asvp_ray.runtime.placement import LABEL
 
     return {n["node_id"]: (n.get("labels") or {}).get(LABEL, "?") for n in nodes}
 
@@ -206,7 +206,7 @@ def _timeline(nodes: List[dict], t0: float) -> List[tuple]:
 def _check_run_dir(uri: str, local: Path) -> None:
     """The run in the bucket: finished, the same labelled set and rounds as the local run, nothing
     lost or duplicated."""
-    from asvp_ray.features.store import resolve_uri
+    from asvp_ray.storage.locations import resolve_uri
     from asvp_ray.loop.rundir import RunDir
 
     out_dir = RunDir(uri).path  # the last commit, pulled
@@ -285,7 +285,7 @@ DONE = {"extraction": "features/v0/meta.json", "fine-tune": "checkpoints/refresh
 def _in_bucket(uri: str, rel: str) -> bool:
     import pyarrow.fs as pafs
 
-    from asvp_ray.features.store import resolve_uri
+    from asvp_ray.storage.locations import resolve_uri
 
     fs, root = resolve_uri(uri)
     return fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.File

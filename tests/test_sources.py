@@ -8,7 +8,7 @@ import pytest
 
 from asvp_ray.data import fashion_mnist as fm
 from asvp_ray.data.sources import FashionMNISTSource, ImageFolderSource, ManifestSource, path_id
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 from tests.conftest import write_images
 
 

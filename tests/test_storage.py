@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from asvp_ray.errors import RunDirError
+from asvp_ray.core.errors import RunDirError
 from asvp_ray.features.store import FeatureStore, write_part
 
 
@@ -136,7 +136,7 @@ from pathlib import Path  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from asvp_ray.config import load_config  # noqa: E402
-from asvp_ray.errors import ConfigError  # noqa: E402
+from asvp_ray.core.errors import ConfigError  # noqa: E402
 from asvp_ray.loop.driver import Driver  # noqa: E402
 from tests.conftest import ROOT, SMOKE  # noqa: E402
 
@@ -405,7 +405,7 @@ def test_finetune_on_s3_resumes_from_its_checkpoints_there_and_its_model_file_sc
 def test_a_storage_the_run_cannot_write_to_fails_at_start_naming_the_fix(tmp_path):
     """The write check of check_storage_reachable on a local folder: a read-only folder is refused
     before anything runs (root ignores permissions: there the S3 test below covers the check)."""
-    from asvp_ray.features.store import check_storage_reachable
+    from asvp_ray.storage.locations import check_storage_reachable
 
     check_storage_reachable(str(tmp_path / "new" / "folder"))  # created, probe written and removed
     assert list((tmp_path / "new" / "folder").iterdir()) == []
@@ -498,9 +498,9 @@ def test_credentials_in_the_storage_uri_are_never_written_and_a_resume_takes_the
     """storage.json (and config.yaml) hold the URI with its credentials as ``***``; the store and
     checkpoint folders are rebuilt with the config's full URI; a resume with the same URI (same or
     other credentials) is accepted, another endpoint refused without showing the secret."""
-    from asvp_ray.features.store import with_options_of
+    from asvp_ray.storage.locations import with_options_of
     from asvp_ray.loop.rundir import RunDir
-    from asvp_ray.redact import redact_text
+    from asvp_ray.core.redact import redact_text
 
     secret = f"sEcReT{uuid.uuid4().hex[:8]}"
     storage = f"s3://AK:{secret}@bkt/pre?endpoint_override=127.0.0.1:9&scheme=http"
@@ -578,7 +578,8 @@ def test_study_with_its_trials_storage_on_s3_equals_the_local_study(s3_server, r
     versions in its own folder on the bucket, the study's files stay local and hold no secret, and
     every trial labels the same ids and reaches the same accuracies as in the same study with the
     features in the trials' run directories."""
-    from asvp_ray.features.store import FeatureStore, with_options_of
+    from asvp_ray.storage.locations import with_options_of
+    from asvp_ray.features.store import FeatureStore
     from asvp_ray.tune import run_study
 
     space = {"strategy": {"grid": ["margin", "entropy"]}}

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from asvp_ray.config import load_config
-from asvp_ray.errors import ConfigError
-from asvp_ray.features.store import FeatureStore, check_storage_reachable
+from asvp_ray.core.errors import ConfigError
+from asvp_ray.storage.locations import check_storage_reachable
+from asvp_ray.features.store import FeatureStore
 from asvp_ray.loop.driver import Driver
 from tests.conftest import SMOKE
 from tests.test_storage import _objects, outcome, run_driver

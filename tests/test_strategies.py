@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.selection import STRATEGIES, PoolView, ScoreStrategy, top_n
 from tests.contracts import N_CLASSES, N_POOL, StrategyContract, make_pool, pool_ids, random_probs  # noqa: F401
 

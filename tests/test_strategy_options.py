@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from asvp_ray.config import dump_config, load_config
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 from asvp_ray.selection import STRATEGIES, PoolView, ShardedStrategy, build_strategy
 from asvp_ray.selection.cluster_margin import ClusterMargin, round_robin
 from tests.conftest import SMOKE
@@ -194,7 +194,7 @@ def test_the_driver_actor_computes_on_every_cpu_of_its_node_though_it_reserves_n
     """Ray gives a zero-CPU actor OMP_NUM_THREADS=1; the driver actor's proxy would use one core."""
     import ray
 
-    from asvp_ray.device import node_cpus
+    from asvp_ray.runtime.device import node_cpus
     from asvp_ray.loop.actor import driver_actor
 
     cfg = load_config(str(SMOKE), ["final.training_method=none"])

@@ -24,8 +24,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.checks import is_int
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.checks import is_int
+from asvp_ray.core.errors import BadInputError
 
 __all__ = ["logme", "spectrum"]
 

@@ -28,9 +28,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from asvp_ray.alignment.logme import _check_features, _check_labels, logme
-from asvp_ray.checks import is_int, is_number
-from asvp_ray.errors import BadInputError, ConfigError
-from asvp_ray.registry import Registry
+from asvp_ray.core.checks import is_int, is_number
+from asvp_ray.core.errors import BadInputError, ConfigError
+from asvp_ray.core.registry import Registry
 
 __all__ = [
     "ALIGNMENT_SCORES",

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from asvp_ray.alignment.ped import ALIGNMENT_SCORES
-from asvp_ray.checks import is_int, is_number
-from asvp_ray.errors import BadInputError, ConfigError
-from asvp_ray.registry import Registry
+from asvp_ray.core.checks import is_int, is_number
+from asvp_ray.core.errors import BadInputError, ConfigError
+from asvp_ray.core.registry import Registry
 
 __all__ = [
     "REFRESH_POLICIES",

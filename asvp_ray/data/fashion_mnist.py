@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

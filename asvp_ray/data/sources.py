@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from asvp_ray.errors import BadInputError
-from asvp_ray.registry import Registry
+from asvp_ray.core.errors import BadInputError
+from asvp_ray.core.registry import Registry
 
 SOURCES: Registry["PoolSource"] = Registry("pool source")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -416,7 +416,7 @@ class ImageFolderSource(_FileSource):
     @classmethod
     def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "ImageFolderSource":
         """The source a ``SourceConfig`` of this kind describes (it needs ``root``)."""
-        from asvp_ray.errors import ConfigError
+        from asvp_ray.core.errors import ConfigError
 
         if not cfg.root:
             raise ConfigError("data source kind image_folder needs root: the folder of images")
@@ -477,7 +477,7 @@ class ManifestSource(_FileSource):
     @classmethod
     def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "ManifestSource":
         """The source a ``SourceConfig`` of this kind describes (it needs ``path``)."""
-        from asvp_ray.errors import ConfigError
+        from asvp_ray.core.errors import ConfigError
 
         if not cfg.path:
             raise ConfigError("data source kind manifest needs path: a .parquet or .csv manifest")
@@ -775,7 +775,7 @@ class EmbeddingsSource(_FileSource):
 
     @classmethod
     def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "EmbeddingsSource":
-        from asvp_ray.errors import ConfigError
+        from asvp_ray.core.errors import ConfigError
 
         if not cfg.path:
             raise ConfigError("data source kind embeddings needs path: a Parquet file or folder with columns id, "

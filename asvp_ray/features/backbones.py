@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 
 log = logging.getLogger(__name__)
 

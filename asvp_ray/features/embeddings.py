@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
+from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, check_nested
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def write_embedding_parts(source, folder: str, part_rows: int,
     """
     import ray.data
 
-    from asvp_ray.placement import apply_to_ray_data
+    from asvp_ray.runtime.placement import apply_to_ray_data
 
     check_nested({"CPU": TASK_CPUS}, "the embeddings import's read tasks", "ray start --num-cpus (more CPUs)")
     apply_to_ray_data()  # the read and write tasks stay off GPU nodes

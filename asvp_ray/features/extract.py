@@ -43,13 +43,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray._faults import fault_env, fault_point, gpu_on_cpu
-from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.runtime.faults import fault_env, fault_point, gpu_on_cpu
+from asvp_ray.core.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.features.backbones import (BackboneSpec, Preprocessor, backbone_architecture, backbone_weights_hash,
                                         create_backbone, data_config, input_config)
 from asvp_ray.features.model_file import load_head
 from asvp_ray.features.store import POOL, FeatureStore
-from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested, resource_timeout, wait_for_resources
+from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, check_nested, resource_timeout, wait_for_resources
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Compute:
 
 def _probe_gpu() -> Dict[str, Any]:
     """Runs in a task that reserves a GPU: the card's name and compute capability."""
-    from asvp_ray.device import cuda_facts
+    from asvp_ray.runtime.device import cuda_facts
 
     return cuda_facts()
 
@@ -110,7 +110,7 @@ def resolve_compute(cfg, plan: Optional["ActorPlan"] = None) -> Compute:
         ConfigError: ``extract.amp: bf16`` on a card older than compute capability 8.0, no GPU
             node within ``extract.resource_timeout_s``, or the ``plan_actors`` errors.
     """
-    from asvp_ray.device import choose_precision
+    from asvp_ray.runtime.device import choose_precision
 
     plan = plan or plan_actors(cfg)
     if plan.device != "cuda":
@@ -208,8 +208,8 @@ def plan_actors(cfg, resources: Optional[Dict[str, float]] = None) -> ActorPlan:
         if resources is None:  # the live cluster: what is up now, and what its autoscaler can add
             import ray
 
-            from asvp_ray.placement import largest_cpu_node
-            from asvp_ray.ray_utils import cluster_capacity
+            from asvp_ray.runtime.placement import largest_cpu_node
+            from asvp_ray.runtime.ray_utils import cluster_capacity
 
             resources = {str(k): float(v) for k, v in ray.cluster_resources().items()}
             can = cluster_capacity()[0]
@@ -307,7 +307,7 @@ class FeatureExtractor:
                  input_cfg: Optional[Dict[str, Any]] = None):
         import torch
 
-        from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
+        from asvp_ray.runtime.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
 
         torch.set_num_threads(int(torch_threads))
         self.spec = BackboneSpec(**spec)
@@ -345,7 +345,7 @@ class FeatureExtractor:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
 
-        from asvp_ray.device import autocast
+        from asvp_ray.runtime.device import autocast
 
         self._batches = getattr(self, "_batches", 0) + 1
         fault_point(f"extract_actor:batch{self._batches}")
@@ -448,7 +448,7 @@ def _actor_stage(ds, plan: ActorPlan, spec: BackboneSpec, checkpoint: Optional[s
     """The extraction's actor-pool stage (``FeatureExtractor``) on ``ds``."""
     from ray.data import ActorPoolStrategy
 
-    from asvp_ray.placement import gpu_actor_selector
+    from asvp_ray.runtime.placement import gpu_actor_selector
 
     gpu_sel = gpu_actor_selector() if plan.device == "cuda" else None
     return ds.map_batches(
@@ -521,7 +521,7 @@ def extract(source, spec: BackboneSpec, cfg, *, ids: Optional[np.ndarray] = None
              plan.why)
     check_nested({"CPU": plan.min_actors * plan.num_cpus + 1.0, "GPU": plan.min_actors * plan.num_gpus},
                  "the extraction actors and a read task", "extract.min_actors / extract.num_cpus_per_actor")
-    from asvp_ray.placement import apply_to_ray_data
+    from asvp_ray.runtime.placement import apply_to_ray_data
 
     apply_to_ray_data()  # read, decode and write tasks (and CPU actors) stay off GPU nodes
     # the read tasks resize to the input size (uint8); the actors only normalise and compute

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from asvp_ray.errors import BadInputError
-from asvp_ray.features.store import _put, is_uri, join_uri, resolve_uri
+from asvp_ray.core.errors import BadInputError
+from asvp_ray.storage.locations import put_bytes, is_uri, join_uri, resolve_uri
 
 #: name of the model file in a fine-tuning output folder.
 MODEL_FILE = "model.pt"
@@ -46,7 +46,7 @@ def save_model_file(out_dir: Union[str, Path], backbone: Dict[str, Any], head: D
         fs, path = resolve_uri(location)
         buf = io.BytesIO()
         torch.save(obj, buf)
-        _put(fs, path, buf.getvalue())
+        put_bytes(fs, path, buf.getvalue())
         return location
     path = Path(out_dir) / MODEL_FILE
     tmp = path.with_suffix(".pt.tmp")

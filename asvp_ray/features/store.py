@@ -29,7 +29,6 @@ without meta.json is a crash's leftover, removed by the next writer (``clean_par
 """
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
@@ -37,19 +36,21 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from asvp_ray._faults import fault_point
-from asvp_ray.errors import BadInputError, RunDirError
-from asvp_ray.redact import MASK, redact_obj, redact_uri
+from asvp_ray.runtime.faults import fault_point
+from asvp_ray.core.errors import BadInputError, RunDirError
+from asvp_ray.core.redact import redact_obj
+from asvp_ray.storage.atomic import atomic_write_bytes, atomic_write_json, file_digest, fs_digest, fsync_dir, json_default
+from asvp_ray.storage.locations import (child_folders, delete_prefix, is_uri, join_uri, local_path, put_bytes, read_bytes,
+                                        resolve_uri)
 
 ROWS_PER_FILE = 262_144
 ROW_GROUP_ROWS = 4096
@@ -58,271 +59,6 @@ PART_BYTES = 32 << 20
 MIN_ROWS_PER_PART, MAX_ROWS_PER_PART = 1024, 16_384
 _VERSION_RE = re.compile(r"^v(\d+)$")
 POOL = "pool"
-
-
-# ---------------------------------------------------------------------------- locations: paths or URIs
-_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-# Object stores the storage key accepts (pyarrow.fs reaches them; credentials come from the
-# usual environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL, gcloud, ...).
-OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
-
-
-def uri_scheme(location: Any) -> Optional[str]:
-    """The lower-case scheme of a URI (``s3``, ``gs``, ``file``), None for a plain path."""
-    m = _SCHEME_RE.match(str(location)) if isinstance(location, (str, os.PathLike)) else None
-    return m.group(1).lower() if m else None
-
-
-def is_uri(location: Any) -> bool:
-    """True for a URI other than ``file://``: a location reached through ``pyarrow.fs``."""
-    return uri_scheme(location) not in (None, "file")
-
-
-def local_path(location: Any) -> Path:
-    """A plain path of ``location`` (``file:///x`` -> ``/x``)."""
-    s = str(location)
-    return Path(urllib.parse.urlsplit(s).path) if uri_scheme(s) == "file" else Path(s)
-
-
-def join_uri(uri: str, *names: Any) -> str:
-    """``uri`` with path components appended, its query (``?endpoint_override=...``) kept last."""
-    base, sep, query = str(uri).partition("?")
-    base = base.rstrip("/")
-    for n in names:
-        n = str(n).strip("/")
-        if n:
-            base += "/" + n
-    return base + (sep + query if sep else "")
-
-
-def location_fs(location: Any) -> Tuple[pafs.FileSystem, str]:
-    """The ``pyarrow.fs`` filesystem and the path inside it of a location: a URI (see
-    :func:`resolve_uri`), or a plain path on the local filesystem (made absolute)."""
-    if is_uri(location):
-        return resolve_uri(str(location))
-    return pafs.LocalFileSystem(), str(local_path(location).expanduser().resolve())
-
-
-def with_options_of(location: str, storage: Optional[str]) -> str:
-    """A location under ``storage`` as it was recorded (credentials redacted), made usable again:
-    the bucket and query options (credentials included) come from ``storage``, the config's full
-    URI; without it, redacted options are dropped (pyarrow then takes credentials from the
-    environment). Plain paths are returned as they are."""
-    if not is_uri(location):
-        return location
-    loc = urllib.parse.urlsplit(str(location))
-    if storage is not None and is_uri(storage):
-        st = urllib.parse.urlsplit(str(storage))
-        return urllib.parse.urlunsplit((loc.scheme, st.netloc, loc.path, st.query, ""))
-    netloc = loc.netloc.rpartition("@")[2] if loc.netloc.startswith(MASK) else loc.netloc
-    query = "&".join(q for q in loc.query.split("&") if q and not q.endswith("=" + MASK))
-    return urllib.parse.urlunsplit((loc.scheme, netloc, loc.path, query, ""))
-
-
-@functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))[0]
-
-
-def resolve_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """The ``pyarrow.fs`` filesystem and the path inside it of a URI; one filesystem object per
-    process for each bucket and set of options (workers resolve the same folder many times)."""
-    parts = urllib.parse.urlsplit(str(uri))
-    scheme = parts.scheme.lower()
-    if scheme in OBJECT_STORE_SCHEMES:
-        bucket = parts.netloc.rpartition("@")[2]  # after the credentials s3://KEY:SECRET@bucket may hold
-        return _filesystem(scheme, parts.netloc, parts.query), (bucket + parts.path).rstrip("/")
-    fs, path = pafs.FileSystem.from_uri(str(uri))
-    return fs, path.rstrip("/")
-
-
-def check_storage(storage: Optional[str], key: str = "config key 'storage'") -> Optional[str]:
-    """The ``storage`` key's value checked for its form (no network): None, a local path, or an
-    object-store URI ``s3://bucket[/prefix]`` / ``gs://bucket[/prefix]``.
-
-    Raises:
-        ConfigError: an unknown scheme or a URI without a bucket, naming ``key`` (what the value
-            was given as) and the fix.
-    """
-    from asvp_ray.errors import ConfigError
-
-    if storage is None:
-        return None
-    storage = str(storage).strip()
-    scheme = uri_scheme(storage)
-    if not storage:
-        raise ConfigError(f"{key} is empty; set it to a local folder, s3://bucket/prefix or "
-                          "gs://bucket/prefix, or null for the run directory")
-    if scheme is None or scheme == "file":
-        return storage
-    if scheme not in OBJECT_STORE_SCHEMES:
-        raise ConfigError(f"{key} ({storage}): unknown scheme {scheme!r}; use a local folder, "
-                          "s3://bucket/prefix or gs://bucket/prefix (options such as "
-                          "?endpoint_override=host:port&scheme=http after it)")
-    if not urllib.parse.urlsplit(storage).netloc.rpartition("@")[2]:
-        raise ConfigError(f"{key} ({storage}) names no bucket; write {scheme}://BUCKET/prefix")
-    return storage
-
-
-def check_storage_reachable(storage: Optional[str]) -> None:
-    """At run start: an object-store ``storage`` must parse (pyarrow's options) and its bucket
-    must exist and answer; and the run must be able to write there (a local folder is created):
-    a small probe file is written under the prefix and deleted again.
-
-    Raises:
-        ConfigError: naming the key, the location (credentials redacted), what failed and the fix.
-    """
-    from asvp_ray.errors import ConfigError
-
-    storage = check_storage(storage)
-    if storage is None:
-        return
-    remote = is_uri(storage)
-    if remote:
-        bucket = urllib.parse.urlsplit(storage).netloc.rpartition("@")[2]
-        try:
-            fs, base = resolve_uri(storage)
-        except (pa.ArrowInvalid, ValueError) as e:
-            raise ConfigError(f"config key 'storage' ({storage}): {e}; fix the URI (for s3: region, scheme, "
-                              "endpoint_override, ... as pyarrow.fs.S3FileSystem takes them; for gs: scheme, "
-                              "endpoint_override, location, retry_limit_seconds, and no user info but "
-                              "gs://anonymous@bucket)") from None
-        try:
-            info = fs.get_file_info(bucket)
-        except OSError as e:
-            creds = ("GOOGLE_APPLICATION_CREDENTIALS or gcloud's application-default login; gs://anonymous@BUCKET "
-                     "for none" if uri_scheme(storage) in ("gs", "gcs") else
-                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL")
-            raise ConfigError(f"config key 'storage' ({storage}): the object store does not answer ({e}); check "
-                              f"the endpoint and the credentials ({creds} or ?endpoint_override=)") from None
-        if info.type == pafs.FileType.NotFound:
-            raise ConfigError(f"config key 'storage' ({storage}): bucket {bucket!r} does not exist there; create it "
-                              "or name an existing one")
-    else:
-        fs, base = pafs.LocalFileSystem(), str(local_path(storage).expanduser().resolve())
-    probe = f"{base}/.asvp-write-check-{uuid.uuid4().hex[:12]}"
-    try:
-        if not remote:
-            fs.create_dir(base, recursive=True)
-        _put(fs, probe, b"asvp-ray checks that it may write here; this file is deleted at once\n")
-        fs.delete_file(probe)
-    except OSError as e:
-        fix = ("give the credentials write access to the prefix (s3:PutObject and s3:DeleteObject, or "
-               "storage.objects.create and .delete on gs: the bucket policy or the user's role)" if remote else
-               "make the folder writable for this user (chmod / chown) or choose another folder")
-        raise ConfigError(f"config key 'storage' ({storage}): this run cannot write there ({e}); {fix}") from None
-
-
-def run_folder_location(storage: str, run_dir: Path) -> str:
-    """A new run's own folder under ``storage``: ``<storage>/<run name>-<8 hex>`` (unique, so runs
-    sharing a bucket never meet). It holds ``features/`` (the feature store) and ``checkpoints/``
-    (the fine-tuned model files and Ray Train's checkpoints)."""
-    name = f"{Path(run_dir).resolve().name}-{uuid.uuid4().hex[:8]}"
-    if is_uri(storage):
-        return join_uri(storage, name)
-    return str(local_path(storage).expanduser().resolve() / name)
-
-
-def run_store_location(storage: str, run_dir: Path) -> str:
-    """A new run's own feature-store folder under ``storage``: ``<run folder>/features``
-    (:func:`run_folder_location`)."""
-    return join_uri(run_folder_location(storage, run_dir), "features")
-
-
-def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def child_folders(fs: pafs.FileSystem, path: str) -> List[str]:
-    """Names of the folders directly under ``path`` on an object store: the first name of every
-    object below it. A recursive listing, because pyarrow's GcsFileSystem lists only objects (and
-    folder marker objects) when asked for one level: a prefix that only objects' names make (what
-    the store writes) is no folder to it, where S3FileSystem would list it."""
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    names = set()
-    for i in infos:
-        head, sep, _ = i.path[len(path) + 1:].partition("/")
-        if head and (sep or i.type == pafs.FileType.Directory):
-            names.add(head)
-    return sorted(names)
-
-
-def delete_prefix(fs: pafs.FileSystem, path: str) -> None:
-    """Every object under ``path`` deleted (none there is fine), then its folder marker if one
-    exists. ``delete_dir`` alone fails on GCS where no marker was written (pyarrow's
-    GcsFileSystem deletes the objects, then the marker ``path/``, which is not there)."""
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-
-
-def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """One object written whole (an object store makes it visible only once complete)."""
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def _fs_digest(fs: pafs.FileSystem, path: str) -> Dict[str, Any]:
-    h = hashlib.sha256()
-    size = 0
-    with fs.open_input_stream(path) as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise RunDirError(f"no space left on the device while writing {path}; the previous version of it "
-                              "is intact. Free disk space and rerun the same command to continue.") from None
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """``obj`` as JSON, written atomically; credentials in URIs it holds are redacted
-    (:func:`asvp_ray.redact.redact_obj`: the file may be read by anyone who reads the run)."""
-    obj = redact_obj(obj)
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def features_to_arrow(ids: np.ndarray, feats: np.ndarray) -> pa.Table:
@@ -348,17 +84,6 @@ def check_finite(ids: np.ndarray, feats: np.ndarray) -> None:
     if not finite.all():
         raise BadInputError(f"features of ids {np.asarray(ids)[~finite][:10].tolist()} contain NaN or infinity; check "
                             "the backbone weights and the images (or disable AMP)")
-
-
-def file_digest(path: Path) -> Dict[str, Any]:
-    """``bytes`` and ``sha256`` (hex) of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": h.hexdigest()}
 
 
 def rows_per_part(dim: int) -> int:
@@ -397,7 +122,7 @@ def write_part(folder: os.PathLike, ids: np.ndarray, feats: np.ndarray) -> Dict[
     name = f"part-w{uuid.uuid4().hex[:16]}.parquet"
     if is_uri(folder):
         fs, base = resolve_uri(str(folder))
-        _put(fs, f"{base}/{name}", data)
+        put_bytes(fs, f"{base}/{name}", data)
     else:
         path = Path(folder) / name
         with open(path, "xb") as f:  # never a fresh folder: an aborted version's folder stays gone
@@ -625,8 +350,8 @@ class VersionWriter:
             raise RunDirError(f"feature version {store.path(self.version)} already exists; remove it or write "
                               f"v{self.version + 1}")
         fault_point(f"commit:v{self.version}")
-        _put(store.fs, store._fs_path(self.version, "meta.json"),
-             (json.dumps(redact_obj(meta), indent=2, default=_json_default) + "\n").encode())
+        put_bytes(store.fs, store._fs_path(self.version, "meta.json"),
+             (json.dumps(redact_obj(meta), indent=2, default=json_default) + "\n").encode())
         self.committed = True
         return store.path(self.version)
 
@@ -791,7 +516,7 @@ class FeatureStore:
             if self.fs.get_file_info(path).type != pafs.FileType.File:
                 raise RunDirError(f"feature version v{version} is missing or incomplete in {self.root}; "
                                   f"complete versions: {self.versions()}")
-            return json.loads(_read_all(self.fs, path))
+            return json.loads(read_bytes(self.fs, path))
         p = self.path(version) / "meta.json"
         if not p.is_file():
             raise RunDirError(f"feature version v{version} is missing or incomplete in {self.root}; "
@@ -848,7 +573,7 @@ class FeatureStore:
         """
         for split in self.meta(version).get("splits", {POOL: None}):
             for path, rec in self._parts(version, split, check_size=True):
-                digest = _fs_digest(self.fs, path) if self.remote else file_digest(path) if rec is not None else None
+                digest = fs_digest(self.fs, path) if self.remote else file_digest(path) if rec is not None else None
                 if rec is not None and digest["sha256"] != rec["sha256"]:
                     self._damaged(version, self._where(version, rec, path), "does not match the sha256 meta.json lists")
 
@@ -923,7 +648,7 @@ class FeatureStore:
 
         def fetch(path, rec):  # the part's bytes, checked; freed when the next part is fetched
             where = self._where(version, rec, path)
-            data = _read_all(self.fs, path)
+            data = read_bytes(self.fs, path)
             if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
                 self._damaged(version, where, "does not match the size and sha256 meta.json lists")
             try:
@@ -1022,7 +747,7 @@ def cache_key(meta_inputs: Dict[str, Any], *, device: str, precision: str) -> st
     import hashlib
 
     inputs = {**meta_inputs, "cache_key_version": CACHE_KEY_VERSION, "device": device, "precision": precision}
-    text = json.dumps(inputs, sort_keys=True, default=_json_default)
+    text = json.dumps(inputs, sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -1104,12 +829,12 @@ def _copy_version(src: Union[Path, str], dst_store: "FeatureStore", version: int
         src_fs, src_dir = resolve_uri(str(src))
     else:
         src_fs, src_dir = pafs.LocalFileSystem(), str(local_path(src))
-    meta = json.loads(_read_all(src_fs, f"{src_dir}/meta.json"))
+    meta = json.loads(read_bytes(src_fs, f"{src_dir}/meta.json"))
     if "parts" not in meta:
         raise RunDirError(f"feature version {src} lists no parts in its meta.json (written by an older asvp-ray); "
                           "delete it and rerun to extract it again")
     meta.update(meta_update or {})
-    data = (json.dumps(meta, indent=2, default=_json_default) + "\n").encode()
+    data = (json.dumps(meta, indent=2, default=json_default) + "\n").encode()
     if dst_store.remote:
         if version in dst_store.versions():
             raise RunDirError(f"feature version {dst_store.path(version)} already exists; remove it or write "
@@ -1130,7 +855,7 @@ def _copy_version(src: Union[Path, str], dst_store: "FeatureStore", version: int
                 with open(tmp / p["file"], "rb+") as f:
                     os.fsync(f.fileno())
         if tmp is None:
-            _put(dst_fs, f"{dst_dir}/meta.json", data)
+            put_bytes(dst_fs, f"{dst_dir}/meta.json", data)
             return dst_store.path(version)
         atomic_write_bytes(tmp / "meta.json", data)
         os.rename(tmp, dst_store.path(version))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from asvp_ray._faults import fault_env
+from asvp_ray.runtime.faults import fault_env
 from asvp_ray.config import Config
-from asvp_ray.device import lean_memory_env, node_cpus, thread_env
+from asvp_ray.runtime.device import lean_memory_env, node_cpus, thread_env
 
 
 def driver_actor(config: Config, out: str):
@@ -19,7 +19,7 @@ def driver_actor(config: Config, out: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.storage.locations import is_uri
     from asvp_ray.loop.driver import Driver
 
     node = ray.get_runtime_context().get_node_id()

@@ -41,9 +41,9 @@ from typing import Any, Dict, Optional
 
 import pyarrow.fs as pafs
 
-from asvp_ray.errors import RunDirError
-from asvp_ray.features.store import join_uri, resolve_uri
-from asvp_ray.redact import redact_uri
+from asvp_ray.core.errors import RunDirError
+from asvp_ray.storage.locations import join_uri, resolve_uri
+from asvp_ray.core.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class BucketRun:
             files[rel] = {"object": obj, "sha256": digest, "size": p.stat().st_size}
             uploaded += 1
         self.lease.check()
-        from asvp_ray._faults import fault_point
+        from asvp_ray.runtime.faults import fault_point
 
         fault_point("bucket:before_commit")
         record = {"generation": gen, "files": files, "committed_at": time.time(),

@@ -6,7 +6,7 @@ resumed run draws exactly what an uninterrupted one would). The CLI only talks t
 
 It keeps the round loop (select -> label -> method hook -> proxy -> evaluate -> commit), the commit
 point (``state.json``, written last) and the cost ledger. What differs between methods is in
-:mod:`asvp_ray.loop.methods`; feature versions in :mod:`asvp_ray.loop.versions`; the human
+:mod:`asvp_ray.methods`; feature versions in :mod:`asvp_ray.loop.versions`; the human
 round in :mod:`asvp_ray.loop.human_round`; the config check and loading the committed state on
 resume in :mod:`asvp_ray.loop.resume`.
 """
@@ -20,21 +20,21 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from asvp_ray._faults import fault_point
+from asvp_ray.runtime.faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
-from asvp_ray.errors import ConfigError, RunDirError
-from asvp_ray.device import MemoryWatch, allocator_settings, lean_arrow_memory, node_cpus, set_compute_threads
+from asvp_ray.core.errors import ConfigError, RunDirError
+from asvp_ray.runtime.device import MemoryWatch, allocator_settings, lean_arrow_memory, node_cpus, set_compute_threads
 from asvp_ray.features.backbones import BackboneSpec
-from asvp_ray.features.store import check_storage_reachable
+from asvp_ray.storage.locations import check_storage_reachable
 from asvp_ray.loop.ledger import CostLedger
-from asvp_ray.loop.methods import METHODS
-from asvp_ray.loop.oracle import ORACLES
+from asvp_ray.methods import METHODS
+from asvp_ray.data.oracle import ORACLES
 from asvp_ray.loop.resume import attach_run_log, check_config_matches, detach_run_log, load_state, open_data
 from asvp_ray.loop.rundir import RunDir
 from asvp_ray.loop.training import finetune_labeled, final_method, run_final, train_resources
 from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
-from asvp_ray.ray_utils import quiet_ray_data
+from asvp_ray.runtime.ray_utils import quiet_ray_data
 from asvp_ray.selection import STRATEGIES, PoolView, build_strategy
 
 log = logging.getLogger("asvp_ray.driver")

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from asvp_ray.errors import BadInputError, RunDirError
-from asvp_ray.features.store import atomic_write_bytes, atomic_write_json
+from asvp_ray.core.errors import BadInputError, RunDirError
+from asvp_ray.storage.atomic import atomic_write_bytes, atomic_write_json
 from asvp_ray.loop.rundir import RunDir
 
 

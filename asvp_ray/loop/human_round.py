@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 
-from asvp_ray.errors import RunDirError
+from asvp_ray.core.errors import RunDirError
 
 if TYPE_CHECKING:  # pragma: no cover
     from asvp_ray.loop.driver import Driver

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def push_round(url: str, project: str, files: List[Path], image_folders: List[st
 
 def pull_export(url: str, project: str, dest: Path, fmt: str = "JSON") -> Path:
     """Download the project's export to ``dest`` (the file ``asvp-ray label`` then reads)."""
-    from asvp_ray.features.store import atomic_write_bytes
+    from asvp_ray.storage.atomic import atomic_write_bytes
 
     ls = LabelStudio(url)
     p = ls.find_project(project)

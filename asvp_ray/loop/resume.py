@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from asvp_ray.config import load_config, upgrade_legacy_config
 from asvp_ray.data.sources import build_source
-from asvp_ray.errors import ConfigError, RunDirError
+from asvp_ray.core.errors import ConfigError, RunDirError
 
 log = logging.getLogger("asvp_ray.driver")
 
@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = ("extract", "driver_threads", "pool_shards")
 
 def attach_run_log(rd) -> logging.Handler:
     """Send the ``asvp_ray`` loggers' INFO records to the run's ``run.log`` too."""
-    from asvp_ray.redact import RedactingFormatter
+    from asvp_ray.core.redact import RedactingFormatter
 
     handler = logging.FileHandler(rd.log_path)
     handler.setLevel(logging.INFO)
@@ -60,7 +60,7 @@ def check_embeddings_pool(cfg, pool, test) -> None:
     Raises:
         ConfigError: naming what needs images and the fix.
     """
-    from asvp_ray.loop.methods import METHODS
+    from asvp_ray.methods import METHODS
 
     if test is not None and getattr(test, "kind", "") != "embeddings":
         raise ConfigError(f"data.pool is embeddings but data.test is {test.kind}: the test set needs features from "
@@ -102,7 +102,7 @@ def check_config_matches(rd, cfg) -> None:
             old = load_config(raw=old).model_dump(mode="json")
         except ConfigError:
             pass
-        from asvp_ray.redact import redact_obj
+        from asvp_ray.core.redact import redact_obj
 
         # config.yaml holds URIs with credentials redacted: compare what was written
         diff = [k for k in config_differences(redact_obj(old), redact_obj(cfg.model_dump(mode="json")))

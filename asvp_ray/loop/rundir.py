@@ -14,7 +14,7 @@ Layout::
 With ``storage`` set, the features and the checkpoints go to the run's own folder there
 (``<storage>/<run>-<8 hex>/features`` and ``.../checkpoints``), named in ``DIR/storage.json``.
 Credentials in a storage URI (``s3://KEY:SECRET@bucket/...``) are never written: config.yaml,
-storage.json, the other JSON files and run.log show them as ``***`` (``asvp_ray.redact``); a
+storage.json, the other JSON files and run.log show them as ``***`` (``asvp_ray.core.redact``); a
 resume takes them from its config again (or the environment).
 
 Every file is replaced atomically (temporary file, fsync, rename). ``state.json`` is written
@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asvp_ray.errors import RunDirError
-from asvp_ray.features.store import (FeatureStore, atomic_write_bytes, atomic_write_json, join_uri,
-                                     run_folder_location, with_options_of)
-from asvp_ray.redact import redact_text, redact_uri
+from asvp_ray.core.errors import RunDirError
+from asvp_ray.storage.locations import join_uri, run_folder_location, with_options_of
+from asvp_ray.storage.atomic import atomic_write_bytes, atomic_write_json
+from asvp_ray.features.store import FeatureStore
+from asvp_ray.core.redact import redact_text, redact_uri
 
 LABELED_SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("round", pa.int64())])
 
@@ -49,7 +50,7 @@ class RunDir:
     """
 
     def __init__(self, path: Union[os.PathLike, str]):
-        from asvp_ray.features.store import is_uri
+        from asvp_ray.storage.locations import is_uri
 
         #: the run in a bucket (``s3://`` / ``gs://``), or None for a folder (see asvp_ray.loop.bucket)
         self.bucket = None

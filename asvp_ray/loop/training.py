@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from asvp_ray.features.store import is_uri, join_uri
-from asvp_ray.redact import redact_uri
+from asvp_ray.storage.locations import is_uri, join_uri
+from asvp_ray.core.redact import redact_uri
 
 log = logging.getLogger("asvp_ray.driver")
 

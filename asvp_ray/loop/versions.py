@@ -138,7 +138,7 @@ class FeatureVersions:
             return mode
         meta = self.store.meta(self.current)
         dim = int((meta.get("splits", {}).get("pool") or {}).get("dim") or meta.get("dim") or 0)
-        from asvp_ray.ray_utils import cluster_capacity, init_ray, this_node
+        from asvp_ray.runtime.ray_utils import cluster_capacity, init_ray, this_node
 
         node = this_node()
         matrix = rows * dim * 4
@@ -173,7 +173,7 @@ class FeatureVersions:
         if self.features is not None or self.current is None:
             return None
         if self._shards is None:
-            from asvp_ray.ray_utils import init_ray
+            from asvp_ray.runtime.ray_utils import init_ray
             from asvp_ray.selection.sharded import StoreShards
 
             init_ray()
@@ -228,9 +228,9 @@ class FeatureVersions:
             here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
         """
         from asvp_ray.features.extract import resolve_compute
-        from asvp_ray.features.store import (FeatureStore, cache_key, check_cached_compute, is_uri, join_uri,
-                                             legacy_cache_entries, link_version)
-        from asvp_ray.redact import redact_uri
+        from asvp_ray.storage.locations import is_uri, join_uri
+        from asvp_ray.features.store import FeatureStore, cache_key, check_cached_compute, legacy_cache_entries, link_version
+        from asvp_ray.core.redact import redact_uri
 
         t0 = time.perf_counter()
         if getattr(self.pool, "kind", "") == "embeddings":  # bring your own: v0 is the file itself
@@ -319,7 +319,7 @@ class FeatureVersions:
         from asvp_ray.features.embeddings import write_embedding_parts
         from asvp_ray.features.extract import _Progress
         from asvp_ray.features.store import POOL, rows_per_part
-        from asvp_ray.ray_utils import init_ray
+        from asvp_ray.runtime.ray_utils import init_ray
 
         init_ray()
         total = len(self.pool) + len(self.test or [])
@@ -340,12 +340,12 @@ class FeatureVersions:
                     for rec in write_embedding_parts(src, str(w.folder(split)), part_rows, on_rows=bar):
                         w.add_part(rec, split)
                     if w.splits[split].rows != len(src):  # a lost or doubled part: never commit it
-                        from asvp_ray.errors import AsvpError
+                        from asvp_ray.core.errors import AsvpError
 
                         raise AsvpError(f"importing the embeddings {src.path}: the workers wrote "
                                         f"{w.splits[split].rows} of {len(src)} rows; nothing was committed, rerun")
                 if self.test is not None and w.splits["test"].dim != w.splits[POOL].dim:
-                    from asvp_ray.errors import BadInputError
+                    from asvp_ray.core.errors import BadInputError
 
                     raise BadInputError(f"the test embeddings {self.test.path} have {w.splits['test'].dim} values per "
                                         f"row but the pool's {self.pool.path} have {w.splits[POOL].dim}; both must "

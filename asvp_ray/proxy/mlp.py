@@ -30,8 +30,8 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from asvp_ray.checks import is_int, is_number
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.checks import is_int, is_number
+from asvp_ray.core.errors import BadInputError, ConfigError
 
 NORMALIZE_CHOICES = ("none", "l2", "standardize")
 STD_FLOOR = 1e-6
@@ -86,7 +86,7 @@ def batch_bounds(n: int, batch_size: int, merge_singleton: bool = True) -> List[
 
 
 def _resolve_device(device: str) -> torch.device:
-    from asvp_ray.device import usable_cuda
+    from asvp_ray.runtime.device import usable_cuda
 
     if device == "auto":
         ok, why = usable_cuda()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 from asvp_ray.selection.base import PoolView
 
 # Rows per distance pass chunk: (16384 x 512) float32 = 32 MiB, float64 scratch 128 KiB.

@@ -6,8 +6,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.device import require_faiss_gpu
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.runtime.device import require_faiss_gpu
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, row_sqnorms
 
 GRAPH_METHODS = ("auto", "exact", "ivf")

@@ -12,9 +12,9 @@ from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.checks import check_int, is_int
-from asvp_ray.errors import AsvpError, BadInputError, EmptyPoolError, PoolExhaustedError
-from asvp_ray.registry import Registry
+from asvp_ray.core.checks import check_int, is_int
+from asvp_ray.core.errors import AsvpError, BadInputError, EmptyPoolError, PoolExhaustedError
+from asvp_ray.core.registry import Registry
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from asvp_ray.checks import check_int, is_int, is_number
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.checks import check_int, is_int, is_number
+from asvp_ray.core.errors import ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, need_features
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
 from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedStrategy, row_fingerprint
@@ -99,7 +99,7 @@ def sample_positions(n_rows: int, sample_size: int, seed: int) -> np.ndarray:
 def _fit_clusters_from_shards(pieces, n_sample: int, threads: int, kwargs: dict) -> "PoolClusters":
     """Ray task: fetch the sample's rows from the shard actors and cluster them, so the sample
     (up to ``sample_size`` x D floats: 410 MB at 200,000 x 512) never enters the driver."""
-    from asvp_ray.device import set_compute_threads
+    from asvp_ray.runtime.device import set_compute_threads
     from asvp_ray.selection.sharded import gather_rows
 
     set_compute_threads(threads)
@@ -117,7 +117,7 @@ def fit_clusters_on_shards(shards, n_rows: int, n_clusters: Optional[int], coars
 
     rows = sample_positions(n_rows, sample_size, seed)
     pieces = shards.rows_at_refs(rows)
-    from asvp_ray.placement import cpu_options
+    from asvp_ray.runtime.placement import cpu_options
 
     task = ray.remote(_fit_clusters_from_shards).options(num_cpus=0, **cpu_options())
     kwargs = dict(n_clusters=n_clusters, coarse_clusters=coarse_clusters, sample_size=sample_size,

@@ -12,7 +12,7 @@ import difflib
 import inspect
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from asvp_ray.errors import AsvpError, ConfigError
+from asvp_ray.core.errors import AsvpError, ConfigError
 from asvp_ray.selection.base import STRATEGIES, ScoreStrategy, Strategy
 from asvp_ray.selection.sharded import ShardedStrategy
 

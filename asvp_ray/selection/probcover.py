@@ -16,9 +16,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from asvp_ray.checks import check_int, is_number
-from asvp_ray.device import require_faiss_gpu
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.checks import check_int, is_number
+from asvp_ray.runtime.device import require_faiss_gpu
+from asvp_ray.core.errors import ConfigError
 from asvp_ray.selection._common import need_features
 from asvp_ray.selection._graph import GRAPH_METHODS, DeltaGraph, delta_graph, graph_recall  # noqa: F401
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy

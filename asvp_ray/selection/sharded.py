@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from asvp_ray.checks import check_int, is_int
-from asvp_ray.errors import AsvpError, BadInputError, ConfigError
+from asvp_ray.core.checks import check_int, is_int
+from asvp_ray.core.errors import AsvpError, BadInputError, ConfigError
 from asvp_ray.selection.base import PoolView, ScoreStrategy, Strategy, running_top_n, top_n
 
 EXECUTIONS = ("auto", "local", "sharded")
@@ -338,10 +338,10 @@ def shard_bounds(n_rows: int, num_shards: int) -> List[Tuple[int, int]]:
 
 def _with_lean_memory(runtime_env: Optional[dict]) -> dict:
     """A shard actor's ``runtime_env`` with the allocator settings of
-    :func:`asvp_ray.device.lean_memory_env` under the user's own ``env_vars`` (theirs win).
+    :func:`asvp_ray.runtime.device.lean_memory_env` under the user's own ``env_vars`` (theirs win).
     Loading 500,000 x 512 rows (977 MB) in one process: peak 1,753 -> 1,453 MB above its start,
     1,207 -> 1,015 MB kept (Arrow's C++ reads otherwise allocate from mimalloc, which keeps)."""
-    from asvp_ray.device import lean_memory_env
+    from asvp_ray.runtime.device import lean_memory_env
 
     env = dict(runtime_env or {})
     env["env_vars"] = {**lean_memory_env(), **(env.get("env_vars") or {})}
@@ -364,11 +364,11 @@ def start_shards(holder_cls, n_rows: int, num_shards: Optional[int], actor_optio
     """
     import ray
 
-    from asvp_ray.ray_utils import init_ray
+    from asvp_ray.runtime.ray_utils import init_ray
 
     init_ray()
     num_shards = int(num_shards or default_num_shards())
-    from asvp_ray.placement import cpu_options
+    from asvp_ray.runtime.placement import cpu_options
 
     opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD", **cpu_options()}  # off GPU nodes
     opts.update(actor_options or {})
@@ -438,7 +438,7 @@ def load_id_range(files: Sequence[str], lo: int, hi: int, batch_rows: int = 8192
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
-    from asvp_ray.features.store import is_uri, resolve_uri
+    from asvp_ray.storage.locations import is_uri, resolve_uri
 
     first = str(files[0])
     if is_uri(first):  # one filesystem object per process and bucket (query options kept)
@@ -481,7 +481,7 @@ def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[
         import ray
 
         get = ray.get
-    from asvp_ray.device import unmap_shared_pages
+    from asvp_ray.runtime.device import unmap_shared_pages
 
     out = None
     for sel, ref in pieces:
@@ -498,7 +498,7 @@ def gather_rows(pieces: Sequence[Tuple[np.ndarray, Any]], n: int, get: Optional[
 
 def _compute_on_rows(pieces: Sequence[Sequence[Tuple[np.ndarray, Any]]], sizes: Sequence[int], threads: int,
                      fn: Callable, args: tuple):
-    from asvp_ray.device import set_compute_threads
+    from asvp_ray.runtime.device import set_compute_threads
 
     set_compute_threads(threads)
     return fn(*[gather_rows(p, n) for p, n in zip(pieces, sizes)], *args)
@@ -514,7 +514,7 @@ def compute_on_rows(shards: "StoreShards", positions: Sequence[np.ndarray], fn: 
     import torch
 
     pieces = [shards.rows_at_refs(np.asarray(p, dtype=np.int64)) for p in positions]
-    from asvp_ray.placement import cpu_options
+    from asvp_ray.runtime.placement import cpu_options
 
     task = ray.remote(_compute_on_rows).options(num_cpus=0, **cpu_options())
     return ray.get(task.remote(pieces, [len(p) for p in positions], torch.get_num_threads(), fn, args))
@@ -542,7 +542,7 @@ class StoreShardHolder(ShardHolder):
     """
 
     def __init__(self, files: Sequence[str], lo: int, hi: int, start: int, expect: int):
-        from asvp_ray.device import lean_arrow_memory
+        from asvp_ray.runtime.device import lean_arrow_memory
 
         lean_arrow_memory()
         ids, feats = load_id_range(files, int(lo), int(hi))

@@ -16,9 +16,9 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.checks import check_int
-from asvp_ray.device import require_faiss_gpu
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.checks import check_int
+from asvp_ray.runtime.device import require_faiss_gpu
+from asvp_ray.core.errors import ConfigError
 from asvp_ray.selection._common import as_f32, have_faiss, need_features, row_sqnorms
 from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
 

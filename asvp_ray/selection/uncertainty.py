@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asvp_ray.errors import BadInputError
+from asvp_ray.core.errors import BadInputError
 from asvp_ray.selection.base import STRATEGIES, PoolView, ScoreStrategy, Strategy
 
 # Clip before log so that p = 0 contributes 0 * log(tiny) = 0 to the entropy.

@@ -13,7 +13,7 @@ from typing import Dict, List, Literal, Optional, Tuple, Union
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
 
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class TrainConfig(BaseModel):
     @field_validator("amp", mode="before")
     @classmethod
     def _amp_bool(cls, v):
-        from asvp_ray.device import normalize_amp
+        from asvp_ray.runtime.device import normalize_amp
 
         return normalize_amp(v, "train.amp") if isinstance(v, bool) else v
 
@@ -184,13 +184,13 @@ class TrainConfig(BaseModel):
             import ray
 
             if self.use_gpu is True and float(ray.cluster_resources().get("GPU", 0)) < n:
-                from asvp_ray.ray_utils import resource_timeout, wait_for_resources
+                from asvp_ray.runtime.ray_utils import resource_timeout, wait_for_resources
 
                 wait_for_resources({"GPU": 1.0}, n, f"train.use_gpu=true with num_workers={n}",
                                    f"set use_gpu: auto (CPU workers when no GPU is up) or num_workers: "
                                    f"{max(1, int(ray.cluster_resources().get('GPU', 0)))}",
                                    resource_timeout(self.resource_timeout_s))
-            from asvp_ray.ray_utils import capacity_line, cluster_capacity
+            from asvp_ray.runtime.ray_utils import capacity_line, cluster_capacity
 
             # what the cluster can become, not this instant's nodes: an autoscaler's idle workers
             # scale to zero between fine-tunes, and the workers wait for it to add them back

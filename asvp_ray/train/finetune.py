@@ -2,7 +2,7 @@
 
 Where it runs: a ``TorchTrainer`` worker group, gloo on CPU workers (float32), NCCL on GPU
 workers with the mixed precision ``train.amp`` resolves to on the worker's card (bf16 on compute
-capability >= 8.0, else fp16 with a ``GradScaler``; ``asvp_ray.device``), channels-last
+capability >= 8.0, else fp16 with a ``GradScaler``; ``asvp_ray.runtime.device``), channels-last
 tensors and cuDNN autotuning.
 
 How the images get there: through Ray Data. The labelled ids (and the eval set) become Ray
@@ -66,11 +66,11 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from asvp_ray.errors import BadInputError, ConfigError
+from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.model_file import save_model_file
-from asvp_ray.features.store import delete_prefix, is_uri, resolve_uri
-from asvp_ray.ray_utils import asvp_errors_unwrapped, check_nested
+from asvp_ray.storage.locations import delete_prefix, is_uri, resolve_uri
+from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, check_nested
 from asvp_ray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _labelled_dataset(source, ids: np.ndarray, labels: np.ndarray, what: str):
     Raises:
         BadInputError: the source returned fewer or other images than ``ids``.
     """
-    from asvp_ray.placement import apply_to_ray_data
+    from asvp_ray.runtime.placement import apply_to_ray_data
 
     apply_to_ray_data()  # reading and decoding the labelled images stays off GPU nodes
     order = np.argsort(ids, kind="stable")
@@ -352,7 +352,7 @@ def _train_epoch(net: nn.Module, loader, opt, device: torch.device, amp: Union[b
         scaler: the fp16 loss scaler (None: unscaled steps).
         prep: turns a uint8 batch on the device into the model's input (device-side preprocessing).
     """
-    from asvp_ray.device import autocast
+    from asvp_ray.runtime.device import autocast
 
     precision = _precision_of(amp)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -389,9 +389,9 @@ def _evaluate(model: nn.Module, shard, pre: Preprocessor, device: torch.device,
     Args:
         shard: this rank's ``DataIterator`` over rows ``{"image", "label"}`` (or any iterable of
             such numpy batches).
-        pre: a ``Preprocessor`` (host) or an ``asvp_ray.device.DevicePreprocessor``.
+        pre: a ``Preprocessor`` (host) or an ``asvp_ray.runtime.device.DevicePreprocessor``.
     """
-    from asvp_ray.device import autocast
+    from asvp_ray.runtime.device import autocast
 
     precision = _precision_of(amp) if device.type == "cuda" else "fp32"
     was_training = model.training
@@ -463,9 +463,9 @@ def _train_worker(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     cfg = TrainConfig(**config["cfg"])
     spec = BackboneSpec(**config["spec"])
     method, num_classes = config["method"], int(config["num_classes"])
-    from asvp_ray.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
+    from asvp_ray.runtime.device import DevicePreprocessor, choose_precision, cuda_facts, match_tf32, tune_for_cuda
 
-    from asvp_ray._faults import gpu_on_cpu
+    from asvp_ray.runtime.faults import gpu_on_cpu
 
     device = ray.train.torch.get_device()
     if device.type == "cuda" and gpu_on_cpu():  # test-only: a rehearsal's fake GPU node has no card
@@ -709,8 +709,8 @@ def finetune(source, ids, labels, num_classes: int, spec: BackboneSpec, cfg: Tra
               "n_train": len(ids), "has_eval": "eval" in datasets,
               "torch_threads": plan.torch_threads, "loader_workers": plan.loader_workers,
               "on_epoch_end": on_epoch_end}
-    from asvp_ray._faults import gpu_on_cpu
-    from asvp_ray.placement import cpu_selector
+    from asvp_ray.runtime.faults import gpu_on_cpu
+    from asvp_ray.runtime.placement import cpu_selector
 
     trainer = TorchTrainer(
         _train_worker, train_loop_config=config, datasets=datasets, dataset_config=_ingest_config(),

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from asvp_ray.config import Config
-from asvp_ray.errors import ConfigError
-from asvp_ray.ray_utils import cluster_capacity as _cluster_capacity
+from asvp_ray.core.errors import ConfigError
+from asvp_ray.runtime.ray_utils import cluster_capacity as _cluster_capacity
 
 RESOURCES = ("CPU", "GPU")
 EPS = 1e-9
@@ -48,13 +48,13 @@ def _fmt(d: Dict[str, float]) -> str:
 
 
 def cluster_capacity() -> Tuple[Dict[str, float], bool]:
-    """CPU/GPU of ``asvp_ray.ray_utils.cluster_capacity`` (the one capacity view every plan reads)."""
+    """CPU/GPU of ``asvp_ray.runtime.ray_utils.cluster_capacity`` (the one capacity view every plan reads)."""
     top, autoscaling = _cluster_capacity()
     return {r: float(top.get(r, 0.0)) for r in RESOURCES}, autoscaling
 
 
 def _method(cfg: Config):
-    from asvp_ray.loop.methods import METHODS
+    from asvp_ray.methods import METHODS
 
     return METHODS.get(cfg.method)
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 from pydantic import BaseModel
 
 from asvp_ray.config import Config, load_config, model_of, read_yaml, set_key  # noqa: F401  (set_key: used by study)
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Keys a study sets itself for every trial.

@@ -47,8 +47,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from asvp_ray.config import Config, dump_config, load_config
-from asvp_ray.errors import ConfigError, RunDirError
-from asvp_ray.redact import redact_obj, redact_text
+from asvp_ray.core.errors import ConfigError, RunDirError
+from asvp_ray.core.redact import redact_obj, redact_text
 from asvp_ray.tune.resources import head_resources, placement_group_factory, plan_study, resource_variants
 from asvp_ray.tune.space import SearchSpace, parse_space, set_key
 
@@ -94,14 +94,14 @@ class StudyResult:
 # ---------------------------------------------------------------------------------- places
 def _child(out: Union[Path, str], *names: str) -> Union[Path, str]:
     """``names`` under the study: a path, or a URI (options and credentials kept) in a bucket."""
-    from asvp_ray.features.store import is_uri, join_uri
+    from asvp_ray.storage.locations import is_uri, join_uri
 
     return join_uri(str(out), *names) if is_uri(out) else Path(out).joinpath(*names)
 
 
 def _read_text(loc: Union[Path, str]) -> Optional[str]:
     """A file of the study (local or in a bucket), or None when it is not there."""
-    from asvp_ray.features.store import is_uri, resolve_uri
+    from asvp_ray.storage.locations import is_uri, resolve_uri
     from asvp_ray.loop.bucket import _read
 
     if is_uri(loc):
@@ -113,18 +113,19 @@ def _read_text(loc: Union[Path, str]) -> Optional[str]:
 
 def _write_bytes(loc: Union[Path, str], data: bytes) -> None:
     """A file of the study written whole: atomically on a disk, one PUT in a bucket."""
-    from asvp_ray.features.store import _put, atomic_write_bytes, is_uri, resolve_uri
+    from asvp_ray.storage.locations import put_bytes, is_uri, resolve_uri
+    from asvp_ray.storage.atomic import atomic_write_bytes
 
     if is_uri(loc):
         fs, path = resolve_uri(str(loc))
-        _put(fs, path, data)
+        put_bytes(fs, path, data)
     else:
         atomic_write_bytes(Path(loc), data)
 
 
 def _run_summary(run_dir: Union[Path, str]) -> Dict[str, Any]:
     """A trial run's summary.json ({} when it has none yet): its last commit, for a run in a bucket."""
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.storage.locations import is_uri
     from asvp_ray.loop.bucket import read_committed
 
     try:
@@ -216,7 +217,7 @@ def _trial(params: Dict[str, Any], *, base: Dict[str, Any], feature_cache: str, 
         os.environ[BUDGET_ENV] = json.dumps(extract_budget)
     if Path(cwd).is_dir():  # relative paths in the config mean what they meant to the study
         os.chdir(cwd)
-    from asvp_ray.features.store import is_uri
+    from asvp_ray.storage.locations import is_uri
     from asvp_ray.loop.bucket import wait_for_lease
 
     cfg = trial_config(base, params, feature_cache)
@@ -373,7 +374,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
 
     check_settings(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
                    max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-    from asvp_ray.features.store import check_storage, is_uri, resolve_uri, with_options_of
+    from asvp_ray.storage.locations import check_storage, is_uri, resolve_uri, with_options_of
 
     remote = is_uri(out)
     if remote:
@@ -383,7 +384,7 @@ def run_study(config: Union[str, Path, Config, Dict[str, Any]], space: Union[str
     base_cfg = _base_config(config, overrides)
     if base_cfg.data.test is None:
         raise ConfigError(f"a study ranks trials by {METRIC}, which needs a test set; set data.test in the config")
-    from asvp_ray.features.store import check_storage_reachable
+    from asvp_ray.storage.locations import check_storage_reachable
 
     check_storage_reachable(base_cfg.storage)  # every trial's run would fail on it: say so once, first
     base = base_cfg.model_dump(mode="json")
@@ -593,7 +594,8 @@ def write_results(out: Union[Path, str], grid, sp: SearchSpace, base: Dict[str, 
                   prefetched: Optional[List[str]] = None) -> StudyResult:
     """Write ``results.csv``, ``best_config.yaml`` and ``curves.png`` from a Tune ``ResultGrid``
     (for a study in a bucket: written to a local folder, then each uploaded whole)."""
-    from asvp_ray.features.store import atomic_write_bytes, is_uri, resolve_uri
+    from asvp_ray.storage.locations import is_uri, resolve_uri
+    from asvp_ray.storage.atomic import atomic_write_bytes
 
     remote = is_uri(out)
     if remote:

@@ -6,7 +6,7 @@ from typing import Any, Optional, Type
 
 import numpy as np
 
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 
 
 def is_int(value: Any, minimum: Optional[int] = 1) -> bool:

@@ -6,7 +6,7 @@ masked too, for filesystems that take them), and such URIs end up in files, logs
 :func:`redact_text` replaces those values by ``***`` and keeps the rest of the URI, so a reader
 still sees where things are. It is applied where text leaves the process: the run directory's
 JSON and YAML files, the feature store's ``meta.json``, the run log, and the message of every
-:class:`~asvp_ray.errors.AsvpError`. The full URI lives only in memory (and in the arguments of
+:class:`~asvp_ray.core.errors.AsvpError`. The full URI lives only in memory (and in the arguments of
 the Ray workers that must reach the store).
 """
 from __future__ import annotations

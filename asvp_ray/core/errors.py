@@ -4,10 +4,10 @@ from __future__ import annotations
 
 class AsvpError(Exception):
     """Base class of every error asvp-ray raises on purpose. Its message never holds a
-    credential: URIs in it are shown redacted (:func:`asvp_ray.redact.redact_text`)."""
+    credential: URIs in it are shown redacted (:func:`asvp_ray.core.redact.redact_text`)."""
 
     def __init__(self, *args):
-        from asvp_ray.redact import redact_text
+        from asvp_ray.core.redact import redact_text
 
         super().__init__(*(redact_text(a) for a in args))
 

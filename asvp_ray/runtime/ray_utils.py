@@ -162,11 +162,11 @@ def unwrap_error(e: BaseException) -> BaseException:
     """The user-facing asvp-ray error inside Ray's wrappers (RayTaskError, UserCodeException).
 
     Ray re-raises a remote exception as a wrapper whose text holds the original's
-    ``asvp_ray.errors.Name: message`` line; that error is rebuilt so the user sees the message
+    ``asvp_ray.core.errors.Name: message`` line; that error is rebuilt so the user sees the message
     (which names the item and the fix) rather than Ray's stack. Returns ``e`` itself when it
     holds no asvp-ray error.
     """
-    import asvp_ray.errors as errors
+    import asvp_ray.core.errors as errors
 
     cur: Optional[BaseException] = e
     for _ in range(10):
@@ -194,7 +194,7 @@ def asvp_errors_unwrapped() -> Iterator[None]:
         with asvp_errors_unwrapped():
             result = trainer.fit()
     """
-    from asvp_ray.errors import AsvpError
+    from asvp_ray.core.errors import AsvpError
 
     try:
         yield
@@ -207,7 +207,7 @@ def asvp_errors_unwrapped() -> Iterator[None]:
 
 def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     """What the cluster can become: per resource, the nodes up now or, when an autoscaler is
-    configured (its node types, wherever it keeps them: :mod:`asvp_ray.node_types`), the larger
+    configured (its node types, wherever it keeps them: :mod:`asvp_ray.runtime.node_types`), the larger
     of that and what its node types can add up to. Every plan that asks "can this ever run" reads
     this, not ``ray.cluster_resources()`` at one instant: on an autoscaling cluster an idle worker
     group scales to zero between phases.
@@ -218,7 +218,7 @@ def cluster_capacity() -> Tuple[Dict[str, float], bool]:
     import ray
 
     now = {str(k): float(v) for k, v in ray.cluster_resources().items()}
-    from asvp_ray.node_types import max_resources
+    from asvp_ray.runtime.node_types import max_resources
 
     top = max_resources(now)
     if not top:
@@ -287,7 +287,7 @@ def check_nested(need: Dict[str, float], what: str, fix: str, grace_s: float = 5
     """
     import ray
 
-    from asvp_ray.errors import ConfigError
+    from asvp_ray.core.errors import ConfigError
 
     try:
         held = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
@@ -331,7 +331,7 @@ def resource_timeout(configured: float) -> float:
     Raises:
         ConfigError: the variable is set but not a positive number.
     """
-    from asvp_ray.errors import ConfigError
+    from asvp_ray.core.errors import ConfigError
 
     raw = os.environ.get(RESOURCE_TIMEOUT_ENV, "").strip()
     if not raw:
@@ -381,7 +381,7 @@ def wait_for_resources(bundle: Dict[str, float], count: int, what: str, fix: str
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from asvp_ray.errors import ConfigError
+    from asvp_ray.core.errors import ConfigError
 
     bundle = {r: float(n) for r, n in bundle.items() if n > 0}
     if not bundle or count < 1:

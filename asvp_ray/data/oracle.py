@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from asvp_ray.registry import Registry
+from asvp_ray.core.registry import Registry
 
 ORACLES: Registry["Oracle"] = Registry("oracle")
 

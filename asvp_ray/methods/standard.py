@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from asvp_ray.errors import RunDirError
-from asvp_ray.loop.methods.base import METHODS, Method
+from asvp_ray.core.errors import RunDirError
+from asvp_ray.methods.base import METHODS, Method
 
 
 @METHODS.register("standard")

@@ -34,8 +34,8 @@ _decided: Dict[str, Optional[Dict[str, str]]] = {}
 
 def node_types() -> list:
     """The autoscaler's node types (name, resources, labels, min, max, head), wherever the
-    autoscaler keeps them (:mod:`asvp_ray.node_types`); [] without an autoscaler."""
-    from asvp_ray.node_types import node_types as _types
+    autoscaler keeps them (:mod:`asvp_ray.runtime.node_types`); [] without an autoscaler."""
+    from asvp_ray.runtime.node_types import node_types as _types
 
     return [t for t in _types() if not t["head"]]
 

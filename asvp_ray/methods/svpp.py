@@ -1,7 +1,7 @@
 """SVPP (Coleman et al.): fixed pre-trained features, a proxy scores the pool, FT final model."""
 from __future__ import annotations
 
-from asvp_ray.loop.methods.base import METHODS, Method
+from asvp_ray.methods.base import METHODS, Method
 
 
 @METHODS.register("svpp")

@@ -8,8 +8,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from asvp_ray.errors import ConfigError
-from asvp_ray.loop.methods.base import METHODS, Method
+from asvp_ray.core.errors import ConfigError
+from asvp_ray.methods.base import METHODS, Method
 
 log = logging.getLogger("asvp_ray.driver")
 

@@ -11,18 +11,15 @@ ledger; a method decides only:
 - :meth:`Method.auto_final`: which final training method ``final.training_method: auto`` means.
 
 Add a method: a new module in this package with a ``@METHODS.register("name")`` class, imported in
-``asvp_ray/loop/methods/__init__.py``.
+``asvp_ray/methods/__init__.py``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from asvp_ray.registry import Registry
-
-if TYPE_CHECKING:  # pragma: no cover
-    from asvp_ray.loop.driver import Driver
+from asvp_ray.core.registry import Registry
 
 METHODS: Registry["Method"] = Registry("method")
 
@@ -37,7 +34,7 @@ class Method:
 
     name = "method"
 
-    def __init__(self, driver: "Driver"):
+    def __init__(self, driver: Any):
         self.d = driver
 
     def refresh_policy(self):

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

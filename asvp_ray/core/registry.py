@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Dict, Generic, List, TypeVar
 
-from asvp_ray.errors import ConfigError
+from asvp_ray.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -1,9 +1,0 @@
-"""Active-learning methods behind a registry: ``METHODS.create("asvp", driver=d)``.
-
-Adding a method: one new module here with a ``@METHODS.register("name")`` subclass of
-:class:`~asvp_ray.loop.methods.base.Method`, and its import below.
-"""
-from asvp_ray.loop.methods import asvp, standard, svpp  # noqa: F401  (register asvp, standard, svpp)
-from asvp_ray.loop.methods.base import METHODS, Method
-
-__all__ = ["METHODS", "Method"]
