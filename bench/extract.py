@@ -324,7 +324,7 @@ def run_nodes(args, spec, cfg, source) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from asvp_ray.features.extract import plan_actors
+    from asvp_ray.features.extract_plan import plan_actors
     from asvp_ray.runtime.ray_utils import init_ray
 
     ray.shutdown()
@@ -438,7 +438,7 @@ def main(argv=None) -> int:
     from asvp_ray.config import ExtractConfig
     from asvp_ray.data.sources import FashionMNISTSource
     from asvp_ray.features.backbones import BackboneSpec
-    from asvp_ray.features.extract import plan_actors
+    from asvp_ray.features.extract_plan import plan_actors
     from asvp_ray.runtime.ray_utils import init_ray
 
     os.environ.setdefault("TQDM_DISABLE", "1")

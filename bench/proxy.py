@@ -145,7 +145,9 @@ def fit_and_score(rows: int, dim: int, hidden: int, classes: int, chunk: int, fi
 def in_actor(args) -> int:
     import ray
 
-    from asvp_ray.runtime.device import lean_memory_env, node_cpus, set_compute_threads, thread_env
+    from asvp_ray.runtime.allocator import lean_memory_env
+    from asvp_ray.runtime.device import set_compute_threads, thread_env
+    from asvp_ray.runtime.resources import node_cpus
 
     work = dict(rows=args.rows, dim=args.dim, hidden=args.hidden or args.dim, classes=args.classes, chunk=args.chunk,
                 fit_rows=args.fit_rows, fit_epochs=args.fit_epochs, repeat=args.repeat)

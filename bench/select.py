@@ -55,7 +55,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asvp_ray.selection import STRATEGIES, PoolView, top_n  # noqa: E402
+from asvp_ray.pool.view import PoolView  # noqa: E402
+from asvp_ray.selection import STRATEGIES, top_n  # noqa: E402
 from asvp_ray.selection._graph import delta_graph, graph_recall  # noqa: E402
 from asvp_ray.selection.badge import gradient_embedding_parts  # noqa: E402
 
@@ -299,7 +300,7 @@ def section_coreset(args, X: np.ndarray, mask: np.ndarray, big: Optional[Tuple[n
     for prune in (True, False):
         tag = "pruned" if prune else "dense"
         from asvp_ray.selection.coreset import KCenterShard
-        from asvp_ray.selection.sharded import LocalGroup, ShardHolder
+        from asvp_ray.pool.shards import LocalGroup, ShardHolder
 
         group = LocalGroup([ShardHolder(X, 0)])
         group.build("k", KCenterShard, [("euclidean", 16384)])

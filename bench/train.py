@@ -45,8 +45,8 @@ from asvp_ray.data.fashion_mnist import read_idx  # noqa: E402
 from asvp_ray.data.sources import FashionMNISTSource  # noqa: E402
 from asvp_ray.features.backbones import BackboneSpec, data_config  # noqa: E402
 from asvp_ray.train.config import TrainConfig  # noqa: E402
-from asvp_ray.train.finetune import (  # noqa: E402
-    _Collate, _optimizer, _set_mode, _train_epoch, build_classifier, finetune)
+from asvp_ray.train.dataset import Collate  # noqa: E402
+from asvp_ray.train.finetune import _optimizer, _set_mode, _train_epoch, build_classifier, finetune  # noqa: E402
 
 
 def plain_loop(spec: BackboneSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, threads: int,
@@ -65,7 +65,7 @@ def plain_loop(spec: BackboneSpec, images: np.ndarray, labels: np.ndarray, cfg: 
     for epoch in range(epochs):
         # The workers' batch function (augmentation included) on in-memory batches: what a loop
         # without Ray does per batch, with no reading or shuffling machinery around it.
-        collate = _Collate(dcfg, cfg.augment, cfg.crop_scale, seed=epoch)
+        collate = Collate(dcfg, cfg.augment, cfg.crop_scale, seed=epoch)
         order = rng.permutation(len(labels))
         loader = (collate({"id": ids[b], "image": images[b], "label": labels[b]})
                   for b in (order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from asvp_ray.core.errors import BadInputError, EmptyPoolError, PoolExhaustedError
-from asvp_ray.selection import STRATEGIES, PoolView
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection import STRATEGIES
 
 N_POOL = 60
 N_CLASSES = 4

@@ -17,7 +17,8 @@ import pytest
 
 from asvp_ray.config import ExtractConfig
 from asvp_ray.core.errors import ConfigError
-from asvp_ray.features.extract import extract, plan_actors
+from asvp_ray.features.extract import extract
+from asvp_ray.features.extract_plan import plan_actors
 from asvp_ray.train.config import TrainConfig
 from tests.conftest import ROOT
 from tests.test_cluster import LoopbackCluster, _sid
@@ -168,7 +169,7 @@ logging.basicConfig(level=logging.INFO)
 init_ray()
 head = ray.get_runtime_context().get_node_id()
 before = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-from asvp_ray.runtime.ray_utils import cluster_capacity
+from asvp_ray.runtime.resources import cluster_capacity
 capacity = cluster_capacity()
 cfg = ExtractConfig(batch_size=32, progress=False, resources_per_actor={"extract_node": 1})
 rows = 0
@@ -222,7 +223,7 @@ def test_a_one_cpu_cluster_gets_a_pool_that_can_start():
 
 
 def test_nested_work_the_cluster_can_never_hold_is_refused_at_once(ray_local):
-    from asvp_ray.runtime.ray_utils import check_nested, cluster_capacity
+    from asvp_ray.runtime.resources import check_nested, cluster_capacity
 
     can, autoscaling = cluster_capacity()
     assert not autoscaling and can["CPU"] >= 1

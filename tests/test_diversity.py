@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from asvp_ray.core.errors import BadInputError, ConfigError
-from asvp_ray.selection import STRATEGIES, PoolView
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection import STRATEGIES
 from asvp_ray.selection._graph import delta_graph, graph_recall
 from asvp_ray.selection.typiclust import knn_mean_sqdist
 from asvp_ray.selection.badge import gradient_embedding_parts, gradient_embedding_sqdist
-from asvp_ray.selection.sharded import ShardedStrategy, resolve_execution, shard_bounds
+from asvp_ray.pool.shards import shard_bounds
+from asvp_ray.selection.sharded import ShardedStrategy, resolve_execution
 from tests.contracts import N_POOL, StrategyContract, make_pool, pool_ids
 
 ROOT = Path(__file__).resolve().parents[1]

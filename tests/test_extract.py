@@ -11,7 +11,8 @@ from asvp_ray.config import ExtractConfig, load_config
 from asvp_ray.data.sources import FashionMNISTSource, ManifestSource, build_source
 from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
-from asvp_ray.features.extract import extract_to_store, plan_actors
+from asvp_ray.features.extract import extract_to_store
+from asvp_ray.features.extract_plan import plan_actors
 from asvp_ray.features.store import FeatureStore
 from tests.conftest import SMOKE, write_images
 

@@ -265,7 +265,8 @@ def test_faiss_gpu_options_need_a_gpu_build():
     ok, why = faiss_gpu_available()
     if ok:
         pytest.skip(f"a GPU build of faiss is installed here ({why})")
-    from asvp_ray.selection import STRATEGIES, PoolView
+    from asvp_ray.pool.view import PoolView
+    from asvp_ray.selection import STRATEGIES
     from asvp_ray.selection.typiclust import kmeans_labels
 
     X, _ = _blobs(300, 8, 3)
@@ -474,7 +475,8 @@ def test_two_rank_nccl_ddp_step_gives_equal_parameters(ray_local, tmp_path):
 
 @pytest.mark.gpu
 def test_sharded_selection_with_a_cuda_fitted_proxy(ray_local):
-    from asvp_ray.selection import STRATEGIES, PoolView
+    from asvp_ray.pool.view import PoolView
+    from asvp_ray.selection import STRATEGIES
     from asvp_ray.selection.sharded import ShardedStrategy
 
     X, y = _blobs(4000, 64, 6, seed=2)

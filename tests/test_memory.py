@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from asvp_ray.runtime.device import MemoryWatch
+from asvp_ray.runtime.allocator import MemoryWatch
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -68,8 +68,8 @@ def _rss_shmem_mb() -> float:
 def test_rows_read_from_the_object_store_leave_no_shared_pages_in_this_process(ray_local):
     """StoreShards.rows_at's replies are copied out and their object-store pages unmapped: the
     driver's RSS holds the result once, and the object (and the result) keep their values."""
-    from asvp_ray.runtime.device import unmap_shared_pages
-    from asvp_ray.selection.sharded import gather_rows
+    from asvp_ray.runtime.allocator import unmap_shared_pages
+    from asvp_ray.pool.store_shards import gather_rows
 
     ray = ray_local
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ _ARROW_READS = r"""
 import sys, time
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
-from asvp_ray.runtime.device import lean_arrow_memory, memory_mb, memory_parts_mb, release_free_memory
+from asvp_ray.runtime.allocator import lean_arrow_memory, memory_mb, memory_parts_mb, release_free_memory
 if sys.argv[2] == "lean":
     lean_arrow_memory()
 start, start_rss = memory_parts_mb()["anon"], memory_mb()["rss_mb"]
@@ -124,7 +124,7 @@ def test_arrow_reads_leave_no_heap_behind_in_a_process_with_the_drivers_allocato
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from asvp_ray.runtime.device import lean_memory_env
+    from asvp_ray.runtime.allocator import lean_memory_env
 
     if "jemalloc" not in pa.supported_memory_backends():
         pytest.skip("this pyarrow has no jemalloc")
@@ -148,7 +148,7 @@ def test_arrow_reads_leave_no_heap_behind_in_a_process_with_the_drivers_allocato
 
 
 def test_lean_memory_env_passes_on_what_the_user_set(monkeypatch):
-    from asvp_ray.runtime.device import lean_memory_env
+    from asvp_ray.runtime.allocator import lean_memory_env
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
@@ -162,9 +162,9 @@ def test_lean_memory_env_passes_on_what_the_user_set(monkeypatch):
 def test_a_pool_view_of_ascending_ids_makes_no_pool_sized_temporaries():
     """PoolView checks that ids are unique; a run's ids ascend, which is checked in chunks. The
     np.unique check it replaced peaked 56 MB at 1,000,000 ids."""
-    from asvp_ray.runtime.device import _reset_peak, memory_mb
+    from asvp_ray.runtime.allocator import _reset_peak, memory_mb
     from asvp_ray.core.errors import BadInputError
-    from asvp_ray.selection.base import PoolView
+    from asvp_ray.pool.view import PoolView
 
     ids = np.arange(4_000_000, dtype=np.int64) * 3  # 32 MB
     mask = np.zeros(len(ids), dtype=bool)
@@ -184,7 +184,7 @@ def test_a_pool_view_of_ascending_ids_makes_no_pool_sized_temporaries():
 _POOL_LOAD = r"""
 import sys
 import numpy as np
-from asvp_ray.runtime.device import _reset_peak, lean_arrow_memory, memory_mb, release_free_memory
+from asvp_ray.runtime.allocator import _reset_peak, lean_arrow_memory, memory_mb, release_free_memory
 lean_arrow_memory()
 from asvp_ray.features.store import FeatureStore
 FeatureStore(sys.argv[2]).read(0)  # Arrow's decoder starts up (a one-off ~30 MB) on a small version
@@ -228,7 +228,7 @@ def test_loading_a_pool_into_the_driver_holds_the_matrix_once(tmp_path, shuffled
     import os
     import subprocess
 
-    from asvp_ray.runtime.device import lean_memory_env
+    from asvp_ray.runtime.allocator import lean_memory_env
 
     pool = _write_version(tmp_path / "pool", 200_000, 256, shuffled)
     small = _write_version(tmp_path / "small", 4_096, 256, False)

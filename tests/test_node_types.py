@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from asvp_ray.runtime import node_types as nt
-from asvp_ray.runtime import placement
+from asvp_ray.runtime import placement, resources
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
@@ -55,11 +55,11 @@ def fresh_caches():
 
 def test_asvp_autoscaling_config_makes_a_local_instance_plan_for_the_cluster_it_names(
         ray_local, monkeypatch, fresh_caches, caplog):
-    from asvp_ray.runtime.ray_utils import cluster_capacity
+    from asvp_ray.runtime.resources import cluster_capacity
 
     now, autoscaling = cluster_capacity()
     assert not autoscaling and not now.get("GPU")
-    assert placement.largest_cpu_node() == 0  # no node types: nothing the autoscaler could add
+    assert resources.largest_cpu_node() == 0  # no node types: nothing the autoscaler could add
 
     nt._cache.clear()
     placement._decided.clear()
@@ -70,13 +70,13 @@ def test_asvp_autoscaling_config_makes_a_local_instance_plan_for_the_cluster_it_
     # the head as it is declared (0 CPU) + 4 CPU nodes x 8 + 4 GPU nodes x 8 CPU / 1 GPU
     assert can["GPU"] == 4 and can["CPU"] == 64, can
     assert "autoscaler node types from ASVP_AUTOSCALING_CONFIG" in caplog.text
-    assert placement.largest_cpu_node() == 8  # the CPU group's pods
+    assert resources.largest_cpu_node() == 8  # the CPU group's pods
     assert nt.node_types_source().startswith(nt.ENV)
 
 
 def test_an_unreadable_autoscaling_config_is_a_warning_not_a_failure(ray_local, monkeypatch, fresh_caches, caplog,
                                                                      tmp_path):
-    from asvp_ray.runtime.ray_utils import cluster_capacity
+    from asvp_ray.runtime.resources import cluster_capacity
 
     monkeypatch.setenv(nt.ENV, str(tmp_path / "missing.yaml"))
     with caplog.at_level(logging.WARNING, logger="asvp_ray.runtime.node_types"):

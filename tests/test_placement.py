@@ -41,7 +41,7 @@ for ids, feats, skipped in extract(FashionMNISTSource(split="train", limit=128),
     rows += len(ids)
 out["rows"] = rows
 
-from asvp_ray.selection.sharded import PoolShards
+from asvp_ray.pool.shards import PoolShards
 shards = PoolShards(np.random.default_rng(0).random((1000, 8), dtype=np.float32), 1000, num_shards=2)
 out["shard_rows"] = sum(ray.get([a.ready.remote() for a in shards.group.actors]))
 time.sleep(2)  # the state API's task events arrive in batches

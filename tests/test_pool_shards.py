@@ -116,11 +116,11 @@ def test_a_refresh_moves_the_shards_to_the_new_version(ray_local, tmp_path):
 
 
 def test_shard_actors_run_with_the_lean_allocator_settings_under_the_users_own(ray_local):
-    """Shard actors hold the pool: they get device.lean_memory_env() (loading 977 MB of rows kept
+    """Shard actors hold the pool: they get allocator.lean_memory_env() (loading 977 MB of rows kept
     1,207 MB of heap without it, 1,015 MB with), and a user's runtime_env env_vars win over it."""
     import pyarrow as pa
 
-    from asvp_ray.selection.sharded import PoolShards
+    from asvp_ray.pool.shards import PoolShards
 
     def _allocator_env(features, start):  # local: sent by value to the actors
         import os
@@ -163,16 +163,17 @@ def _versions(rows: int, dim: int, sets=()):
 def _cluster(monkeypatch, node_gb: float, alive: int = 1, cluster_gb=None, autoscaling=False):
     """The driver's node (``node_gb`` of Ray's memory resource) and the cluster's capacity."""
     import asvp_ray.runtime.ray_utils as ru
-    import asvp_ray.selection.sharded as sharded
+    import asvp_ray.runtime.resources as res
+    import asvp_ray.pool.shards as shards
 
     node = {"memory": node_gb * 1e9, "CPU": 8.0}
     cap = {"memory": (cluster_gb if cluster_gb is not None else node_gb * alive) * 1e9, "CPU": 8.0 * alive}
-    monkeypatch.setattr(ru, "this_node", lambda: {"memory": node["memory"], "resources": dict(node),
+    monkeypatch.setattr(res, "this_node", lambda: {"memory": node["memory"], "resources": dict(node),
                                                   "alive_nodes": alive, "source": "Ray's memory resource of node x"},
                         raising=False)  # raising=False: on the code before it, the rule itself fails the tests
-    monkeypatch.setattr(ru, "cluster_capacity", lambda: (dict(cap), autoscaling))
+    monkeypatch.setattr(res, "cluster_capacity", lambda: (dict(cap), autoscaling))
     monkeypatch.setattr(ru, "init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(sharded, "default_num_shards", lambda: max(2, alive))
+    monkeypatch.setattr(shards, "default_num_shards", lambda: max(2, alive))
 
 
 def test_auto_keeps_a_narrow_pool_of_millions_of_rows_in_the_driver(monkeypatch, caplog):
@@ -230,7 +231,7 @@ def test_min_rows_set_explicitly_keeps_its_old_meaning(monkeypatch, caplog):
 
 def test_this_node_is_the_drivers_node_in_rays_view(ray_local):
     """Ray's memory resource of the node this process runs on (a single local node here)."""
-    from asvp_ray.runtime.ray_utils import this_node
+    from asvp_ray.runtime.resources import this_node
 
     node = this_node()
     me = ray_local.get_runtime_context().get_node_id()

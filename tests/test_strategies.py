@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from asvp_ray.core.errors import BadInputError, ConfigError
-from asvp_ray.selection import STRATEGIES, PoolView, ScoreStrategy, top_n
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection import STRATEGIES, ScoreStrategy, top_n
 from tests.contracts import N_CLASSES, N_POOL, StrategyContract, make_pool, pool_ids, random_probs  # noqa: F401
 
 def naive_select(strategy: ScoreStrategy, probs: np.ndarray, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -6,7 +6,8 @@ import pytest
 
 from asvp_ray.config import dump_config, load_config
 from asvp_ray.core.errors import ConfigError
-from asvp_ray.selection import STRATEGIES, PoolView, ShardedStrategy, build_strategy
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection import STRATEGIES, ShardedStrategy, build_strategy
 from asvp_ray.selection.cluster_margin import ClusterMargin, round_robin
 from tests.conftest import SMOKE
 
@@ -194,7 +195,7 @@ def test_the_driver_actor_computes_on_every_cpu_of_its_node_though_it_reserves_n
     """Ray gives a zero-CPU actor OMP_NUM_THREADS=1; the driver actor's proxy would use one core."""
     import ray
 
-    from asvp_ray.runtime.device import node_cpus
+    from asvp_ray.runtime.resources import node_cpus
     from asvp_ray.loop.actor import driver_actor
 
     cfg = load_config(str(SMOKE), ["final.training_method=none"])
@@ -207,7 +208,7 @@ def test_the_driver_actor_computes_on_every_cpu_of_its_node_though_it_reserves_n
         ray.kill(actor)
     assert node_cpus() >= 2  # this machine: otherwise the check below cannot fail
     assert threads == {"torch": node_cpus(), "OMP_NUM_THREADS": str(node_cpus())}
-    # and with the allocator settings that keep its heap to what it holds (device.lean_memory_env)
+    # and with the allocator settings that keep its heap to what it holds (allocator.lean_memory_env)
     assert status["allocators"] == {"arrow": "jemalloc", "ARROW_DEFAULT_MEMORY_POOL": "jemalloc",
                                     "MALLOC_ARENA_MAX": "2"}, status["allocators"]
     # driver_threads sets it; the actor still reserves no CPU

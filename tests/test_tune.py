@@ -408,7 +408,7 @@ def test_nested_work_that_could_never_start_inside_a_task_holding_cpus_says_why(
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from asvp_ray.runtime.ray_utils import check_nested
+    from asvp_ray.runtime.resources import check_nested
 
     def probe(n):
         try:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, check_nested
+from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped
+from asvp_ray.runtime.resources import check_nested
 
 log = logging.getLogger(__name__)
 

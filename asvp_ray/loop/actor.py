@@ -5,7 +5,9 @@ from pathlib import Path
 
 from asvp_ray.runtime.faults import fault_env
 from asvp_ray.config import Config
-from asvp_ray.runtime.device import lean_memory_env, node_cpus, thread_env
+from asvp_ray.runtime.allocator import lean_memory_env
+from asvp_ray.runtime.device import thread_env
+from asvp_ray.runtime.resources import node_cpus
 
 
 def driver_actor(config: Config, out: str):

@@ -23,7 +23,9 @@ import numpy as np
 from asvp_ray.runtime.faults import fault_point
 from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.core.errors import ConfigError, RunDirError
-from asvp_ray.runtime.device import MemoryWatch, allocator_settings, lean_arrow_memory, node_cpus, set_compute_threads
+from asvp_ray.runtime.allocator import MemoryWatch, allocator_settings, lean_arrow_memory
+from asvp_ray.runtime.device import set_compute_threads
+from asvp_ray.runtime.resources import node_cpus
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.storage.locations import check_storage_reachable
 from asvp_ray.loop.ledger import CostLedger
@@ -35,7 +37,8 @@ from asvp_ray.loop.training import finetune_labeled, final_method, run_final, tr
 from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.runtime.ray_utils import quiet_ray_data
-from asvp_ray.selection import STRATEGIES, PoolView, build_strategy
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection import STRATEGIES, build_strategy
 
 log = logging.getLogger("asvp_ray.driver")
 
@@ -203,7 +206,7 @@ class Driver:
         proxy, labels = self._proxy_for_round(r), self.labeled["label"]
         shards = self.versions.shards
         if shards is not None and len(labels) and _resolve_device(proxy.device).type == "cpu":
-            from asvp_ray.selection.sharded import compute_on_rows
+            from asvp_ray.pool.store_shards import compute_on_rows
 
             self.proxy, acc = compute_on_rows(shards, [self.versions.rows(self.labeled["id"])], _fit_proxy, proxy,
                                               labels, len(self.classes))

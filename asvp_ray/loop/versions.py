@@ -138,7 +138,8 @@ class FeatureVersions:
             return mode
         meta = self.store.meta(self.current)
         dim = int((meta.get("splits", {}).get("pool") or {}).get("dim") or meta.get("dim") or 0)
-        from asvp_ray.runtime.ray_utils import cluster_capacity, init_ray, this_node
+        from asvp_ray.runtime.ray_utils import init_ray
+        from asvp_ray.runtime.resources import cluster_capacity, this_node
 
         node = this_node()
         matrix = rows * dim * 4
@@ -155,7 +156,7 @@ class FeatureVersions:
                        f"{cap.get('memory', 0.0) / 1e9:.1f} GB of memory{'' if autoscaling else ' (no autoscaler)'}")
         mode, line = auto_pool_mode(rows, dim, node["memory"], ps.driver_memory_fraction, others)
         if mode == "shards":
-            from asvp_ray.selection.sharded import default_num_shards
+            from asvp_ray.pool.shards import default_num_shards
 
             n = ps.num_shards or default_num_shards()
             log.info("pool_shards auto: %s (%s); sharded over %d shard actors (%s)", line, node["source"], n, cluster)
@@ -174,7 +175,7 @@ class FeatureVersions:
             return None
         if self._shards is None:
             from asvp_ray.runtime.ray_utils import init_ray
-            from asvp_ray.selection.sharded import StoreShards
+            from asvp_ray.pool.store_shards import StoreShards
 
             init_ray()
             ps = self.cfg.pool_shards
@@ -227,7 +228,7 @@ class FeatureVersions:
             what to charge: ``{"cached": False, "wall_s", "resources"}`` for an extraction run
             here, ``{"cached": True, "cost", "spent_s", "source"}`` for a cached version.
         """
-        from asvp_ray.features.extract import resolve_compute
+        from asvp_ray.features.extract_plan import resolve_compute
         from asvp_ray.storage.locations import is_uri, join_uri
         from asvp_ray.features.store import FeatureStore, cache_key, check_cached_compute, legacy_cache_entries, link_version
         from asvp_ray.core.redact import redact_uri
@@ -359,7 +360,7 @@ class FeatureVersions:
 
     def extract_resources(self) -> Dict[str, float]:
         """CPUs and GPUs an extraction holds (for the cost ledger)."""
-        from asvp_ray.features.extract import plan_actors
+        from asvp_ray.features.extract_plan import plan_actors
 
         plan = plan_actors(self.cfg.extract)
         return {"cpus": plan.num_actors * plan.num_cpus + 1.0, "gpus": plan.num_actors * plan.num_gpus}

@@ -97,7 +97,7 @@ class ASVP(Method):
         ref_rows = np.sort(rng.choice(n, m.reference_rows, replace=False)) if n > m.reference_rows else np.arange(n)
         shards = d.versions.shards
         if shards is not None:  # computed in a task that reads the rows from the shard actors
-            from asvp_ray.selection.sharded import compute_on_rows
+            from asvp_ray.pool.store_shards import compute_on_rows
 
             scores = compute_on_rows(shards, [rows, ref_rows], _scores, labels, tuple(m.scores))
         else:

@@ -40,12 +40,6 @@ def node_types() -> list:
     return [t for t in _types() if not t["head"]]
 
 
-def largest_cpu_node() -> float:
-    """CPUs of the largest node type the autoscaler can add that has no GPU (0: none)."""
-    return max([float(t["resources"].get("CPU", 0)) for t in node_types()
-                if not t["resources"].get("GPU", 0) and t["max"] != 0] or [0.0])
-
-
 def _cpu_node_possible() -> Optional[str]:
     """A node up now, or a node type the autoscaler may add, that has CPUs and no GPU (its name),
     else None."""

@@ -6,8 +6,9 @@ from asvp_ray.selection import typiclust  # noqa: F401  (registers typiclust)
 from asvp_ray.selection import probcover  # noqa: F401  (registers probcover)
 from asvp_ray.selection import cluster_margin  # noqa: F401  (registers cluster_margin)
 from asvp_ray.selection import sharded  # noqa: F401  (ShardedStrategy: score strategies over Ray shards)
-from asvp_ray.selection.base import STRATEGIES, PoolView, ScoreStrategy, Strategy, running_top_n, top_n
+from asvp_ray.selection.base import STRATEGIES, ScoreStrategy, Strategy
+from asvp_ray.selection.topn import running_top_n, top_n
 from asvp_ray.selection.sharded import ExecutionOptions, ShardedStrategy
 from asvp_ray.selection.options import build_strategy, strategy_options_help
 
-__all__ = ["STRATEGIES", "build_strategy", "strategy_options_help", "ExecutionOptions", "PoolView", "ScoreStrategy", "ShardedStrategy", "Strategy", "running_top_n", "top_n"]
+__all__ = ["STRATEGIES", "build_strategy", "strategy_options_help", "ExecutionOptions", "ScoreStrategy", "ShardedStrategy", "Strategy", "running_top_n", "top_n"]

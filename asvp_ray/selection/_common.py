@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from asvp_ray.core.errors import BadInputError
-from asvp_ray.selection.base import PoolView
+from asvp_ray.pool.view import PoolView
 
 # Rows per distance pass chunk: (16384 x 512) float32 = 32 MiB, float64 scratch 128 KiB.
 DISTANCE_CHUNK = 16384

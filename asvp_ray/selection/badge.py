@@ -19,9 +19,11 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from asvp_ray.core.errors import BadInputError, ConfigError
+from asvp_ray.pool.shards import LocalGroup, ShardHolder
+from asvp_ray.pool.view import PoolView
 from asvp_ray.selection._common import chunk_rows, first_bad_row, need_features, row_sqnorms
-from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
-from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, LocalGroup, ShardedExecution, ShardHolder
+from asvp_ray.selection.base import STRATEGIES, Strategy
+from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedExecution
 
 FIRST_CENTRE = ("random", "max_norm")
 

@@ -29,9 +29,11 @@ import numpy as np
 
 from asvp_ray.core.checks import check_int, is_int, is_number
 from asvp_ray.core.errors import ConfigError
+from asvp_ray.pool.identity import row_fingerprint
+from asvp_ray.pool.view import PoolView
 from asvp_ray.selection._common import as_f32, have_faiss, need_features
-from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
-from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedStrategy, row_fingerprint
+from asvp_ray.selection.base import STRATEGIES, Strategy
+from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedStrategy
 from asvp_ray.selection.typiclust import train_kmeans
 from asvp_ray.selection.uncertainty import MarginSampling
 
@@ -100,7 +102,7 @@ def _fit_clusters_from_shards(pieces, n_sample: int, threads: int, kwargs: dict)
     """Ray task: fetch the sample's rows from the shard actors and cluster them, so the sample
     (up to ``sample_size`` x D floats: 410 MB at 200,000 x 512) never enters the driver."""
     from asvp_ray.runtime.device import set_compute_threads
-    from asvp_ray.selection.sharded import gather_rows
+    from asvp_ray.pool.store_shards import gather_rows
 
     set_compute_threads(threads)
     S = gather_rows(pieces, n_sample)

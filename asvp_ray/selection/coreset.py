@@ -22,9 +22,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from asvp_ray.core.errors import BadInputError, ConfigError
+from asvp_ray.pool.identity import FeatureKey
+from asvp_ray.pool.shards import LocalGroup, ShardHolder
+from asvp_ray.pool.view import PoolView
 from asvp_ray.selection._common import chunk_rows, first_bad_row, need_features, row_sqnorms
-from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
-from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, FeatureKey, LocalGroup, ShardedExecution, ShardHolder
+from asvp_ray.selection.base import STRATEGIES, Strategy
+from asvp_ray.selection.sharded import DEFAULT_SHARD_MIN_ROWS, ShardedExecution
 
 METRICS = ("euclidean", "cosine")
 # Elements of one (rows x centres) block of a refresh: 4 Mi -> 16 MiB float32 + 32 MiB float64.

@@ -19,10 +19,11 @@ import numpy as np
 from asvp_ray.core.checks import check_int, is_number
 from asvp_ray.runtime.device import require_faiss_gpu
 from asvp_ray.core.errors import ConfigError
+from asvp_ray.pool.identity import FeatureKey
+from asvp_ray.pool.view import PoolView
 from asvp_ray.selection._common import need_features
 from asvp_ray.selection._graph import GRAPH_METHODS, DeltaGraph, delta_graph, graph_recall  # noqa: F401
-from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
-from asvp_ray.selection.sharded import FeatureKey
+from asvp_ray.selection.base import STRATEGIES, Strategy
 
 
 def probcover_select(graph: DeltaGraph, mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,8 +19,9 @@ import numpy as np
 from asvp_ray.core.checks import check_int
 from asvp_ray.runtime.device import require_faiss_gpu
 from asvp_ray.core.errors import ConfigError
+from asvp_ray.pool.view import PoolView
 from asvp_ray.selection._common import as_f32, have_faiss, need_features, row_sqnorms
-from asvp_ray.selection.base import STRATEGIES, PoolView, Strategy
+from asvp_ray.selection.base import STRATEGIES, Strategy
 
 KMEANS_BACKENDS = ("auto", "faiss", "sklearn")
 # Elements of one (queries x points) distance block: 16 Mi float32 = 64 MiB.

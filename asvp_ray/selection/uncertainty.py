@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from asvp_ray.core.errors import BadInputError
-from asvp_ray.selection.base import STRATEGIES, PoolView, ScoreStrategy, Strategy
+from asvp_ray.pool.view import PoolView
+from asvp_ray.selection.base import STRATEGIES, ScoreStrategy, Strategy
 
 # Clip before log so that p = 0 contributes 0 * log(tiny) = 0 to the entropy.
 _TINY = np.finfo(np.float64).tiny

@@ -181,24 +181,20 @@ class TrainConfig(BaseModel):
         """
         n = self.num_workers
         if resources is None:
-            import ray
+            from asvp_ray.runtime.resources import (alive_nodes, capacity_line, cluster_capacity, resource_timeout,
+                                                    resources_now, wait_for_resources)
 
-            if self.use_gpu is True and float(ray.cluster_resources().get("GPU", 0)) < n:
-                from asvp_ray.runtime.ray_utils import resource_timeout, wait_for_resources
-
+            if self.use_gpu is True and resources_now().get("GPU", 0.0) < n:
                 wait_for_resources({"GPU": 1.0}, n, f"train.use_gpu=true with num_workers={n}",
                                    f"set use_gpu: auto (CPU workers when no GPU is up) or num_workers: "
-                                   f"{max(1, int(ray.cluster_resources().get('GPU', 0)))}",
+                                   f"{max(1, int(resources_now().get('GPU', 0.0)))}",
                                    resource_timeout(self.resource_timeout_s))
-            from asvp_ray.runtime.ray_utils import capacity_line, cluster_capacity
-
             # what the cluster can become, not this instant's nodes: an autoscaler's idle workers
             # scale to zero between fine-tunes, and the workers wait for it to add them back
             resources, autoscaling = cluster_capacity()
-            log.info("Ray Train workers: the cluster has %s",
-                     capacity_line(ray.cluster_resources(), resources, autoscaling))
+            log.info("Ray Train workers: the cluster has %s", capacity_line(resources_now(), resources, autoscaling))
             if nodes is None:
-                nodes = [x.get("Resources", {}) for x in ray.nodes() if x.get("Alive")]
+                nodes = alive_nodes()
         cpus = float(resources.get("CPU", 0))
         gpus = float(resources.get("GPU", 0))
         if self.use_gpu is True and gpus == 0:

@@ -18,39 +18,20 @@ each trial reserves only its driver through ``tune.with_resources``, and the stu
 most N trials at once, where N trials' peak needs (driver + the largest nested phase) fit in the
 cluster together. A running trial therefore always finds its nested resources free (when no other
 job holds them); the trials beyond N wait PENDING. Inside a trial, the extraction actor pool is
-sized to the trial's share, not to the whole cluster (``extract.BUDGET_ENV``).
+sized to the trial's share, not to the whole cluster (``extract_plan.BUDGET_ENV``). The
+cluster's capacity and the CPU/GPU arithmetic come from :mod:`asvp_ray.runtime.resources`.
 """
 from __future__ import annotations
 
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from asvp_ray.config import Config
 from asvp_ray.core.errors import ConfigError
-from asvp_ray.runtime.ray_utils import cluster_capacity as _cluster_capacity
-
-RESOURCES = ("CPU", "GPU")
-EPS = 1e-9
-
-
-def _add(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
-    return {r: a.get(r, 0.0) + b.get(r, 0.0) for r in RESOURCES}
-
-
-def _max(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
-    return {r: max(a.get(r, 0.0), b.get(r, 0.0)) for r in RESOURCES}
-
-
-def _fmt(d: Dict[str, float]) -> str:
-    return ", ".join(f"{d[r]:g} {r}" for r in RESOURCES if d.get(r, 0) > 0) or "nothing"
-
-
-def cluster_capacity() -> Tuple[Dict[str, float], bool]:
-    """CPU/GPU of ``asvp_ray.runtime.ray_utils.cluster_capacity`` (the one capacity view every plan reads)."""
-    top, autoscaling = _cluster_capacity()
-    return {r: float(top.get(r, 0.0)) for r in RESOURCES}, autoscaling
+from asvp_ray.runtime.resources import (EPS, RESOURCES, add_cpu_gpu, cpu_gpu_capacity, fits, format_cpu_gpu,
+                                        max_cpu_gpu)
 
 
 def _method(cfg: Config):
@@ -85,7 +66,7 @@ class TrialNeed:
             reading (Ray Data tasks, 1 CPU at least) finishes before the group starts, so the
             phase needs the larger of the two: at least 1 CPU.
         extract: its extraction actor pool plus one CPU for the read tasks (zero when it never extracts).
-        extract_budget: what the extraction inside the trial is sized to (``extract.plan_actors``).
+        extract_budget: what the extraction inside the trial is sized to (``extract_plan.plan_actors``).
         why_train, why_extract: the settings that make it fine-tune / extract.
     """
 
@@ -100,7 +81,7 @@ class TrialNeed:
     @property
     def peak(self) -> Dict[str, float]:
         """The most the trial holds at once: its actor plus the larger nested phase (phases run one at a time)."""
-        return _add(self.head, _max(self.train, self.extract))
+        return add_cpu_gpu(self.head, max_cpu_gpu(self.train, self.extract))
 
 
 def trial_need(cfg: Config, capacity: Dict[str, float], head: Dict[str, float], share: Dict[str, float],
@@ -110,7 +91,7 @@ def trial_need(cfg: Config, capacity: Dict[str, float], head: Dict[str, float], 
     Raises:
         ConfigError: the trial's Ray Train or extraction settings do not fit ``capacity``/``share``.
     """
-    from asvp_ray.features.extract import plan_actors
+    from asvp_ray.features.extract_plan import plan_actors
 
     train = {r: 0.0 for r in RESOURCES}
     detail: Dict[str, str] = {}
@@ -171,13 +152,13 @@ class StudyPlan:
 
     def describe(self) -> str:
         n = self.need
-        parts = [f"trial actor {_fmt(n.head)}"]
+        parts = [f"trial actor {format_cpu_gpu(n.head)}"]
         if n.why_train:
-            parts.append(f"Ray Train {_fmt(n.train)}")
+            parts.append(f"Ray Train {format_cpu_gpu(n.train)}")
         if n.why_extract:
-            parts.append(f"extraction {_fmt(n.extract)}")
-        return (f"each trial needs at most {_fmt(n.peak)} ({'; '.join(parts)}; nested phases run one at a time); "
-                f"the cluster has {_fmt(self.capacity)}: {self.max_concurrent} trial(s) at once")
+            parts.append(f"extraction {format_cpu_gpu(n.extract)}")
+        return (f"each trial needs at most {format_cpu_gpu(n.peak)} ({'; '.join(parts)}; nested phases run one at "
+                f"a time); the cluster has {format_cpu_gpu(self.capacity)}: {self.max_concurrent} trial(s) at once")
 
 
 def _shrink_hint(need: TrialNeed, resource: str) -> str:
@@ -209,7 +190,7 @@ def plan_study(cfgs: Sequence[Config], n_trials: int, *, head: Dict[str, float],
             needs, the amount the cluster has, and the settings that shrink it).
     """
     if capacity is None:
-        capacity, autoscaling = cluster_capacity()
+        capacity, autoscaling = cpu_gpu_capacity()
     top = max(1, n_trials if max_concurrent is None else min(n_trials, max_concurrent))
     for n in range(top, 0, -1):
         share = {r: capacity[r] / n for r in RESOURCES}
@@ -217,11 +198,11 @@ def plan_study(cfgs: Sequence[Config], n_trials: int, *, head: Dict[str, float],
             needs = [trial_need(c, capacity, head, share, prefetched) for c in cfgs]
         except ConfigError as e:
             if n == 1:
-                raise ConfigError(f"one trial does not fit the cluster ({_fmt(capacity)}) next to its trial actor "
-                                  f"({_fmt(head)}, --cpus-per-trial/--gpus-per-trial): {e}") from None
+                raise ConfigError(f"one trial does not fit the cluster ({format_cpu_gpu(capacity)}) next to its trial "
+                                  f"actor ({format_cpu_gpu(head)}, --cpus-per-trial/--gpus-per-trial): {e}") from None
             continue
         peak = {r: max(x.peak[r] for x in needs) for r in RESOURCES}
-        if all(n * peak[r] <= capacity[r] + EPS for r in RESOURCES):
+        if fits({r: n * peak[r] for r in RESOURCES}, capacity):
             worst = max(needs, key=lambda x: sum(x.peak[r] / max(capacity[r], EPS) for r in RESOURCES))
             return StudyPlan(n, worst, capacity, autoscaling, worst.extract_budget)
         if n == 1:

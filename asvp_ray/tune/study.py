@@ -210,7 +210,7 @@ def _trial(params: Dict[str, Any], *, base: Dict[str, Any], feature_cache: str, 
     """The Tune trainable: one asvp-ray run, reported round by round."""
     from ray import tune
 
-    from asvp_ray.features.extract import BUDGET_ENV
+    from asvp_ray.features.extract_plan import BUDGET_ENV
     from asvp_ray.loop.driver import Driver
 
     if extract_budget:  # size this trial's extraction actor pool to its share of the cluster
