@@ -67,6 +67,24 @@ def test_train_use_gpu_auto_says_what_it_chose(caplog):
 
 
 # ------------------------------------------------------------------------------- waiting (local Ray)
+def test_capacity_lines_arithmetic_and_fit_checks():
+    """runtime.resources' pure helpers, which every plan's numbers and messages go through."""
+    from asvp_ray.runtime.resources import (add_cpu_gpu, capacity_line, fits, format_bundle, format_cpu_gpu,
+                                            max_cpu_gpu, placeable)
+
+    assert capacity_line({"CPU": 2.0}, {"CPU": 10.0, "GPU": 4.0}, True) == "now 2 CPU, 0 GPU; can grow to 10 CPU, 4 GPU"
+    assert capacity_line({"CPU": 2.0}, {"CPU": 2.0}, False) == "now 2 CPU, 0 GPU (no autoscaler)"
+    nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0}]
+    assert placeable({"GPU": 1.0}, 1, nodes) and not placeable({"GPU": 1.0}, 2, nodes)
+    assert placeable({"CPU": 2.0}, 3, nodes) and not placeable({"CPU": 2.0}, 4, nodes)
+    assert nodes == [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0}]  # not used up by the check
+    assert fits({"CPU": 0.1 * 3}, {"CPU": 0.3}) and not fits({"CPU": 0.31}, {"CPU": 0.3})  # rounding slack only
+    assert format_cpu_gpu({"CPU": 1.5, "GPU": 0.0}) == "1.5 CPU" and format_cpu_gpu({}) == "nothing"
+    assert format_bundle({"GPU": 1.0, "memory": 1e9, "node:10.0.0.1": 1.0, "CPU": 2.0}) == "{CPU: 2, GPU: 1}"
+    assert add_cpu_gpu({"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}) == {"CPU": 3.0, "GPU": 1.0}
+    assert max_cpu_gpu({"CPU": 1.0, "GPU": 2.0}, {"CPU": 3.0}) == {"CPU": 3.0, "GPU": 2.0}
+
+
 def test_a_resource_no_node_has_times_out_naming_it(ray_local, monkeypatch):
     from ray.util import placement_group_table
 
