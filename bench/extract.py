@@ -88,7 +88,7 @@ def machine_cpus() -> int:
 def pool_source(root, n: int):
     """The first ``n`` Fashion-MNIST train images; beyond its 60,000, the images repeat under new
     ids (``TiledFashionMNIST``), for the driver-memory figure at 100,000 images."""
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     full = FashionMNISTSource(root=root, split="train")
     if n <= len(full):
@@ -97,7 +97,7 @@ def pool_source(root, n: int):
 
 
 def _tiled_class():
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     class TiledFashionMNIST(FashionMNISTSource):
         """Fashion-MNIST's train images repeated: id k shows image k mod 60,000 (ids 0..n-1)."""
@@ -112,9 +112,10 @@ def _tiled_class():
         def to_dataset(self, ids=None, skip_unreadable=False):
             import ray.data
 
-            from asvp_ray.data.sources import _IDXDatasource, _positions
+            from asvp_ray.data.base import id_positions
+            from asvp_ray.data.fashion_mnist import _IDXDatasource
 
-            pos = _positions(self._ids, ids)
+            pos = id_positions(self._ids, ids)
             return ray.data.read_datasource(_IDXDatasource(str(self.images_path), pos % self._base, self._ids[pos]))
 
         def describe(self):
@@ -285,7 +286,7 @@ def run_driver_rss(source, spec, cfg) -> int:
     import tempfile
     import threading
 
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
     from asvp_ray.features.extract import extract_to_store
     from asvp_ray.features.store import FeatureStore
 
@@ -436,7 +437,6 @@ def main(argv=None) -> int:
     import torch
 
     from asvp_ray.config import ExtractConfig
-    from asvp_ray.data.sources import FashionMNISTSource
     from asvp_ray.features.backbones import BackboneSpec
     from asvp_ray.features.extract_plan import plan_actors
     from asvp_ray.runtime.ray_utils import init_ray

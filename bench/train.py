@@ -41,8 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-from asvp_ray.data.fashion_mnist import read_idx  # noqa: E402
-from asvp_ray.data.sources import FashionMNISTSource  # noqa: E402
+from asvp_ray.data.fashion_mnist import FashionMNISTSource, read_idx  # noqa: E402
 from asvp_ray.features.backbones import BackboneSpec, data_config  # noqa: E402
 from asvp_ray.train.config import TrainConfig  # noqa: E402
 from asvp_ray.train.dataset import Collate  # noqa: E402

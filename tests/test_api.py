@@ -28,7 +28,7 @@ def test_import_is_light_and_exports_the_api():
 
 
 def test_run_from_a_mapping_returns_the_run_and_a_second_call_finds_it_finished(ray_local, feature_cache, tmp_path):
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     raw = yaml.safe_load(SMOKE.read_text())
     raw["feature_cache"] = str(feature_cache)

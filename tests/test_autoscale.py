@@ -88,7 +88,7 @@ def test_capacity_lines_arithmetic_and_fit_checks():
 def test_a_resource_no_node_has_times_out_naming_it(ray_local, monkeypatch):
     from ray.util import placement_group_table
 
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
     from asvp_ray.features.backbones import BackboneSpec
 
     monkeypatch.setenv("ASVP_RESOURCE_TIMEOUT_S", "2")
@@ -178,7 +178,7 @@ class FakeAutoscalingCluster(LoopbackCluster):
 DRIVER = r"""
 import json, logging, ray
 from asvp_ray.config import ExtractConfig
-from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.data.fashion_mnist import FashionMNISTSource
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.features.extract import extract
 from asvp_ray.runtime.ray_utils import init_ray

@@ -243,7 +243,7 @@ def test_human_rounds_on_a_run_in_a_bucket_from_any_folder(s3_server, ray_local,
     from typer.testing import CliRunner
 
     from asvp_ray.cli import app
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     truth = FashionMNISTSource(split="train", limit=400).labels
     monkeypatch.setenv("ASVP_LEASE_SETTLE_S", "0.05")

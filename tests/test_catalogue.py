@@ -93,7 +93,7 @@ def test_second_process_is_refused(run_dir):
 def test_damaged_feature_file_is_reported(run_dir):
     import pyarrow.parquet as pq
 
-    from asvp_ray.features.store import arrow_to_features, features_to_arrow
+    from asvp_ray.features.parts import arrow_to_features, features_to_arrow
 
     part = next((run_dir / "features" / "v0").glob("part-*.parquet"))
     ids, feats = arrow_to_features(pq.read_table(part))

@@ -140,8 +140,7 @@ def test_readme_human_labellers_block_runs_verbatim(tmp_path, own_tmpdir):
     label, status, select (round 1). The one step the block leaves to the user, labelling in Label
     Studio, is done here: export.json is written in Label Studio's JSON export form with the true
     Fashion-MNIST labels of the queried ids."""
-    from asvp_ray.data.fashion_mnist import CLASSES
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import CLASSES, FashionMNISTSource
 
     block = section_block(LABELLING, "# Human labellers")
     lines = block.splitlines(keepends=True)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from asvp_ray.config import ExtractConfig, load_config
-from asvp_ray.data.sources import FashionMNISTSource, ManifestSource, build_source
+from asvp_ray.data.fashion_mnist import FashionMNISTSource
+from asvp_ray.data.files import ManifestSource
+from asvp_ray.data.sources import build_source
 from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.features.extract import extract_to_store
@@ -104,7 +106,7 @@ def test_manifest_extraction_matches_direct_features(ray_local, tmp_path):
     extract_to_store(store, 0, src, SPEC, CFG)
     ids, feats = store.read(0)
     assert ids.tolist() == [10 + i for i in range(6)]
-    from asvp_ray.data.sources import decode_image
+    from asvp_ray.data.images import decode_image
 
     imgs = np.empty(6, dtype=object)
     imgs[:] = [decode_image(str(p)) for p in paths]
@@ -114,7 +116,7 @@ def test_manifest_extraction_matches_direct_features(ray_local, tmp_path):
 def test_read_tasks_hand_the_actors_model_sized_uint8_images_and_features_match(ray_local, tmp_path):
     """Images of several sizes and modes (RGB 30x26, grayscale 18x40) are resized in the read
     tasks to one uint8 (B, 32, 32, 3) array; the features equal the in-process ones of each image."""
-    from asvp_ray.data.sources import decode_image
+    from asvp_ray.data.images import decode_image
     from asvp_ray.features.backbones import input_config
     from asvp_ray.features.extract import _comparable, _fit_images
 
@@ -170,12 +172,12 @@ def test_skip_unreadable_lists_skipped_ids(ray_local, tmp_path):
 
 
 def test_crash_mid_write_leaves_no_complete_version(ray_local, tmp_path, monkeypatch):
-    import asvp_ray.features.store as store_mod
+    import asvp_ray.features.parts as parts_mod
 
     store = FeatureStore(tmp_path / "features")
     pool = FashionMNISTSource(split="train", limit=150)
     calls = {"n": 0}
-    real_add = store_mod._SplitWriter.add_part
+    real_add = parts_mod.SplitWriter.add_part
 
     def dying_add(self, record):
         calls["n"] += 1
@@ -183,7 +185,7 @@ def test_crash_mid_write_leaves_no_complete_version(ray_local, tmp_path, monkeyp
             raise KeyboardInterrupt("simulated crash")
         return real_add(self, record)
 
-    monkeypatch.setattr(store_mod._SplitWriter, "add_part", dying_add)
+    monkeypatch.setattr(parts_mod.SplitWriter, "add_part", dying_add)
     with pytest.raises(KeyboardInterrupt):
         extract_to_store(store, 0, pool, SPEC, ExtractConfig(batch_size=50, progress=False), part_rows=50)
     assert store.versions() == [] and store.latest() is None
@@ -236,7 +238,7 @@ def test_extraction_actor_killed_mid_job_is_replaced_with_equal_features(ray_loc
 
 
 def test_nan_in_a_feature_file_is_reported(tmp_path):
-    from asvp_ray.features.store import features_to_arrow
+    from asvp_ray.features.parts import features_to_arrow
     import pyarrow.parquet as pq
 
     store = FeatureStore(tmp_path / "features")
@@ -262,7 +264,7 @@ def test_workers_write_checksummed_parts_and_damage_is_reported(ray_local, tmp_p
 
     from asvp_ray.data.fashion_mnist import read_idx
     from asvp_ray.core.errors import RunDirError
-    from asvp_ray.features.store import arrow_to_features, features_to_arrow
+    from asvp_ray.features.parts import arrow_to_features, features_to_arrow
 
     pool = FashionMNISTSource(split="train", limit=300)
     store = FeatureStore(tmp_path / "features")
@@ -305,7 +307,7 @@ KILLED_EXTRACTION = """
 import sys
 import ray
 from asvp_ray.config import ExtractConfig
-from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.data.fashion_mnist import FashionMNISTSource
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.features.extract import extract_to_store
 from asvp_ray.features.store import FeatureStore
@@ -393,7 +395,7 @@ def test_images_on_object_storage_are_read_concurrently_and_match_local_features
     """A manifest of s3:// image URIs (a real S3-protocol server on loopback): the read tasks fetch
     them (several at a time) and the features equal those of the same files read locally; a
     missing object is skipped and named."""
-    from asvp_ray.data.sources import _read_all, decode_image
+    from asvp_ray.data.images import _read_all, decode_image
 
     paths = write_images(tmp_path / "imgs", 24, size=(30, 26), seed=3)
     fs = s3_server["fs"]

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from asvp_ray.data.fashion_mnist import read_idx
-from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.data.fashion_mnist import FashionMNISTSource, read_idx
 from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.features.backbones import BackboneSpec, Preprocessor, create_backbone, data_config
 from asvp_ray.train.config import TrainConfig
@@ -168,7 +167,7 @@ MEM_SIZE = 96  # px: 2,000 RGB images decode to 55 MB, far above the caller's no
 @pytest.fixture(scope="module")
 def big_images(tmp_path_factory):
     """2,000 random 96x96 RGB PNGs in two class folders (an image_folder source)."""
-    from asvp_ray.data.sources import ImageFolderSource
+    from asvp_ray.data.files import ImageFolderSource
     from tests.conftest import write_images
 
     root = tmp_path_factory.mktemp("big_images")

@@ -159,7 +159,7 @@ def test_checkpoint_optimizer_state_is_copied_to_cpu():
 
 # =========================================================================== features: meta.json and cache key
 def test_extraction_records_device_and_precision(ray_local, tmp_path):
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
     from asvp_ray.features.extract import extract_to_store
     from asvp_ray.features.store import FeatureStore
 
@@ -174,7 +174,7 @@ def test_extraction_records_device_and_precision(ray_local, tmp_path):
 def test_feature_cache_key_names_device_and_precision(tmp_path):
     import hashlib
 
-    from asvp_ray.features.store import check_cached_compute, cache_key, legacy_cache_entries
+    from asvp_ray.features.cache import cache_key, check_cached_compute, legacy_cache_entries
 
     inputs = {"backbone": {"name": "x"}, "weights_hash": "ab", "pool": {"kind": "fashion_mnist"}}
     keys = {(d, p): cache_key(inputs, device=d, precision=p)
@@ -372,7 +372,7 @@ def test_recorded_fp32_on_cuda_turns_tf32_off(tf32_restored):
 
 # =========================================================================== on a GPU
 def _fm(n):
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     return FashionMNISTSource(split="train", limit=n)
 

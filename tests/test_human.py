@@ -10,8 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from asvp_ray.cli import app
-from asvp_ray.data.fashion_mnist import CLASSES
-from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.data.fashion_mnist import CLASSES, FashionMNISTSource
 from asvp_ray.loop.rundir import RunDir
 from tests.conftest import SMOKE
 
@@ -217,7 +216,7 @@ def test_task_links_are_url_encoded_files_or_uris(tmp_path):
     URIs stay as they are; an image outside the root is refused, naming the setting."""
     from urllib.parse import parse_qs, urlsplit
 
-    from asvp_ray.data.sources import ImageFolderSource, ManifestSource
+    from asvp_ray.data.files import ImageFolderSource, ManifestSource
     from asvp_ray.core.errors import BadInputError
     from asvp_ray.loop.human import write_queries
     from tests.conftest import write_images

@@ -265,10 +265,10 @@ def test_a_version_with_ids_out_of_order_reads_sorted_with_each_row_in_its_place
     assert got.flags.c_contiguous
 
     feats[[5, 7_777]] = np.nan  # the store's own writer refuses NaN: write it as a damaged version would hold it
-    import asvp_ray.features.store as st
+    import asvp_ray.features.parts as parts_mod
 
     with VersionWriter(store, 1, {"weights": "t"}) as w, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(st, "check_finite", lambda *a: None)
+        mp.setattr(parts_mod, "check_finite", lambda *a: None)
         w.add(ids, feats)
         w.commit()
     with pytest.raises(BadInputError, match=rf"NaN or infinite values for ids \[{min(ids[5], ids[7_777])}, "

@@ -31,7 +31,7 @@ kind = {n["NodeID"]: n["Labels"].get(LABEL) for n in ray.nodes()}
 out = {"selector": cpu_selector()}
 
 from asvp_ray.config import ExtractConfig
-from asvp_ray.data.sources import FashionMNISTSource
+from asvp_ray.data.fashion_mnist import FashionMNISTSource
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.features.extract import extract
 cfg = ExtractConfig(batch_size=32, progress=False)

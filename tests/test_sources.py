@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from asvp_ray.data import fashion_mnist as fm
-from asvp_ray.data.sources import FashionMNISTSource, ImageFolderSource, ManifestSource, path_id
+from asvp_ray.data.fashion_mnist import FashionMNISTSource
+from asvp_ray.data.files import ImageFolderSource, ManifestSource, path_id
 from asvp_ray.core.errors import BadInputError
 from tests.conftest import write_images
 

@@ -12,7 +12,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from asvp_ray.core.errors import RunDirError
-from asvp_ray.features.store import FeatureStore, write_part
+from asvp_ray.features.parts import write_part
+from asvp_ray.features.store import FeatureStore
 
 
 def _objects(fs, prefix):
@@ -361,7 +362,7 @@ def test_finetune_on_s3_resumes_from_its_checkpoints_there_and_its_model_file_sc
     import torch
 
     from asvp_ray.config import ExtractConfig
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
     from asvp_ray.features.backbones import BackboneSpec
     from asvp_ray.features.extract import predict_proba
     from asvp_ray.features.model_file import read_torch_file

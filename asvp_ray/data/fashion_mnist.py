@@ -1,4 +1,5 @@
-"""Fashion-MNIST from its IDX files: find them, fetch them, read them.
+"""Fashion-MNIST from its IDX files: find them, fetch them, read them; the pool source over them
+(:class:`FashionMNISTSource`, kind ``fashion_mnist``), decoded in Ray Data read tasks.
 
 Where the files come from, in order:
 1. a ``root`` given in the config or ``$ASVP_FASHION_MNIST``;
@@ -22,11 +23,12 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from asvp_ray.core.errors import BadInputError
+from asvp_ray.data.base import ROWS_PER_BLOCK, PoolSource, id_positions
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,98 @@ def read_idx(path: Path, rows: Optional[np.ndarray] = None) -> np.ndarray:
 def split_paths(root: Path, split: str) -> Tuple[Path, Path]:
     prefix = SPLIT_PREFIX[split]
     return root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+
+
+class FashionMNISTSource(PoolSource):
+    """Fashion-MNIST from its IDX files (train = pool, test = t10k), no torchvision downloader.
+
+    Args:
+        root: folder with the IDX files (default: found by ``fashion_mnist.find_root``).
+        split: ``train`` or ``test``.
+        limit: keep only the first ``limit`` samples (ids 0..limit-1), for small runs.
+    """
+
+    kind = "fashion_mnist"
+
+    @classmethod
+    def from_config(cls, cfg, classes: Optional[List[str]] = None) -> "FashionMNISTSource":
+        """The source a ``SourceConfig`` of this kind describes."""
+        return cls(root=cfg.root, split=cfg.split, limit=cfg.limit)
+
+    def __init__(self, root: Optional[str] = None, split: str = "train", limit: Optional[int] = None):
+        if split not in SPLIT_PREFIX:
+            raise BadInputError(f"fashion_mnist split {split!r} is not one of train, test")
+        self.root = find_root(root)
+        self.split = split
+        self.images_path, self.labels_path = split_paths(self.root, split)
+        _, shape, _ = read_idx_header(self.images_path)
+        n = shape[0] if limit is None else min(int(limit), shape[0])
+        if n <= 0:
+            raise BadInputError(f"fashion_mnist limit={limit} leaves no samples; use a positive limit")
+        self._ids = np.arange(n, dtype=np.int64)
+        self._labels = read_idx(self.labels_path)[:n].astype(np.int64)
+        self.limit = limit
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def classes(self) -> List[str]:
+        return list(CLASSES)
+
+    def paths(self, ids: Sequence[int]) -> List[str]:
+        return [f"{self.images_path}#{int(i)}" for i in ids]
+
+    def to_dataset(self, ids=None, skip_unreadable=False):
+        import ray.data
+
+        pos = id_positions(self._ids, ids)
+        return ray.data.read_datasource(_IDXDatasource(str(self.images_path), pos, self._ids[pos]))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "root": str(self.root), "split": self.split, "limit": self.limit,
+                "rows": len(self._ids)}
+
+
+class _IDXDatasource:
+    """A Ray Data datasource over rows of an IDX image file (each read task decodes its slice)."""
+
+    def __new__(cls, path: str, positions: np.ndarray, ids: np.ndarray):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        class IDXDatasource(Datasource):
+            def estimate_inmemory_data_size(self):
+                return int(len(positions) * 28 * 28)
+
+            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+                # Each task decompresses the gzip file once, so tasks are few and large (8 blocks each).
+                n_tasks = max(1, min(parallelism, -(-len(positions) // (8 * ROWS_PER_BLOCK))))
+                tasks = []
+                for pos_chunk, id_chunk in zip(np.array_split(positions, n_tasks), np.array_split(ids, n_tasks)):
+                    if len(pos_chunk) == 0:
+                        continue
+                    meta = BlockMetadata(num_rows=len(pos_chunk), size_bytes=len(pos_chunk) * 28 * 28,
+                                         input_files=[path], exec_stats=None)
+
+                    def read(p=pos_chunk, i=id_chunk):
+                        from ray.data.block import BlockAccessor
+
+                        imgs = read_idx(Path(path), p)
+                        for s in range(0, len(i), ROWS_PER_BLOCK):
+                            sl = slice(s, s + ROWS_PER_BLOCK)
+                            yield BlockAccessor.batch_to_block(
+                                {"id": i[sl], "image": imgs[sl], "error": np.array([""] * len(i[sl]), dtype=object)})
+
+                    tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+                return tasks
+
+        return IDXDatasource()
 
 
 def main(argv=None) -> int:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from asvp_ray.core.errors import BadInputError, ConfigError
+from asvp_ray.features.model_file import load_head, read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,17 @@ def create_backbone(spec: BackboneSpec, checkpoint: Optional[str] = None) -> tor
     return model.eval()
 
 
+def load_model(spec: BackboneSpec, checkpoint: str, with_head: bool = True) -> Tuple[torch.nn.Module, Optional[Any]]:
+    """The backbone of a model file (and its head when ``with_head``), on the CPU.
+
+    Args:
+        spec: the :class:`BackboneSpec` it was trained with.
+        checkpoint: the model file (:mod:`asvp_ray.features.model_file`), a path or a URI.
+    """
+    head = load_head(checkpoint) if with_head else None
+    return create_backbone(spec, checkpoint), head
+
+
 def _check_lite0_name(spec: BackboneSpec) -> None:
     if spec.name != "tf_efficientnet_lite0":
         raise ConfigError(f"weights: lite0_package fits only tf_efficientnet_lite0, not {spec.name}; "
@@ -179,8 +191,6 @@ def _load_raw(path: str) -> Dict[str, torch.Tensor]:
 def _load_file(path: str) -> Dict[str, torch.Tensor]:
     """A weights file's state dict: a local path, or a URI on the run's storage (a refreshed
     model file, read by extraction actors that may not see the run directory)."""
-    from asvp_ray.features.model_file import read_torch_file
-
     obj = read_torch_file(path, "weights file", "fix backbone.weights (a path, hub, lite0_package, auto or none)")
     return _extract_state_dict(obj, path)
 

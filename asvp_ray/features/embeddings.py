@@ -29,8 +29,8 @@ def _write_embedding_parts(table: pa.Table, folder: str, dim: Optional[int], ori
                            part_rows: int) -> Dict[str, np.ndarray]:
     """Ray Data task (fused with the read): check a block of embeddings and write it as parts of
     up to ``part_rows`` rows; returns their records."""
-    from asvp_ray.data.sources import embedding_rows
-    from asvp_ray.features.store import write_part
+    from asvp_ray.data.embeddings import embedding_rows
+    from asvp_ray.features.parts import write_part
 
     recs = []
     for start in range(0, table.num_rows, part_rows):

@@ -186,7 +186,7 @@ def _write_features(batch: Dict[str, np.ndarray], folders: Dict[str, str]) -> Di
         one row per split present: ``split``, the part's record (``store.write_part``; ``file``
         empty when no row was readable) and ``skipped``, a JSON list of ``[id, reason]``.
     """
-    from asvp_ray.features.store import write_part
+    from asvp_ray.features.parts import write_part
 
     ids = np.asarray(batch["id"], dtype=np.int64)
     errors = np.asarray(batch["error"], dtype=object)
@@ -395,7 +395,7 @@ def extract_to_store(store: FeatureStore, version: int, pool, spec: BackboneSpec
         BadInputError: an unreadable image (unless skipped), NaN or infinite features.
         AsvpError: the parts written do not account for every image (nothing is committed).
     """
-    from asvp_ray.features.store import rows_per_part
+    from asvp_ray.features.parts import rows_per_part
 
     t0 = time.perf_counter()
     # Fails fast on a bad name or weights, before any Ray work; the driver builds no weights for it

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Union
 
 from asvp_ray.core.errors import BadInputError
 from asvp_ray.storage.locations import put_bytes, is_uri, join_uri, resolve_uri
@@ -106,14 +106,3 @@ def load_head(checkpoint: str):
     lin.load_state_dict(head)
     return lin.eval()
 
-
-def load_model(spec, checkpoint: str, with_head: bool = True) -> Tuple[Any, Optional[Any]]:
-    """The backbone of a model file (and its head when ``with_head``), on the CPU.
-
-    Args:
-        spec: the :class:`~asvp_ray.features.backbones.BackboneSpec` it was trained with.
-    """
-    from asvp_ray.features.backbones import create_backbone
-
-    head = load_head(checkpoint) if with_head else None
-    return create_backbone(spec, checkpoint), head

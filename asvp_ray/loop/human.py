@@ -46,11 +46,11 @@ def write_queries(rd: RunDir, round_: int, ids: np.ndarray, source, classes: Seq
     remote URIs stay as they are). Sources whose images are not files (Fashion-MNIST's IDX
     arrays, ...) get the round's images written as ``queries/round-K/ID.png`` and link those.
     """
-    from asvp_ray.data.sources import _FileSource
+    from asvp_ray.data.images import FileSource
 
     qdir = rd.path / "queries"
     ids = np.asarray(ids, dtype=np.int64)
-    if isinstance(source, _FileSource):
+    if isinstance(source, FileSource):
         paths = [p if "://" in p else os.path.abspath(p) for p in source.paths(ids)]
     else:
         paths = _write_query_pngs(qdir / f"round-{round_}", ids, source)
@@ -80,7 +80,7 @@ def _write_query_pngs(folder: Path, ids: np.ndarray, source) -> List[str]:
     """The images of ``ids`` as ``folder/ID.png`` (absolute paths, in ``ids`` order)."""
     from PIL import Image
 
-    from asvp_ray.data.sources import FashionMNISTSource
+    from asvp_ray.data.fashion_mnist import FashionMNISTSource
 
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(source, FashionMNISTSource):  # direct read: no Ray needed for a few rows

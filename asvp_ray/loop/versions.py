@@ -230,7 +230,8 @@ class FeatureVersions:
         """
         from asvp_ray.features.extract_plan import resolve_compute
         from asvp_ray.storage.locations import is_uri, join_uri
-        from asvp_ray.features.store import FeatureStore, cache_key, check_cached_compute, legacy_cache_entries, link_version
+        from asvp_ray.features.cache import cache_key, check_cached_compute, legacy_cache_entries, link_version
+        from asvp_ray.features.store import FeatureStore
         from asvp_ray.core.redact import redact_uri
 
         t0 = time.perf_counter()
@@ -319,7 +320,7 @@ class FeatureVersions:
         Parquet files and write the version's parts; the driver gets their records and commits."""
         from asvp_ray.features.embeddings import write_embedding_parts
         from asvp_ray.features.extract import _Progress
-        from asvp_ray.features.store import POOL, rows_per_part
+        from asvp_ray.features.parts import POOL, rows_per_part
         from asvp_ray.runtime.ray_utils import init_ray
 
         init_ray()

@@ -80,13 +80,16 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
 
 
 def resolve_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """The ``pyarrow.fs`` filesystem and the path inside it of a URI; one filesystem object per
-    process for each bucket and set of options (workers resolve the same folder many times)."""
+    """The ``pyarrow.fs`` filesystem and the path inside it of a URI (percent-escapes decoded, as
+    ``pyarrow.fs.FileSystem.from_uri`` decodes them); one filesystem object per process for each
+    bucket and set of options on an object store (workers resolve the same folder many times,
+    read tasks every image's URI: a new one costs a credentials lookup and a connection pool)."""
     parts = urllib.parse.urlsplit(str(uri))
     scheme = parts.scheme.lower()
     if scheme in OBJECT_STORE_SCHEMES:
         bucket = parts.netloc.rpartition("@")[2]  # after the credentials s3://KEY:SECRET@bucket may hold
-        return _filesystem(scheme, parts.netloc, parts.query), (bucket + parts.path).rstrip("/")
+        path = urllib.parse.unquote(parts.path)
+        return _filesystem(scheme, parts.netloc, parts.query), (bucket + path).rstrip("/")
     fs, path = pafs.FileSystem.from_uri(str(uri))
     return fs, path.rstrip("/")
 
