@@ -1,7 +1,6 @@
 """The three methods end to end on the smoke pool: refresh, standard AL, the final model, the ledger."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
