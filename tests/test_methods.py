@@ -1,7 +1,6 @@
 """The three methods end to end on the smoke pool: refresh, standard AL, the final model, the ledger."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from asvp_ray.config import load_config
 from asvp_ray.loop.driver import Driver
+from asvp_ray.methods import RoundContext
 from tests.conftest import SMOKE
 
 BASE = ["budget.schedule=[40,40]", "proxy.epochs=10", "train.epochs=2", "train.lp_epochs=2"]
@@ -27,6 +27,7 @@ def run(tmp_path, features_v0, overrides, name="run"):
     out = tmp_path / name
     shutil.copytree(features_v0, out / "features")
     d = Driver(load_config(str(SMOKE), BASE + list(overrides)), str(out))
+    assert isinstance(d, RoundContext) and d.method.ctx is d  # what its method sees of the run
     try:
         summary = d.run()
     finally:

@@ -6,17 +6,21 @@ resumed run draws exactly what an uninterrupted one would). The CLI only talks t
 
 It keeps the round loop (select -> label -> method hook -> proxy -> evaluate -> commit), the commit
 point (``state.json``, written last) and the cost ledger. What differs between methods is in
-:mod:`asvp_ray.methods`; feature versions in :mod:`asvp_ray.loop.versions`; the human
-round in :mod:`asvp_ray.loop.human_round`; the config check and loading the committed state on
-resume in :mod:`asvp_ray.loop.resume`.
+:mod:`asvp_ray.methods`: a method is built with the driver as its
+:class:`~asvp_ray.methods.context.RoundContext` (``cfg``, ``next_round``, ``labeled``,
+``versions``, ``history``, ``ledger``, ``round_records``, ``timed``, ``train_resources``,
+``finetune``, ``predict_pool``, ``embed_labeled``) and uses nothing else of it. Feature versions
+are in :mod:`asvp_ray.loop.versions`; the proxy and the round record in :mod:`asvp_ray.loop.rounds`;
+fine-tunes and the final model in :mod:`asvp_ray.loop.training`; the human round in
+:mod:`asvp_ray.loop.human_round`; the config check and the committed state on resume in
+:mod:`asvp_ray.loop.resume`. These modules use the driver's public members only.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,15 +29,15 @@ from asvp_ray.config import Config, dump_config, load_config
 from asvp_ray.core.errors import ConfigError, RunDirError
 from asvp_ray.runtime.allocator import MemoryWatch, allocator_settings, lean_arrow_memory
 from asvp_ray.runtime.device import set_compute_threads
-from asvp_ray.runtime.resources import node_cpus
 from asvp_ray.features.backbones import BackboneSpec
 from asvp_ray.storage.locations import check_storage_reachable
-from asvp_ray.loop.ledger import CostLedger
 from asvp_ray.methods import METHODS
 from asvp_ray.data.oracle import ORACLES
-from asvp_ray.loop.resume import attach_run_log, check_config_matches, detach_run_log, load_state, open_data
+from asvp_ray.loop import training
+from asvp_ray.loop.actor import compute_threads, default_threads, import_runtime_modules
+from asvp_ray.loop.resume import attach_run_log, check_config_matches, detach_run_log, load_state, new_ledger, open_data
+from asvp_ray.loop.rounds import labeled_mask, proxy_for_round, round_record, train_proxy
 from asvp_ray.loop.rundir import RunDir
-from asvp_ray.loop.training import finetune_labeled, final_method, run_final, train_resources
 from asvp_ray.loop.versions import FeatureVersions
 from asvp_ray.proxy.mlp import MLPProxy
 from asvp_ray.runtime.ray_utils import quiet_ray_data
@@ -41,66 +45,6 @@ from asvp_ray.pool.view import PoolView
 from asvp_ray.selection import STRATEGIES, build_strategy
 
 log = logging.getLogger("asvp_ray.driver")
-
-
-def compute_threads() -> Dict[str, Any]:
-    """The threads this process computes with: torch's intra-op threads and ``OMP_NUM_THREADS``."""
-    import torch
-
-    return {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-
-def default_threads() -> int:
-    """Threads for the driver's own compute when ``driver_threads`` is not set: the CPUs Ray
-    reserved for this process where it reserved some (a Tune trial's share), else every CPU of the
-    node (the zero-CPU driver actor of `asvp-ray run`, or a plain process)."""
-    import math
-
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            res = ray.get_runtime_context().get_assigned_resources()
-            cpus = res.get("CPU") or max([v for k, v in res.items() if k.startswith("CPU_group")] or [0])
-            if cpus > 0:
-                return max(1, math.ceil(cpus))
-    except Exception:  # pragma: no cover - outside Ray, or an older runtime context
-        pass
-    return node_cpus()
-
-
-def _import_runtime_modules(cfg: Config) -> None:
-    """Import what the run will use before the driver's memory baseline is taken (summary.json ->
-    driver_memory measures growth above it): Ray Data (extraction / the embeddings import), the
-    Parquet datasets, and torch's dynamo, which the proxy's first optimiser step imports (about
-    150 MB of modules, the same for every pool size); fsspec's HTTP filesystem (aiohttp), which
-    Ray Data's Parquet and CSV readers import to check the paths they get; timm (about 48 MB) when
-    the pool has images to extract; Ray Train (about 8 MB) and the gRPC channel that Ray Data's
-    ``materialize`` opens to the raylet when the method or the final model fine-tunes."""
-    import importlib
-
-    import pyarrow.dataset  # noqa: F401
-    import ray.data  # noqa: F401
-    import torch._dynamo  # noqa: F401
-
-    optional = ["fsspec.implementations.http"]
-    if cfg.data.pool.kind != "embeddings":
-        import timm  # noqa: F401
-    if METHODS.get(cfg.method).finetunes(cfg) or cfg.final.training_method != "none":
-        import ray.train.torch  # noqa: F401
-
-        optional.append("ray._private.grpc_utils")
-    for name in optional:  # what Ray imports lazily, where it is installed
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
-def _fit_proxy(X: np.ndarray, proxy: MLPProxy, labels: np.ndarray, num_classes: int):
-    """``(the proxy fitted on X, its accuracy on X)`` (run where the rows are)."""
-    proxy.fit(X, labels, num_classes=num_classes)
-    return proxy, proxy.score(X, labels)
 
 
 class Driver:
@@ -127,7 +71,7 @@ class Driver:
         self._progress: Dict[str, Any] = {"phase": "starting"}
         self.threads = set_compute_threads(self.cfg.driver_threads or default_threads())
         lean_arrow_memory()
-        _import_runtime_modules(self.cfg)
+        import_runtime_modules(self.cfg)
         self.memory = MemoryWatch()  # after imports: the baseline growth is measured from
         quiet_ray_data()
         check_config_matches(self.rd, self.cfg)
@@ -140,11 +84,10 @@ class Driver:
         self.oracle = ORACLES.create(self.cfg.oracle, source=self.pool)  # None: human labellers
         self.spec = BackboneSpec(**self.cfg.backbone.model_dump())
         self.proxy: Optional[MLPProxy] = None
-        self.method = METHODS.create(self.cfg.method, driver=self)
-        self.policy = self.method.refresh_policy()
+        self.method = METHODS.create(self.cfg.method, ctx=self)  # builds its refresh policy: checks `refresh`
         self.versions = FeatureVersions(self.rd, self.cfg, self.pool, self.test, self.spec, self._set_progress)
         self._pool_probs: Optional[np.ndarray] = None  # the method's pool probabilities this round
-        self.ledger = self._new_ledger()
+        self.ledger = new_ledger(self.cfg)
         self.history = None
         self.final_done = False
         self.open_round: Optional[Dict[str, Any]] = None  # human oracle: the round awaiting labels
@@ -152,20 +95,18 @@ class Driver:
         self.labeled = {k: np.zeros(0, dtype=np.int64) for k in ("id", "label", "round")}
         self.next_round = 0
 
-    def _new_ledger(self, data: Optional[Dict[str, Any]] = None, before_round: Optional[int] = None) -> CostLedger:
-        c = self.cfg.cost
-        return CostLedger.from_json(data, c.per_label, c.per_cpu_hour, c.per_gpu_hour, before_round=before_round)
-
     # ------------------------------------------------------------------ set-up and resume
     def prepare(self) -> Dict[str, Any]:
         """Extract features v0 if needed, load state, roll back uncommitted rows (see
         :func:`asvp_ray.loop.resume.load_state`), rebuild the proxy."""
         with self.memory.phase("prepare"):
-            load_state(self)
+            s = load_state(self.rd, self.cfg, self.versions, self.pool, self.test, self.classes)
+        self.next_round, self.final_done, self.open_round = s.next_round, s.final_done, s.open_round
+        self.labeled, self.summary, self.ledger, self.history = s.labeled, s.summary, s.ledger, s.history
         if self.next_round > 0:
             self._train_proxy(self.next_round - 1)
         self.summary["status"] = "finished" if self.finished else "running"
-        self._commit()
+        self.commit()
         return self.status()
 
     def _set_progress(self, progress: Dict[str, Any]) -> None:
@@ -186,38 +127,22 @@ class Driver:
         return self.rounds_done and (self.final_done or self.final_method() == "none")
 
     def final_method(self) -> str:
-        """The final training method and (via ``final_reason``) why, following ASVP.md."""
-        m, self.final_reason = final_method(self.cfg, self.method, self.pool)
-        return m
-
-    def _proxy_for_round(self, r: int) -> MLPProxy:
-        p = self.cfg.proxy
-        return MLPProxy(hidden=p.hidden, linear=p.linear, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                        momentum=p.momentum, weight_decay=p.weight_decay, normalize=p.normalize, device=p.device,
-                        seed=int(np.random.default_rng([self.cfg.seed, r, 1]).integers(2**31)))
+        """The final training method, following ASVP.md (:func:`asvp_ray.loop.training.final_method`)."""
+        return training.final_method(self.cfg, self.method, self.pool)[0]
 
     def _train_proxy(self, r: int) -> float:
-        """Train this round's proxy on the labelled rows; returns its training accuracy. With the
-        pool in shard actors and the proxy on the CPU, it trains in a Ray task that reads the
-        labelled rows from the shards (the rows and the training's working memory never enter
-        the driver; the fitted proxy comes back), on the driver's thread count: the same proxy."""
-        from asvp_ray.proxy.mlp import _resolve_device
+        """Train round ``r``'s proxy on the labelled rows (:func:`asvp_ray.loop.rounds.train_proxy`);
+        returns its training accuracy."""
+        self.proxy, acc = train_proxy(proxy_for_round(self.cfg, r), self.versions, self.labeled, len(self.classes))
+        return acc
 
-        proxy, labels = self._proxy_for_round(r), self.labeled["label"]
-        shards = self.versions.shards
-        if shards is not None and len(labels) and _resolve_device(proxy.device).type == "cpu":
-            from asvp_ray.pool.store_shards import compute_on_rows
-
-            self.proxy, acc = compute_on_rows(shards, [self.versions.rows(self.labeled["id"])], _fit_proxy, proxy,
-                                              labels, len(self.classes))
-            return acc
-        X = self.versions.features_of(self.labeled["id"])
-        self.proxy = proxy.fit(X, labels, num_classes=len(self.classes))
-        return self.proxy.score(X, labels)
+    # ------------------------------------------------------------------ the methods' RoundContext
+    def round_records(self) -> List[Dict[str, Any]]:
+        return self.summary.get("rounds", [])
 
     @contextmanager
-    def _timed(self, seconds: Dict[str, float], phase: str, cpus: float = 1.0, gpus: float = 0.0,
-               ledger_phase: Optional[str] = None):
+    def timed(self, seconds: Dict[str, float], phase: str, cpus: float = 1.0, gpus: float = 0.0,
+              ledger_phase: Optional[str] = None):
         """Time a phase into the round's ``seconds`` and the cost ledger."""
         self._progress = {"phase": phase, "round": self.next_round}
         fault_point(f"phase:{phase}:r{self.next_round}")
@@ -230,22 +155,23 @@ class Driver:
             seconds[phase] = round(seconds.get(phase, 0.0) + dt, 4)
             self.ledger.add(ledger_phase or phase, dt, cpus=cpus, gpus=gpus, round=self.next_round)
 
-    def _train_resources(self) -> Dict[str, float]:
-        return train_resources(self.cfg.train)
+    def train_resources(self) -> Dict[str, float]:
+        return training.train_resources(self.cfg.train)
 
-    def _finetune(self, method: str, tag: str, evaluate: bool):
+    def finetune(self, method: str, tag: str, evaluate: bool):
         """Fine-tune on the labelled set (see :func:`asvp_ray.loop.training.finetune_labeled`)."""
-        return finetune_labeled(self, method, tag, evaluate)
+        return training.finetune_labeled(self, method, tag, evaluate)
 
+    def predict_pool(self, checkpoint) -> Tuple[np.ndarray, np.ndarray]:
+        return training.predict_pool(self, checkpoint)
+
+    def embed_labeled(self, checkpoint) -> Tuple[np.ndarray, np.ndarray]:
+        return training.embed_labeled(self, checkpoint)
+
+    # ------------------------------------------------------------------ a round
     def pool_view(self) -> PoolView:
-        # self.ids is sorted: look the labelled ids up (np.isin sorts a copy of both: ~30 MB at 1M rows)
-        mask = np.zeros(len(self.ids), dtype=bool)
-        lab = self.labeled["id"]
-        if len(lab) and len(self.ids):
-            pos = np.minimum(np.searchsorted(self.ids, lab), len(self.ids) - 1)
-            mask[pos[self.ids[pos] == lab]] = True
-        return PoolView(ids=self.ids, features=self.features, shards=self.versions.shards, labeled_mask=mask,
-                        model=self.proxy,
+        return PoolView(ids=self.ids, features=self.features, shards=self.versions.shards,
+                        labeled_mask=labeled_mask(self.ids, self.labeled["id"]), model=self.proxy,
                         probs=self._pool_probs)
 
     def select_batch(self) -> Dict[str, Any]:
@@ -268,7 +194,7 @@ class Driver:
             if probs is not None:
                 self._pool_probs = probs
         strategy = self.cold_start if first else self.strategy
-        with self._timed(seconds, "select", ledger_phase="score_select"):
+        with self.timed(seconds, "select", ledger_phase="score_select"):
             chosen = strategy.select(self.pool_view(), n, rng)
         return {"round": r, "ids": chosen, "selected_by": "random" if first else self.cfg.strategy,
                 "seconds": seconds, "extra": extra}
@@ -287,29 +213,21 @@ class Driver:
         refresh), train the proxy, evaluate, record and commit. Returns the round's record."""
         r, seconds, extra = batch["round"], dict(batch["seconds"]), dict(batch["extra"])
         refreshed = self.method.after_labels(r, seconds, extra)
-        with self._timed(seconds, "proxy_train"):
+        with self.timed(seconds, "proxy_train"):
             train_acc = self._train_proxy(r)
         test_acc = None
         if self.test is not None:
-            with self._timed(seconds, "evaluate"):
+            with self.timed(seconds, "evaluate"):
                 test_acc = float(self.proxy.score(self.versions.test_features, self.versions.test_labels))
-        n_new = int((self.labeled["round"] == r).sum())
-        record = {
-            "round": r, "n_labeled": int(len(self.labeled["id"])), "n_selected": int(len(batch["ids"])),
-            "n_labels_bought": n_new, "selected_by": batch["selected_by"],
-            "feature_version": self.feature_version, "refreshed": refreshed,
-            "proxy_train_accuracy": round(float(train_acc), 6),
-            "proxy_test_accuracy": None if test_acc is None else round(test_acc, 6),
-            "seconds": seconds, **extra,
-        }
+        record = round_record(batch, self.labeled, self.feature_version, refreshed, train_acc, test_acc, seconds, extra)
         self.summary["rounds"].append(record)
         self.next_round = r + 1
         self.open_round = None
-        line = ("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, n_new, record["selected_by"],
-                record["n_labeled"], record["proxy_test_accuracy"])
+        line = ("round %d: +%d labels (%s) -> %d; proxy test accuracy %s", r, record["n_labels_bought"],
+                record["selected_by"], record["n_labeled"], record["proxy_test_accuracy"])
         if self.rd.bucket is not None:  # its run.log is uploaded with the commit: the round's line goes in it
             log.info(*line)
-        self._commit()
+        self.commit()
         if refreshed:
             self.versions.prune()
         if self.rd.bucket is None:  # a local log is appended at once: the line follows the commit
@@ -323,7 +241,7 @@ class Driver:
                               f"`asvp-ray select {self.rd.location}`, label queries/round-K.csv, then "
                               f"`asvp-ray label {self.rd.location} FILE`")
         batch = self.select_batch()
-        with self._timed(batch["seconds"], "label", cpus=0.0):
+        with self.timed(batch["seconds"], "label", cpus=0.0):
             labels = self.oracle.label(batch["ids"])
         self.add_labels(batch["ids"], labels, batch["round"])
         return self.complete_round(batch)
@@ -337,9 +255,9 @@ class Driver:
 
     def run_final(self) -> Optional[Dict[str, Any]]:
         """Train and evaluate the final model (see :func:`asvp_ray.loop.training.run_final`)."""
-        return run_final(self)
+        return training.run_final(self)
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         """Write labelled set and summary, then state.json last (the commit point)."""
         self.rd.write_labeled(self.labeled["id"], self.labeled["label"], self.labeled["round"])
         self.summary["feature_versions"] = self.versions.describe()

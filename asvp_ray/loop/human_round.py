@@ -58,7 +58,7 @@ def human_select(d: "Driver", close: bool = False) -> Dict[str, Any]:
                           local_files_root=d.cfg.label.local_files_root)
     d.open_round = {"round": batch["round"], "ids": batch["ids"].tolist(), "selected_by": batch["selected_by"],
                     "seconds": batch["seconds"], "extra": batch["extra"]}
-    d._commit()
+    d.commit()
     out["opened"] = {"round": batch["round"], "n": int(len(batch["ids"])), "selected_by": batch["selected_by"],
                      "files": [str(f) for f in files]}
     log.info("round %d opened: %d ids for labellers in %s", batch["round"], len(batch["ids"]), files[0])

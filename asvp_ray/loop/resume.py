@@ -1,18 +1,23 @@
 """Opening a run directory, new or resumed: its run log, the config check, the data sources and
-the budget check (before anything is written), and loading the committed state into a driver.
+the budget check (before anything is written), and loading the committed state (a
+:class:`CommittedState` the driver takes over).
 
-``state.json`` is the commit point (written last by ``Driver._commit``). On resume everything
+``state.json`` is the commit point (written last by ``Driver.commit``). On resume everything
 after it is rolled back: labels of uncommitted rounds, their summary records and their cost
 ledger entries; the alignment history is rebuilt from the committed round records.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from asvp_ray.config import load_config, upgrade_legacy_config
 from asvp_ray.data.sources import build_source
 from asvp_ray.core.errors import ConfigError, RunDirError
+from asvp_ray.loop.ledger import CostLedger
 
 log = logging.getLogger("asvp_ray.driver")
 
@@ -112,41 +117,62 @@ def check_config_matches(rd, cfg) -> None:
                               f"{', '.join(diff)}); resume it with the same config, or use a new --out")
 
 
-def load_state(d) -> None:
-    """Open the feature version (extracting v0 if needed) and load the committed state of the run
-    directory into the driver ``d``: round counters, labelled set, summary, ledger, history."""
-    state = d.rd.read_state()
-    d.next_round = int(state["next_round"]) if state else 0
-    d.final_done = bool(state and state.get("final_done"))
-    d.open_round = state.get("open_round") if state else None
-    pending_v0 = d.versions.open(int(state["feature_version"]) if state else None)
-    lab = d.rd.read_labeled()
-    keep = lab["round"] < d.next_round
-    if d.open_round is not None:  # labels imported for the round awaiting completion
-        keep |= lab["round"] == d.open_round["round"]
+def new_ledger(cfg, data: Optional[Dict[str, Any]] = None, before_round: Optional[int] = None) -> CostLedger:
+    """The run's cost ledger at ``cfg.cost``'s prices: empty, or read from ``data`` (the summary's
+    ``ledger``) without the entries of rounds from ``before_round`` on."""
+    c = cfg.cost
+    return CostLedger.from_json(data, c.per_label, c.per_cpu_hour, c.per_gpu_hour, before_round=before_round)
+
+
+@dataclass
+class CommittedState:
+    """A run directory's committed state, as the driver takes it over on ``prepare``."""
+
+    next_round: int
+    final_done: bool
+    open_round: Optional[Dict[str, Any]]  # human labellers: the round awaiting labels
+    labeled: Dict[str, np.ndarray]  # id, label, round
+    summary: Dict[str, Any]
+    ledger: CostLedger
+    history: Any  # the alignment monitor's History
+
+
+def load_state(rd, cfg, versions, pool, test, classes: List[str]) -> CommittedState:
+    """Open the feature version (``versions``: extracting v0 if needed) and read the committed
+    state of the run directory ``rd``: round counters, labelled set, summary, ledger, history."""
+    state = rd.read_state()
+    next_round = int(state["next_round"]) if state else 0
+    final_done = bool(state and state.get("final_done"))
+    open_round = state.get("open_round") if state else None
+    pending_v0 = versions.open(int(state["feature_version"]) if state else None)
+    lab = rd.read_labeled()
+    keep = lab["round"] < next_round
+    if open_round is not None:  # labels imported for the round awaiting completion
+        keep |= lab["round"] == open_round["round"]
     if not keep.all():
         log.warning("rolling back %d label(s) of round(s) %s that were not committed", int((~keep).sum()),
                     sorted(set(lab["round"][~keep].tolist())))
-    d.labeled = {k: v[keep] for k, v in lab.items()}
-    d.summary = d.rd.read_summary() or new_summary(d)
-    d.summary["rounds"] = [r for r in d.summary.get("rounds", []) if r["round"] < d.next_round]
-    if not d.final_done:
-        d.summary.pop("final", None)
+    labeled = {k: v[keep] for k, v in lab.items()}
+    summary = rd.read_summary() or new_summary(cfg, pool, test, classes, versions)
+    summary["rounds"] = [r for r in summary.get("rounds", []) if r["round"] < next_round]
+    if not final_done:
+        summary.pop("final", None)
     # entries of uncommitted work are dropped; a committed final model keeps its own
-    d.ledger = d._new_ledger(d.summary.get("ledger"), before_round=None if d.final_done else d.next_round)
-    d.ledger.add_labels(len(d.labeled["id"]))
-    d.versions.charge_v0(d.ledger, pending_v0)
-    d.history = rebuild_history(d.summary)
+    ledger = new_ledger(cfg, summary.get("ledger"), before_round=None if final_done else next_round)
+    ledger.add_labels(len(labeled["id"]))
+    versions.charge_v0(ledger, pending_v0)
+    return CommittedState(next_round=next_round, final_done=final_done, open_round=open_round, labeled=labeled,
+                          summary=summary, ledger=ledger, history=rebuild_history(summary))
 
 
-def new_summary(d) -> Dict[str, Any]:
+def new_summary(cfg, pool, test, classes: List[str], versions) -> Dict[str, Any]:
     """The summary of a run that has not committed anything yet."""
     return {
-        "name": d.cfg.name, "method": d.cfg.method, "strategy": d.cfg.strategy, "seed": d.cfg.seed,
-        "strategy_options": dict(d.cfg.strategy_options),
-        "pool_size": len(d.pool), "test_size": len(d.test) if d.test is not None else 0,
-        "num_classes": len(d.classes), "classes": d.classes, "schedule": list(d.cfg.budget.schedule),
-        "backbone": d.cfg.backbone.name, "feature_versions": d.versions.describe(),
+        "name": cfg.name, "method": cfg.method, "strategy": cfg.strategy, "seed": cfg.seed,
+        "strategy_options": dict(cfg.strategy_options),
+        "pool_size": len(pool), "test_size": len(test) if test is not None else 0,
+        "num_classes": len(classes), "classes": classes, "schedule": list(cfg.budget.schedule),
+        "backbone": cfg.backbone.name, "feature_versions": versions.describe(),
         "status": "running", "rounds": [],
     }
 

@@ -1,10 +1,15 @@
 """Fine-tuning from the driver with Ray Train: the labelled set's fine-tunes (feature refresh,
-standard AL, probes) and the final model trained after the last round."""
+standard AL, probes), what a fine-tuned model computes for a method (the pool's class
+probabilities, the labelled images' features), and the final model trained after the last round.
+
+The functions take the driver ``d`` and use only its public members."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
 
 from asvp_ray.storage.locations import is_uri, join_uri
 from asvp_ray.core.redact import redact_uri
@@ -43,6 +48,23 @@ def finetune_labeled(d, method: str, tag: str, evaluate: bool):
     return res
 
 
+def predict_pool(d, checkpoint) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids, class probabilities)`` of the driver's whole pool from the model file ``checkpoint``
+    (backbone + head), through the extraction actor pool; ids in the order they came back."""
+    from asvp_ray.features.extract import predict_proba
+
+    return predict_proba(d.pool, d.ids, checkpoint, d.spec, d.cfg.extract)
+
+
+def embed_labeled(d, checkpoint) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids, features)`` of the driver's labelled images from the model file ``checkpoint``,
+    through the extraction actor pool; ids in the order they came back."""
+    from asvp_ray.features.extract import extract
+
+    chunks = list(extract(d.pool, d.spec, d.cfg.extract, ids=d.labeled["id"], checkpoint=checkpoint))
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
 def final_method(cfg, method, pool=None) -> Tuple[str, str]:
     """``(final training method, why)``, following ASVP.md (``auto``: ``method.auto_final()``;
     none for an embeddings pool without images)."""
@@ -56,16 +78,16 @@ def final_method(cfg, method, pool=None) -> Tuple[str, str]:
 
 def run_final(d) -> Optional[Dict[str, Any]]:
     """Train the final model on the driver's final labelled set, evaluate it on the test set, commit."""
-    method = d.final_method()
+    method, reason = final_method(d.cfg, d.method, d.pool)
     if method == "none" or d.final_done:
         return d.summary.get("final")
     seconds: Dict[str, float] = {}
-    with d._timed(seconds, "final_train", **d._train_resources()):
-        res = d._finetune(method, "final", evaluate=d.test is not None)
-    d.summary["final"] = {"training_method": method, "reason": d.final_reason,
+    with d.timed(seconds, "final_train", **d.train_resources()):
+        res = d.finetune(method, "final", evaluate=True)
+    d.summary["final"] = {"training_method": method, "reason": reason,
                           "test_accuracy": res.test_accuracy, "checkpoint": redact_uri(res.checkpoint),
                           "seconds": round(seconds["final_train"], 3), "n_labeled": int(len(d.labeled["id"]))}
     d.final_done = True
-    d._commit()
-    log.info("final model (%s: %s): test accuracy %s", method, d.final_reason, res.test_accuracy)
+    d.commit()
+    log.info("final model (%s: %s): test accuracy %s", method, reason, res.test_accuracy)
     return d.summary["final"]

@@ -34,7 +34,7 @@ class ASVP(Method):
     def refresh_policy(self):
         from asvp_ray.alignment import REFRESH_POLICIES
 
-        cfg = self.d.cfg
+        cfg = self.ctx.cfg
         rc = cfg.refresh
         kwargs: Dict[str, Any] = {}
         if rc.policy == "at_labels":
@@ -56,28 +56,28 @@ class ASVP(Method):
         """Monitor alignment, ask the policy, and refresh the features when it says so."""
         from asvp_ray.alignment import RoundState
 
-        d = self.d
-        with d._timed(seconds, "monitor"):
+        ctx = self.ctx
+        with ctx.timed(seconds, "monitor"):
             scores = self._monitor()
-        d.history.append(RoundState(round=r, n_labeled=int(len(d.labeled["id"])), scores=scores))
-        probe = self._probe_fn(seconds) if getattr(d.policy, "requires_probe", False) else None
+        ctx.history.append(RoundState(round=r, n_labeled=int(len(ctx.labeled["id"])), scores=scores))
+        probe = self._probe_fn(seconds) if getattr(self.policy, "requires_probe", False) else None
         self._probe_result = None  # set by the probe: its fine-tune, reused by a refresh decided now
-        decision = d.policy.decide(d.history, probe=probe)
+        decision = self.policy.decide(ctx.history, probe=probe)
         extra.update({"alignment": scores, "decision": decision.reason, "decision_scores": decision.scores,
                       "decision_reference": decision.reference})
         log.info("round %d alignment %s -> %s", r, scores, decision.reason)
         if not decision.refresh:
-            d.history.mark_refreshed(False)
+            ctx.history.mark_refreshed(False)
             return False
         extra["refresh"] = self._refresh(seconds, reuse=self._probe_result)
-        with d._timed(seconds, "monitor"):
+        with ctx.timed(seconds, "monitor"):
             after = self._monitor()
         extra["alignment_after_refresh"] = after
-        d.history.mark_refreshed(True, refreshed_scores=after)
+        ctx.history.mark_refreshed(True, refreshed_scores=after)
         return True
 
     def auto_final(self) -> Tuple[str, str]:
-        refreshed = any(r.get("refreshed") for r in self.d.summary.get("rounds", []))
+        refreshed = any(r.get("refreshed") for r in self.ctx.round_records())
         if refreshed:
             return "ft", "auto: features were refreshed, so FT (the labelled set is large enough to move them)"
         return "lpft", "auto: features were never refreshed, so LP-FT keeps the pre-trained information"
@@ -85,23 +85,23 @@ class ASVP(Method):
     # ------------------------------------------------------------------ helpers
     def _monitor(self) -> Dict[str, float]:
         """Alignment scores of the current features on the labelled set (seeded subsamples)."""
-        d = self.d
-        m = d.cfg.monitor
-        rng = np.random.default_rng([d.cfg.seed, d.next_round, 2])
-        take = np.arange(len(d.labeled["id"]))
+        ctx, versions = self.ctx, self.ctx.versions
+        m = ctx.cfg.monitor
+        rng = np.random.default_rng([ctx.cfg.seed, ctx.next_round, 2])
+        take = np.arange(len(ctx.labeled["id"]))
         if len(take) > m.max_rows:
             take = np.sort(rng.choice(take, m.max_rows, replace=False))
-        rows = d.versions.rows(d.labeled["id"][take])
-        labels = d.labeled["label"][take]
-        n = len(d.ids)
+        rows = versions.rows(ctx.labeled["id"][take])
+        labels = ctx.labeled["label"][take]
+        n = len(versions.ids)
         ref_rows = np.sort(rng.choice(n, m.reference_rows, replace=False)) if n > m.reference_rows else np.arange(n)
-        shards = d.versions.shards
+        shards = versions.shards
         if shards is not None:  # computed in a task that reads the rows from the shard actors
             from asvp_ray.pool.store_shards import compute_on_rows
 
             scores = compute_on_rows(shards, [rows, ref_rows], _scores, labels, tuple(m.scores))
         else:
-            scores = _scores(d.versions.features_at(rows), d.versions.features_at(ref_rows), labels, tuple(m.scores))
+            scores = _scores(versions.features_at(rows), versions.features_at(ref_rows), labels, tuple(m.scores))
         return {k: round(float(v), 6) for k, v in scores.items()}
 
     def _refresh(self, seconds: Dict[str, float], reuse=None) -> Dict[str, Any]:
@@ -111,49 +111,45 @@ class ASVP(Method):
             reuse: a FinetuneResult of the same recipe on the same labelled set (the probe's):
                 its checkpoint is used and no second fine-tune runs.
         """
-        d = self.d
-        new_v = d.feature_version + 1
-        res_t = d._train_resources()
+        ctx, versions = self.ctx, self.ctx.versions
+        new_v = versions.current + 1
+        res_t = ctx.train_resources()
         out: Dict[str, Any] = {"version": new_v}
         if reuse is not None:
             res = reuse
             seconds["refresh_finetune"] = 0.0
-            d.ledger.add("refresh_finetune", 0.0, round=d.next_round, reused=str(res.checkpoint))
+            ctx.ledger.add("refresh_finetune", 0.0, round=ctx.next_round, reused=str(res.checkpoint))
             out["finetune_reused"] = str(res.checkpoint)
             log.info("refresh v%d reuses the probe's fine-tuned checkpoint %s (no second fine-tune)", new_v,
                      res.checkpoint)
         else:
-            with d._timed(seconds, "refresh_finetune", **res_t):
-                res = d._finetune("ft", f"refresh-v{new_v}", evaluate=False)
+            with ctx.timed(seconds, "refresh_finetune", **res_t):
+                res = ctx.finetune("ft", f"refresh-v{new_v}", evaluate=False)
         ft_cost = {"wall_s": round(float(getattr(res, "seconds", 0.0) or 0.0), 3), **res_t,
                    "checkpoint": str(res.checkpoint)}
-        with d._timed(seconds, "refresh_extract", **d.versions.extract_resources()):
-            d.versions.extract(new_v, checkpoint=res.checkpoint, phase="refresh_extract", finetune_cost=ft_cost)
-        d.versions.switch_to(new_v)
+        with ctx.timed(seconds, "refresh_extract", **versions.extract_resources()):
+            versions.extract(new_v, checkpoint=res.checkpoint, phase="refresh_extract", finetune_cost=ft_cost)
+        versions.switch_to(new_v)
         out.update({"checkpoint": str(res.checkpoint), "finetune_seconds": seconds["refresh_finetune"],
                     "extract_seconds": seconds["refresh_extract"]})
         return out
 
     def _probe_fn(self, seconds: Dict[str, float]):
         """For the probe policy: a cheap fine-tune, features of the labelled set only, their scores."""
-        d = self.d
+        ctx = self.ctx
 
         def probe(history) -> Dict[str, float]:
             from asvp_ray.alignment import alignment_scores
-            from asvp_ray.features.extract import extract
 
-            with d._timed(seconds, "probe", **d._train_resources()):
+            with ctx.timed(seconds, "probe", **ctx.train_resources()):
                 # the refresh recipe on the same labelled set: a refresh decided now reuses it
-                res = d._finetune("ft", f"probe-r{d.next_round}", evaluate=False)
+                res = ctx.finetune("ft", f"probe-r{ctx.next_round}", evaluate=False)
                 self._probe_result = res
-                chunks = list(extract(d.pool, d.spec, d.cfg.extract, ids=d.labeled["id"],
-                                      checkpoint=res.checkpoint))
-            ids = np.concatenate([c[0] for c in chunks])
-            feats = np.concatenate([c[1] for c in chunks])
+                ids, feats = ctx.embed_labeled(res.checkpoint)
             order = np.argsort(ids)
-            lab_order = np.argsort(d.labeled["id"])
-            return alignment_scores(feats[order], d.labeled["label"][lab_order],
-                                    reference=None, scores=tuple(d.cfg.monitor.scores))
+            lab_order = np.argsort(ctx.labeled["id"])
+            return alignment_scores(feats[order], ctx.labeled["label"][lab_order],
+                                    reference=None, scores=tuple(ctx.cfg.monitor.scores))
 
         return probe
 

@@ -1,7 +1,8 @@
 """What an active-learning method is to the driver: a small class with the hooks it calls.
 
 The driver (:mod:`asvp_ray.loop.driver`) keeps the round loop, the commit point and the cost
-ledger; a method decides only:
+ledger; a method sees the run only through the :class:`~asvp_ray.methods.context.RoundContext` it
+is built with (the driver implements it; tests pass a fake) and decides only:
 
 - :meth:`Method.refresh_policy`: the feature-refresh policy (``never`` unless the method refreshes);
 - :meth:`Method.pool_probs`: where the pool's class probabilities come from this round (None: the
@@ -20,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from asvp_ray.core.registry import Registry
+from asvp_ray.methods.context import RoundContext
 
 METHODS: Registry["Method"] = Registry("method")
 
@@ -28,14 +30,19 @@ class Method:
     """Base class: the SVPP behaviour (fixed features, proxy-scored pool, FT final model).
 
     Args:
-        driver: the driver running the rounds; hooks use its services (``_timed``,
-            ``_finetune``, ``versions``, ``labeled`` ...).
+        ctx: the run as the method sees it (timing, fine-tunes, the feature versions, the
+            labelled set, the config ...); hooks use only its members.
+
+    Attributes:
+        policy: the run's feature-refresh policy (:meth:`refresh_policy`, built here so that a
+            bad ``refresh`` section fails when the method is created).
     """
 
     name = "method"
 
-    def __init__(self, driver: Any):
-        self.d = driver
+    def __init__(self, ctx: RoundContext):
+        self.ctx = ctx
+        self.policy = self.refresh_policy()
 
     def refresh_policy(self):
         """The feature-refresh policy of the run (default: never refresh)."""

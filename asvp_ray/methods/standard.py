@@ -24,16 +24,14 @@ class Standard(Method):
 
     def pool_probs(self, seconds: Dict[str, float], extra: Dict[str, Any]) -> Optional[np.ndarray]:
         """Fine-tune on the labelled set, then score the whole pool with backbone + head."""
-        from asvp_ray.features.extract import predict_proba
-
-        d = self.d
-        r = d.next_round
-        with d._timed(seconds, "finetune", **d._train_resources()):
-            res = d._finetune("ft", f"round-{r}", evaluate=d.test is not None)
-        with d._timed(seconds, "score_pool", **d.versions.extract_resources()):
-            ids, probs = predict_proba(d.pool, d.ids, res.checkpoint, d.spec, d.cfg.extract)
+        ctx = self.ctx
+        r = ctx.next_round
+        with ctx.timed(seconds, "finetune", **ctx.train_resources()):
+            res = ctx.finetune("ft", f"round-{r}", evaluate=True)  # on the test set, if the run has one
+        with ctx.timed(seconds, "score_pool", **ctx.versions.extract_resources()):
+            ids, probs = ctx.predict_pool(res.checkpoint)
         order = np.argsort(ids)
-        if not np.array_equal(ids[order], d.ids):
+        if not np.array_equal(ids[order], ctx.versions.ids):
             raise RunDirError("standard AL scoring returned ids that do not match the feature store's pool")
         extra.update({"finetune_test_accuracy": res.test_accuracy, "checkpoint": str(res.checkpoint)})
         return probs[order]
