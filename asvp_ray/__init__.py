@@ -15,11 +15,13 @@ Package layout (where data enters, where features are made, where selection happ
 __version__ = "0.1.0"
 
 #: The public Python API (asvp_ray.api), imported on first use so that ``import asvp_ray`` stays
-#: light: run, resume, result, status, label, report_runs (asvp_ray.report is the module), study, as_config, RunResult, Config,
-#: load_config.
-__all__ = ["run", "resume", "result", "status", "label", "report_runs", "study", "as_config", "RunResult", "Config",
-           "load_config", "__version__"]
-
+#: light. One function per ``asvp-ray`` command: run / resume (a whole experiment), extract, init,
+#: select, label, status, final (human rounds), report_runs (asvp_ray.report is the module), study
+#: (Ray Tune), strategies; what they return: RunResult, Extracted, Selection; NotARunError; and
+#: the config: as_config, Config, load_config.
+__all__ = ["run", "resume", "result", "extract", "init", "select", "label", "status", "final", "report_runs", "study",
+           "strategies", "as_config", "RunResult", "Extracted", "Selection", "NotARunError", "Config", "load_config",
+           "__version__"]
 
 def __getattr__(name):
     if name in __all__ and name != "__version__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import closing
 from pathlib import Path
 from typing import List, Optional
 
@@ -62,30 +61,15 @@ def extract(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Extract pool (and test) features with a timm backbone into a versioned feature store."""
-    from asvp_ray.config import load_config
-    from asvp_ray.data.sources import build_source
-    from asvp_ray.features.backbones import BackboneSpec
-    from asvp_ray.features.extract import extract_to_store
-    from asvp_ray.storage.locations import check_storage_reachable
-    from asvp_ray.loop.rundir import RunDir
-    from asvp_ray.runtime.ray_utils import init_ray
-    from asvp_ray.core.redact import redact_uri
+    from asvp_ray import api
 
     _setup_logging(None, verbose)
     try:
-        cfg = load_config(str(config), set_)
-        _setup_logging(out / "extract.log", verbose)
-        pool = build_source(cfg.data.pool, cfg.data.classes)
-        test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
-        check_storage_reachable(cfg.storage)
-        store = RunDir(out).open_store(cfg.storage)
-        v = version if version is not None else (0 if store.latest() is None else store.latest() + 1)
-        init_ray(address)
-        meta = extract_to_store(store, v, pool, BackboneSpec(**cfg.backbone.model_dump()), cfg.extract, test=test,
-                                skip_unreadable=cfg.data.skip_unreadable)
+        res = api.extract(str(config), out, overrides=set_, version=version, address=address)
     except AsvpError as e:
         _fail(e)
-    typer.echo(f"wrote {redact_uri(store.path(v))}: {meta['rows']} x {meta['dim']} features "
+    meta = res.meta
+    typer.echo(f"wrote {res.path}: {meta['rows']} x {meta['dim']} features "
                f"({meta['backbone']}, weights {meta['weights']}) in {meta['seconds']:.1f}s"
                + (f"; skipped {len(meta['skipped'])} unreadable" if meta["skipped"] else ""))
 
@@ -160,23 +144,6 @@ def run(
                + (" (in the bucket: `asvp-ray status` and `asvp-ray report` read them there)" if "://" in o else ""))
 
 
-def _driver_for(run_dir: str, config: Optional[Path] = None, set_: Optional[List[str]] = None, address=None,
-                need_ray: bool = True):
-    from asvp_ray.config import load_config
-    from asvp_ray.loop.driver import Driver
-    from asvp_ray.loop.rundir import RunDir
-    from asvp_ray.runtime.ray_utils import init_ray
-
-    cfg_path = config or RunDir(run_dir).config_path
-    if config is None and not cfg_path.is_file():
-        raise typer.BadParameter(f"{_shown(run_dir)} has no config.yaml; create the run with "
-                                 f"`asvp-ray init CONFIG --out {_shown(run_dir)}`")
-    cfg = load_config(str(cfg_path), set_ or [])
-    if need_ray or cfg.method != "svpp":  # svpp selection is proxy-only: no cluster needed
-        init_ray(address)
-    return Driver(cfg, str(run_dir))
-
-
 @app.command()
 def init(
     config: Path = typer.Argument(..., help="YAML config; its oracle is set to human."),
@@ -185,10 +152,11 @@ def init(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
 ) -> None:
     """Prepare a human-in-the-loop run: extract features; then `select` and `label` round by round."""
+    from asvp_ray import api
+
     _setup_logging(None)
     try:
-        with closing(_driver_for(out, config, list(set_) + ["oracle=human"], address)) as d:
-            st = d.prepare()
+        st = api.init(str(config), out, overrides=set_, address=address)
     except AsvpError as e:
         _fail(e)
     typer.echo(f"initialised {_shown(out)}: features v{st['feature_version']} ready. Next: asvp-ray select {_shown(out)}")
@@ -221,78 +189,35 @@ def select(
     a round is open with pending ids, --labelstudio pushes that round again (tasks already in the
     project are skipped) instead of refusing.
     """
-    from asvp_ray.loop.human import pending_ids
-    from asvp_ray.loop.rundir import RunDir
+    from asvp_ray import api
+
+    def progress(event: str, data: dict) -> None:
+        if event == "pushing":
+            typer.echo(f"round {data['round']} is open with {data['pending']} pending id(s); pushing its tasks")
+        elif event == "closed":
+            typer.echo(_round_line(data))
+        elif event == "done":
+            typer.echo(f"all rounds are done ({data['n_labeled']} labels). Train the final model with "
+                       f"`asvp-ray final {_shown(run_dir)}`")
+        elif event == "opened":
+            typer.echo(f"round {data['round']}: {data['n']} images selected by {data['selected_by']}; label them "
+                       f"from {data['files'][0]} (or import {data['files'][1]} into Label Studio), then "
+                       f"`asvp-ray label {_shown(run_dir)} FILE`")
+        elif event == "pushed":
+            _pushed(data, labelstudio, project)
 
     _setup_logging(None)
+    _check_ls(labelstudio, project)
     try:
-        _check_ls(labelstudio, project)
-        rd = RunDir(run_dir)
-        state = rd.read_state() if rd.state_path.is_file() else None
-        if labelstudio and not close and state and state.get("open_round") and len(pending_ids(rd, state)):
-            r = state["open_round"]["round"]  # (re)push the open round: tasks already there are skipped
-            typer.echo(f"round {r} is open with {len(pending_ids(rd, state))} pending id(s); pushing its tasks")
-            q = _queries_here(rd)
-            _push(q, [q / f"round-{r}.csv", q / f"round-{r}.labelstudio.json", q / "labelstudio-config.xml"],
-                  labelstudio, project)
-            return
-        with closing(_driver_for(run_dir, address=address, need_ray=False)) as d:
-            d.prepare()
-            res = d.human_select(close=close)
-            qdir = _queries_here(d.rd)
-            if d.rd.bucket is not None and res.get("opened"):
-                res["opened"]["files"] = [qdir / Path(f).relative_to(d.rd.path / "queries") for f in res["opened"]["files"]]
+        api.select(run_dir, close=close, labelstudio=labelstudio, project=project, address=address,
+                   progress=progress)
+    except api.NotARunError as e:
+        raise typer.BadParameter(str(e)) from None
     except AsvpError as e:
         _fail(e)
-    if res["closed"]:
-        typer.echo(_round_line(res["closed"]))
-    if res["done"]:
-        typer.echo(f"all rounds are done ({d.status()['n_labeled']} labels). Train the final model with "
-                   f"`asvp-ray final {_shown(run_dir)}`")
-        return
-    o = res["opened"]
-    typer.echo(f"round {o['round']}: {o['n']} images selected by {o['selected_by']}; label them from "
-               f"{o['files'][0]} (or import {o['files'][1]} into Label Studio), then "
-               f"`asvp-ray label {_shown(run_dir)} FILE`")
-    if labelstudio:
-        _push(qdir, o["files"], labelstudio, project)
 
 
-def _queries_here(rd) -> Path:
-    """Where the labellers' files of ``rd`` are on this machine: DIR/queries, or for a run in a
-    bucket a copy in ./<run name>-queries/ (its paths rewritten to that folder), since the run's
-    own folder here is a private cache."""
-    import shutil
-
-    q = rd.path / "queries"
-    if rd.bucket is None or not q.is_dir():
-        return q
-    dest = Path.cwd() / f"{rd.name}-queries"
-    shutil.copytree(q, dest, dirs_exist_ok=True)
-    for f in list(dest.glob("*.csv")) + list(dest.glob("*.json")):
-        text = f.read_text()
-        if str(q) in text:
-            f.write_text(text.replace(str(q), str(dest)))
-    return dest
-
-
-def _push(qdir: Path, files, url: str, project: str) -> None:
-    import json
-    import os
-
-    from asvp_ray.loop.labelstudio import push_round
-
-    tasks = json.loads(Path(files[1]).read_text())
-    local = [t["data"]["path"] for t in tasks if "://" not in t["data"]["path"]]
-    qdir = os.path.abspath(qdir)
-    if local and all(p.startswith(qdir + os.sep) for p in local):
-        folders = [qdir]
-    else:
-        folders = [os.path.commonpath([os.path.dirname(p) for p in local])] if local else []
-    try:
-        res = push_round(url, project, files, folders)
-    except AsvpError as e:
-        _fail(e)
+def _pushed(res: dict, url: str, project: str) -> None:
     typer.echo(f"Label Studio project {project!r} (id {res['project_id']}) at {url}: imported {res['imported']} "
                f"task(s)" + (f", {res['skipped']} already there" if res["skipped"] else ""))
     for folder, why in res["storage_problems"].items():
@@ -324,36 +249,24 @@ def label(
     stored with the same value are skipped and counted; a different value is an error. The
     import (file, format, agreement policy, counts) is kept in the round's record.
     """
-    from datetime import datetime, timezone
-
-    from asvp_ray.config import load_config
-    from asvp_ray.loop.human import import_labels
-    from asvp_ray.loop.rundir import RunDir
+    from asvp_ray import api
 
     _setup_logging(None)
-    try:
-        _check_ls(labelstudio, project)
-        if (file is None) == (labelstudio is None):
-            raise typer.BadParameter("give either FILE or --labelstudio URL --project NAME")
-        if agreement is not None and agreement not in ("error", "majority", "last"):
-            raise typer.BadParameter(f"--agreement {agreement!r} is not one of error, majority, last")
-        rd = RunDir(run_dir)
-        if not rd.config_path.is_file():
-            raise typer.BadParameter(f"{_shown(run_dir)} is not a run directory (no config.yaml)")
-        cfg = load_config(str(rd.config_path))
-        # labellers importing at once queue behind each other (the lock, or a bucket run's lease)
-        rd.lock(force=force, wait_s=float(os.environ.get("ASVP_LOCK_WAIT_S", "120")))
-        try:
-            if labelstudio:
-                from asvp_ray.loop.labelstudio import pull_export
+    _check_ls(labelstudio, project)
+    if (file is None) == (labelstudio is None):
+        raise typer.BadParameter("give either FILE or --labelstudio URL --project NAME")
+    if agreement is not None and agreement not in ("error", "majority", "last"):
+        raise typer.BadParameter(f"--agreement {agreement!r} is not one of error, majority, last")
 
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-                file = pull_export(labelstudio, project, rd.path / "queries" / f"labelstudio-export-{stamp}.json")
-                typer.echo(f"pulled {file} from Label Studio project {project!r}")
-            classes = cfg.data.classes or _source_classes(cfg)
-            res = import_labels(rd, file, classes, agreement=agreement or cfg.label.agreement)
-        finally:
-            rd.unlock()
+    def progress(event: str, data: dict) -> None:
+        if event == "pulled":
+            typer.echo(f"pulled {data['file']} from Label Studio project {data['project']!r}")
+
+    try:
+        res = api.label(run_dir, file, labelstudio=labelstudio, project=project, agreement=agreement, force=force,
+                        wait_s=float(os.environ.get("ASVP_LOCK_WAIT_S", "120")), progress=progress)
+    except api.NotARunError as e:
+        raise typer.BadParameter(str(e)) from None
     except AsvpError as e:
         _fail(e)
     extra = []
@@ -369,22 +282,15 @@ def label(
                + (f"; {'; '.join(extra)}" if extra else "") + ")")
 
 
-def _source_classes(cfg):
-    from asvp_ray.data.sources import build_source
-
-    return build_source(cfg.data.pool, cfg.data.classes).classes
-
-
 @app.command()
 def status(run_dir: str = typer.Argument(..., help=RUN_DIR_HELP)) -> None:
     """Show selected, labelled and pending counts per round."""
-    from asvp_ray.loop.human import status_table
-    from asvp_ray.loop.rundir import RunDir
+    from asvp_ray import api
 
-    rd = RunDir(run_dir)
-    if not rd.state_path.is_file():
-        _fail(AsvpError(f"{_shown(run_dir)} is not an initialised run directory (no state.json)"))
-    rows = status_table(rd)
+    try:
+        rows = api.status(run_dir)
+    except AsvpError as e:
+        _fail(e)
     typer.echo(f"{'round':>5} {'state':>6} {'selected':>8} {'labelled':>8} {'pending':>7}  proxy test acc")
     for r in rows:
         acc = "-" if r["proxy_test_accuracy"] is None else f"{r['proxy_test_accuracy']:.4f}"
@@ -401,13 +307,11 @@ def strategies() -> None:
     (margin, entropy, least_confidence) and coreset, BADGE and Cluster-Margin take
     ``execution: sharded`` to score on Ray shard actors.
     """
-    from asvp_ray.selection import STRATEGIES
-    from asvp_ray.selection.options import option_defaults
+    from asvp_ray import api
 
-    for name in STRATEGIES.names():
-        doc = (STRATEGIES.get(name).__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name}: {doc}")
-        opts = option_defaults(name)
+    for name, s in api.strategies().items():
+        typer.echo(f"{name}: {s['doc']}")
+        opts = s["options"]
         typer.echo("    options: " + (", ".join(f"{k}={v!r}" for k, v in opts.items()) if opts else "none"))
 
 
@@ -417,14 +321,13 @@ def final(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
 ) -> None:
     """Train the final model on the labelled set (final.training_method) and evaluate it."""
+    from asvp_ray import api
+
     _setup_logging(None)
     try:
-        with closing(_driver_for(run_dir, address=address)) as d:
-            d.prepare()
-            if not d.rounds_done:
-                raise AsvpError(f"{_shown(run_dir)} has rounds left ({d.status()['next_round']} of {d.status()['rounds']} "
-                                "done); finish them first")
-            fin = d.run_final()
+        fin = api.final(run_dir, address=address)
+    except api.NotARunError as e:
+        raise typer.BadParameter(str(e)) from None
     except AsvpError as e:
         _fail(e)
     typer.echo(f"final model: {fin}" if fin else "final.training_method is none: no final model")
@@ -436,10 +339,11 @@ def report(
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: table.csv, table.md and PNG plots."),
 ) -> None:
     """Compare runs: a table (CSV, Markdown) and plots of accuracy against labels, cost and time."""
-    from asvp_ray.report import make_report, markdown_table
+    from asvp_ray import api
+    from asvp_ray.report import markdown_table
 
     try:
-        rep = make_report(runs, out)
+        rep = api.report_runs(runs, out)
     except AsvpError as e:
         _fail(e)
     typer.echo(markdown_table(rep["rows"]))
@@ -475,20 +379,13 @@ def tune_cmd(
     (accepted by `asvp-ray run`) and OUT/curves.png. OUT may be a bucket (s3://, gs://): then
     nothing of the study needs a file system shared by the cluster's nodes.
     """
-    from asvp_ray.config import load_config
-    from asvp_ray.runtime.ray_utils import asvp_errors_unwrapped, init_ray
-    from asvp_ray.tune import check_settings, parse_space, run_study
+    from asvp_ray import api
 
     _setup_logging(None, verbose)
     try:
-        with asvp_errors_unwrapped():  # an asvp-ray error raised inside Ray, as itself
-            settings = dict(num_samples=num_samples, scheduler=scheduler, grace_period=grace_period,
-                            max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-            check_settings(**settings)  # every user error before Ray starts
-            cfg = load_config(str(config), set_)
-            sp = parse_space(str(space), base=cfg)
-            init_ray(address)
-            res = run_study(cfg, sp, out, verbose=2 if verbose else 1, **settings)
+        res = api.study(str(config), str(space), out, overrides=set_, address=address, num_samples=num_samples,
+                        scheduler=scheduler, grace_period=grace_period, max_concurrent=max_concurrent,
+                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, verbose=2 if verbose else 1)
     except AsvpError as e:
         _fail(e)
     typer.echo(res.table)

@@ -24,6 +24,7 @@ import yaml
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
+CLUSTER_DOCS = ROOT / "docs" / "cluster.md"  # how to use cluster/'s files
 BIN = Path(sys.executable).parent
 IMAGE_ROOT = Path("/app")  # where cluster/Dockerfile puts the repository inside the image
 
@@ -155,11 +156,16 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
     assert "/.venv/" in env["excludes"]
 
 
-def test_cluster_readme_walks_through_every_config():
-    text = (CLUSTER / "README.md").read_text()
+def test_cluster_docs_walk_through_every_config():
+    """docs/cluster.md explains every file of cluster/; cluster/README.md names them and links it."""
+    text = CLUSTER_DOCS.read_text()
     for f in ["aws-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "runtime_env.yaml", "Dockerfile",
               "ray job submit", "RAY_AUTH_MODE", "asvp-ray tune"]:
         assert f in text, f
+    pointer = (CLUSTER / "README.md").read_text()
+    assert "](../docs/cluster.md)" in pointer
+    for f in ["aws-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "runtime_env.yaml", "Dockerfile"]:
+        assert f in pointer, f
 
 
 # ---------------------------------------------------------------------------------- a real cluster
@@ -513,7 +519,7 @@ def markdown_block(path: Path, heading: str) -> str:
 def test_the_try_it_block_uses_no_port_in_rays_worker_range():
     import re
 
-    block = markdown_block(CLUSTER / "README.md", "## Try it on one machine")
+    block = markdown_block(CLUSTER_DOCS, "## Try it on one machine")
     ports = [int(p) for p in re.findall(r"port=(\d+)", block)] + [int(p) for p in re.findall(r":(\d{4,5})\b", block)]
     assert ports, block
     inside = [p for p in ports if 10002 <= p <= 19999]
@@ -522,13 +528,13 @@ def test_the_try_it_block_uses_no_port_in_rays_worker_range():
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_cluster_readme_try_it_block_runs_verbatim():
-    """cluster/README.md's "Try it on one machine" block, run as a user runs it (bash, from the
+def test_cluster_docs_try_it_block_runs_verbatim():
+    """docs/cluster.md's "Try it on one machine" block, run as a user runs it (bash, from the
     repository root, the virtualenv on PATH, no RAY_* settings of the test's own): two `ray start`
     nodes of 1 CPU each and the smoke run submitted with `ray job submit` as the cluster's first
     job. Before asvp-ray loaded torch ahead of ray.init, this job died in oneMKL's start-up
     ("Cannot load libtorch_cpu.so", exit 2)."""
-    block = markdown_block(CLUSTER / "README.md", "## Try it on one machine")
+    block = markdown_block(CLUSTER_DOCS, "## Try it on one machine")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ASVP_", "TQDM_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the virtualenv, active
     script = "set -euo pipefail\n" + block + '\necho "TEMP_DIR=$T"\n'

@@ -5,10 +5,10 @@ Command blocks are taken from the Markdown (so the docs cannot drift from what i
 in bash, with the virtualenv first on PATH and none of the test session's RAY_* / ASVP_* / TQDM_*
 settings. Covered here: the human-labelled workflow of docs/labelling.md ("Human labellers") and
 the Ray Tune study of docs/studies.md ("Ray Tune studies"), both moved there from README.md;
-cluster/README.md's "`ray job submit` with a runtime environment" and "Studies on a cluster",
+docs/cluster.md's "`ray job submit` with a runtime environment" and "Studies on a cluster",
 against the two-node cluster of its "Try it on one machine" block, whose every fixed port lies
 outside Ray's worker port range (10002-19999). That block itself, run whole, is
-`tests/test_cluster.py::test_cluster_readme_try_it_block_runs_verbatim`.
+`tests/test_cluster.py::test_cluster_docs_try_it_block_runs_verbatim`.
 
 Left out: `make demo` / `make test` (the suite itself), bench/ (benchmarks of minutes to hours),
 the Label Studio server steps (`tests/test_labelstudio.py` runs a real server), the GPU commands,
@@ -16,10 +16,10 @@ README.md's cluster quick start (a cluster and a bucket) and the cluster launche
 (`ray up`, `docker build`, `kubectl`: a cloud account or a Kubernetes cluster, not one machine;
 `tests/test_cluster.py` checks their files).
 
-Fast (no mark): relative links and their anchors resolve in README.md, docs/, bench/README.md and
-CONTRIBUTING.md; README.md stays at most 250 lines with "Two commands" first; no command block is
-written twice; docs/configuration.md's generated reference matches the pydantic schema
-(`scripts/gen_config_docs.py`)."""
+Fast (no mark): relative links and their anchors resolve in README.md, docs/, bench/README.md,
+CONTRIBUTING.md and cluster/README.md; README.md stays at most 250 lines with "Two commands"
+first; no command block is written twice; docs/configuration.md's generated reference matches
+the pydantic schema (`scripts/gen_config_docs.py`)."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 LABELLING = DOCS / "labelling.md"
 STUDIES = DOCS / "studies.md"
-CLUSTER_README = ROOT / "cluster" / "README.md"
+CLUSTER_DOCS = DOCS / "cluster.md"
 BIN = Path(sys.executable).parent
 
 
@@ -199,9 +199,9 @@ def test_readme_tune_block_runs_verbatim(tmp_path, own_tmpdir):
     print(f"tune block: {seconds:.0f} s")
 
 
-# ---------------------------------------------------------------------------------- cluster/README.md
+# ---------------------------------------------------------------------------------- docs/cluster.md
 def fill_placeholders(block: str, head: str, shared: str) -> str:
-    """A block of cluster/README.md with its placeholders filled in as its text says a user does:
+    """A block of docs/cluster.md with its placeholders filled in as its text says a user does:
     `HEAD:8265` is the head's job server, `/shared` the shared file system, `RAY_AUTH_TOKEN=...`
     the cluster's token (already exported by the block that started the cluster) and `JOB_ID`
     the id `ray job submit` printed (kept in $JOB_ID below)."""
@@ -227,22 +227,22 @@ def _with_job_id(block: str, log: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_cluster_readme_job_submit_and_study_blocks_run_on_the_try_it_cluster():
-    """cluster/README.md's "`ray job submit` with a runtime environment" and "Studies on a
+def test_cluster_docs_job_submit_and_study_blocks_run_on_the_try_it_cluster():
+    """docs/cluster.md's "`ray job submit` with a runtime environment" and "Studies on a
     cluster" blocks, against the two-node cluster that "Try it on one machine" starts (its lines up
     to its own job submission: the token, the private temp dir, the two `ray start`). Each block's
     placeholders are filled in as a user does (HEAD:8265 -> that cluster's job server; /shared ->
     a folder in its temp dir; JOB_ID -> the id `ray job submit` printed); every other word runs as
     written, from the repository root with the virtualenv active."""
-    try_it = markdown_block(CLUSTER_README, "## Try it on one machine")
+    try_it = markdown_block(CLUSTER_DOCS, "## Try it on one machine")
     start = try_it[:try_it.index("\nray job submit") + 1]
     assert "ray start --head" in start and re.search(r"^T=", start, flags=re.M), start
     ports = [int(p) for p in re.findall(r"port=(\d+)", start)]
     dashboard = re.search(r"--dashboard-port=(\d+)", start).group(1)
     head = f"127.0.0.1:{dashboard}"
     assert ports and not [p for p in ports if 10002 <= p <= 19999], ports
-    submit = section_block(CLUSTER_README, "## `ray job submit` with a runtime environment")
-    study = section_block(CLUSTER_README, "## Studies on a cluster")
+    submit = section_block(CLUSTER_DOCS, "## `ray job submit` with a runtime environment")
+    study = section_block(CLUSTER_DOCS, "## Studies on a cluster")
     assert "JOB_ID" in submit and "asvp-ray tune" in study
     script = (start + 'echo "TEMP_DIR=$T"\n'
               + _with_job_id(fill_placeholders(submit, head, "$T/shared"), "$T/submit.log")
@@ -291,7 +291,8 @@ def test_cluster_readme_job_submit_and_study_blocks_run_on_the_try_it_cluster():
 
 
 # ---------------------------------------------------------------------------------- the Markdown itself
-MARKDOWN = [README, ROOT / "CONTRIBUTING.md", ROOT / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+MARKDOWN = [README, ROOT / "CONTRIBUTING.md", ROOT / "bench" / "README.md", ROOT / "cluster" / "README.md",
+            *sorted(DOCS.glob("*.md"))]
 GEN_CONFIG_DOCS = ROOT / "scripts" / "gen_config_docs.py"
 
 
@@ -346,7 +347,7 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     assert "| proxy test accuracy | 0.656 |" in text and "### From Python" in text
     for target in ["docs/run-directory.md", "docs/methods.md", "docs/labelling.md", "docs/studies.md",
                    "docs/configuration.md", "docs/gpus.md", "docs/bad-input.md", "bench/README.md",
-                   "CONTRIBUTING.md", "cluster/README.md"]:
+                   "CONTRIBUTING.md", "docs/cluster.md"]:
         assert f"]({target}" in text, f"README.md does not link {target}"
 
 
