@@ -211,7 +211,7 @@ class _PILLikeResize:
         nh, nw = (self.scale, int(self.scale * w / h)) if h <= w else (int(self.scale * h / w), self.scale)
         if (nh, nw) != (h, w):
             x = torch.nn.functional.interpolate(x.contiguous(), size=(nh, nw), mode="bicubic", antialias=True)
-        top, left = int(round((nh - self.size) / 2.0)), int(round((nw - self.size) / 2.0))
+        top, left = round((nh - self.size) / 2.0), round((nw - self.size) / 2.0)
         x = x[..., top:top + self.size, left:left + self.size].float() / 255.0
         return (x - self.mean) / self.std
 
