@@ -19,10 +19,11 @@ OVERRIDES = ["budget.schedule=[30,20,20,20]", "proxy.epochs=10", "final.training
 
 
 @pytest.fixture(scope="module")
-def features_v0(ray_local, tmp_path_factory):
-    """Features of the smoke pool, extracted once and copied into each test's run directory."""
+def features_v0(ray_local, feature_cache, tmp_path_factory):
+    """Features of the smoke pool, extracted once (or taken from the session's feature cache, which
+    other modules' smoke runs fill) and copied into each test's run directory."""
     out = tmp_path_factory.mktemp("template")
-    d = Driver(load_config(str(SMOKE), OVERRIDES), str(out))
+    d = Driver(load_config(str(SMOKE), OVERRIDES + [f"feature_cache={feature_cache}"]), str(out))
     d.prepare()
     d.close()
     return out / "features"
