@@ -39,7 +39,9 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def feature_cache(tmp_path_factory):
-    """A feature cache shared by the test session's human-labelled runs: v0 is extracted once."""
+    """A feature cache shared by the test session's runs of the smoke pool (human-labelled runs, the
+    API's, test_loop's template, test_report's, test_storage's reference): v0 is extracted once.
+    Runs only read what they take from it (hard links): never change a run's features in place."""
     return tmp_path_factory.mktemp("feature_cache")
 
 

@@ -132,3 +132,120 @@ def test_the_architecture_on_the_meta_device_gives_the_built_models_data_config(
         assert next(arch.parameters()).device.type == "meta"
         assert data_config(spec, arch) == data_config(spec, built)
         assert arch.num_features == built.num_features
+
+
+def _real_images():
+    """Real images as users hand them over: 16 Fashion-MNIST test images (28 x 28 grayscale, the
+    arrays the project reads from the IDX file) and sklearn's two bundled photographs (RGB,
+    427 x 640: not square, much larger than the model's input)."""
+    from sklearn.datasets import load_sample_image
+
+    from asvp_ray.data.fashion_mnist import ensure, read_idx, split_paths
+
+    images, _ = split_paths(ensure(), "test")
+    return list(read_idx(images)[:16]) + [load_sample_image("flower.jpg"), load_sample_image("china.jpg")]
+
+
+PREPROCESS_SPECS = [
+    BackboneSpec("test_efficientnet", weights="none", image_size=32, crop_pct=1.0),  # examples/smoke.yaml
+    BackboneSpec("tf_efficientnet_lite0", weights="auto", image_size=32, crop_pct=1.0),  # examples/fashion_mnist.yaml
+    BackboneSpec("test_efficientnet", weights="none"),  # timm's own: 160 px, crop_pct 0.95
+    BackboneSpec("efficientnet_lite0", weights="none"),  # timm's own: 224 px, crop_pct 0.875
+]
+
+
+
+def _timm_transform_and_cfg(spec):
+    """timm's own eval transform for ``spec`` (resolve_data_config + create_transform, no weights
+    needed) with the spec's overrides, and the project's data_config; checks they hold the same settings."""
+    import timm.data
+
+    model = create_backbone(spec)
+    cfg = data_config(spec, model)
+    timm_cfg = timm.data.resolve_data_config(model=model)
+    if spec.image_size is not None:  # the spec's overrides, as the project applies them
+        timm_cfg.update(input_size=(3, spec.image_size, spec.image_size), crop_pct=spec.crop_pct)
+    if spec.resolved_weights() == "lite0_package":
+        timm_cfg.update(mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert {k: tuple(float(x) for x in timm_cfg[k]) for k in ("mean", "std")} == {k: cfg[k] for k in ("mean", "std")}
+    assert tuple(timm_cfg["input_size"]) == cfg["input_size"] and timm_cfg["crop_pct"] == cfg["crop_pct"]
+    assert timm_cfg["interpolation"] == cfg["interpolation"] == "bicubic"
+    return timm.data.create_transform(**timm_cfg, is_training=False), cfg
+
+
+def _off_timm(spec, preprocess):
+    """For each real image: (largest difference, share of values over half a level), in uint8 levels,
+    between ``preprocess(cfg)(uint8 (1,H,W[,C]))[0]`` and timm's transform of the image converted to RGB."""
+    from PIL import Image
+
+    transform, cfg = _timm_transform_and_cfg(spec)
+    pre = preprocess(cfg)
+    size = cfg["input_size"][-1]
+    level = torch.tensor(cfg["std"]).view(3, 1, 1) * 255.0  # one uint8 level, normalised
+    out = []
+    for img in _real_images():
+        want = transform(Image.fromarray(img).convert("RGB"))
+        got = pre(img[None])[0]
+        assert got.shape == want.shape == (3, size, size)
+        off = (got - want).abs() * level
+        out.append((round(off.max().item(), 3), round((off > 0.5).float().mean().item(), 4)))
+    return out
+
+
+def _within_tolerance(offs):
+    return all(worst <= 2.001 and share <= 0.02 for worst, share in offs)
+
+
+class _PILLikeResize:
+    """A resize written for this test from torchvision's and PIL's definitions: long side truncated
+    (torchvision Resize), crop offset round((n - size) / 2) (CenterCrop), torch's uint8 antialiased
+    bicubic interpolate (PIL's two uint8 passes). Shows the tolerance is met by a correct resize."""
+
+    def __init__(self, cfg):
+        self.size, self.scale = cfg["input_size"][-1], int(np.floor(cfg["input_size"][-1] / cfg["crop_pct"]))
+        self.mean, self.std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+    def __call__(self, batch):
+        x = torch.from_numpy(np.array(batch if batch.ndim == 4 else np.repeat(batch[..., None], 3, -1))).permute(0, 3, 1, 2)
+        h, w = x.shape[-2:]
+        nh, nw = (self.scale, int(self.scale * w / h)) if h <= w else (int(self.scale * h / w), self.scale)
+        if (nh, nw) != (h, w):
+            x = torch.nn.functional.interpolate(x.contiguous(), size=(nh, nw), mode="bicubic", antialias=True)
+        top, left = round((nh - self.size) / 2.0), round((nw - self.size) / 2.0)
+        x = x[..., top:top + self.size, left:left + self.size].float() / 255.0
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.parametrize("spec", PREPROCESS_SPECS, ids=lambda s: f"{s.name}-{s.image_size or 'timm'}")
+def test_the_timm_comparison_passes_a_pil_like_resize_and_fails_a_shifted_one(spec):
+    """The harness of the next test: a resize following torchvision's and PIL's definitions meets its
+    tolerance on every image, and the same resize with the crop moved by one pixel does not."""
+    assert _within_tolerance(_off_timm(spec, _PILLikeResize))
+
+    class Shifted(_PILLikeResize):
+        def __call__(self, batch):
+            return torch.roll(super().__call__(batch), 1, dims=-1)
+
+    assert not _within_tolerance(_off_timm(spec, Shifted))
+
+
+# The Preprocessor differs from timm's transform; found by this test, left for the lead (asvp_ray/ is
+# not this change's to edit). Three causes, each measured: (1) the resized long side is rounded
+# (round(640 * 32 / 427) = 48) where torchvision's Resize truncates (47): a different pixel grid,
+# up to 125 levels off on the photographs; (2) the centre crop's offset is (n - size) // 2 where
+# torchvision's CenterCrop takes round((n - size) / 2); (3) PIL resizes in two uint8 passes
+# (horizontal, rounded and clipped to 0..255, then vertical), the Preprocessor in one float pass:
+# bicubic overshoot at Fashion-MNIST's sharp edges is clipped in between by PIL only, 6 to 13 levels
+# off on ~10% of the pixels. _PILLikeResize (int() for the long side, round() for the offset, torch's
+# uint8 antialiased interpolate) meets the tolerance on all four specs (at most 2 levels, 0.6% of
+# values over half a level, 1.1% on the worst image). strict: a fix turns this red, so the mark goes with the fix.
+@pytest.mark.xfail(strict=True, reason="Preprocessor resizes and crops unlike timm's PIL transform (see comment)")
+@pytest.mark.parametrize("spec", PREPROCESS_SPECS, ids=lambda s: f"{s.name}-{s.image_size or 'timm'}")
+def test_preprocessor_equals_timms_eval_transform_on_real_images(spec):
+    """The Preprocessor gives what timm's own eval transform (resolve_data_config + create_transform:
+    PIL resize, centre crop, normalise) gives on the same real image, grayscale converted to RGB as a
+    timm user would. Tolerance: PIL resizes in fixed-point uint8 arithmetic, so a value may be off by
+    up to 2 uint8 levels (2 / 255 / std once normalised), and at most 2% of values by more than half
+    a level; a wrong size, crop offset, interpolation, mean or std moves most values by far more."""
+    offs = _off_timm(spec, Preprocessor)
+    assert _within_tolerance(offs), offs

@@ -55,7 +55,8 @@ def embeddings(tmp_path_factory):
     t_ids, t_feats, t_labels = _mixture(600, 1, 100_000)
     pool = write_embeddings(root / "pool", ids, feats, labels, parts=3)  # a folder of parts
     test = write_embeddings(root / "test.parquet", t_ids, t_feats, t_labels, fixed=False)  # list<float>, one file
-    return {"pool": pool, "test": test, "ids": ids, "feats": feats, "labels": labels}
+    return {"pool": pool, "test": test, "ids": ids, "feats": feats, "labels": labels, "test_ids": t_ids,
+            "test_feats": t_feats}
 
 
 def _sets(e, *extra):
@@ -84,7 +85,9 @@ def test_an_embeddings_pool_is_features_v0_and_svpp_runs_on_it_without_extractio
     assert meta["weights"] == "embeddings" and meta["rows"] == 3000 and meta["dim"] == DIM
     got_ids, got = store.read(0)
     assert np.array_equal(got_ids, e["ids"]) and np.array_equal(got, e["feats"])
-    assert store.read(0, "test")[1].shape == (600, DIM)
+    # the test file (list<float>, not fixed-size) too, its rows aligned with their ids
+    got_ids, got = store.read(0, "test")
+    assert np.array_equal(got_ids, e["test_ids"]) and np.array_equal(got, e["test_feats"])
     log = (out / "run.log").read_text()
     assert "extracting feature version" not in log and "from the embeddings" in log
     # labels came from the file's label column; every labelled id is a pool id, none twice
@@ -103,7 +106,11 @@ def test_an_embeddings_uri_reads_through_pyarrow_fs(embeddings, tmp_path):
         d.run()
     finally:
         d.close()
-    assert FeatureStore(tmp_path / "uri" / "features").meta(0)["rows"] == 3000
+    # through the URI, v0 holds the folder's three parts bit for bit, each row with its id
+    store = FeatureStore(tmp_path / "uri" / "features")
+    assert store.meta(0)["rows"] == 3000
+    got_ids, got = store.read(0)
+    assert np.array_equal(got_ids, e["ids"]) and np.array_equal(got, e["feats"])
 
 
 @pytest.mark.parametrize("extra, words", [

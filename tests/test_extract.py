@@ -217,9 +217,26 @@ def test_actor_plan_leaves_a_cpu_for_reads():
     assert plan_actors(ExtractConfig(), {"CPU": 16.0, "GPU": 4.0}).num_cpus == 1.0
 
 
-def test_smoke_config_builds_its_sources():
+def test_smoke_config_builds_its_sources(ray_local):
+    """The smoke config's sources hold the first 400 training and 200 test images of Fashion-MNIST:
+    ids, labels and image pixels equal the IDX files' own rows, decoded here without the project."""
+    import gzip
+
+    from tests.reference import fashion_mnist_labels
+
     cfg = load_config(str(SMOKE))
-    assert len(build_source(cfg.data.pool)) == 400 and len(build_source(cfg.data.test)) == 200
+    pool, test = build_source(cfg.data.pool), build_source(cfg.data.test)
+    for src, n, split, prefix in ((pool, 400, "train", "train"), (test, 200, "test", "t10k")):
+        assert np.array_equal(src.ids, np.arange(n)) and src.classes[9] == "Ankle boot"
+        assert np.array_equal(src.labels, fashion_mnist_labels(split)[:n])
+        some = np.random.default_rng(0).permutation(n)[:25]
+        assert np.array_equal(src.label_of(some), fashion_mnist_labels(split)[some])  # aligned to the asked ids
+        with gzip.open(src.images_path) as f:  # 16 header bytes, then 28 x 28 uint8 per image
+            assert f.read(16)[:4] == b"\x00\x00\x08\x03" and src.images_path.name.startswith(prefix)
+            want = np.frombuffer(f.read(28 * 28 * n), dtype=np.uint8).reshape(n, 28, 28)
+        rows = src.to_dataset(np.sort(some)).take_all()
+        assert [r["id"] for r in rows] == np.sort(some).tolist()
+        assert all(np.array_equal(np.asarray(r["image"]).reshape(28, 28), want[r["id"]]) for r in rows)
 
 
 def test_extraction_actor_killed_mid_job_is_replaced_with_equal_features(ray_local, tmp_path, monkeypatch):

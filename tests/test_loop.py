@@ -13,15 +13,17 @@ from asvp_ray.core.errors import ConfigError, RunDirError
 from asvp_ray.loop.driver import Driver
 from asvp_ray.loop.rundir import RunDir
 from tests.conftest import SMOKE
+from tests.reference import check_proxy_against_reference
 
 OVERRIDES = ["budget.schedule=[30,20,20,20]", "proxy.epochs=10", "final.training_method=none"]
 
 
 @pytest.fixture(scope="module")
-def features_v0(ray_local, tmp_path_factory):
-    """Features of the smoke pool, extracted once and copied into each test's run directory."""
+def features_v0(ray_local, feature_cache, tmp_path_factory):
+    """Features of the smoke pool, extracted once (or taken from the session's feature cache, which
+    other modules' smoke runs fill) and copied into each test's run directory."""
     out = tmp_path_factory.mktemp("template")
-    d = Driver(load_config(str(SMOKE), OVERRIDES), str(out))
+    d = Driver(load_config(str(SMOKE), OVERRIDES + [f"feature_cache={feature_cache}"]), str(out))
     d.prepare()
     d.close()
     return out / "features"
@@ -49,11 +51,13 @@ def test_rounds_follow_the_schedule_and_the_run_dir_contract(tmp_path, features_
     assert [r["selected_by"] for r in rounds] == ["random", "margin", "margin", "margin"]
     for r in rounds:
         assert r["feature_version"] == 0 and r["refreshed"] is False
-        # The proxy learns (chance is 0.1 on 10 classes). Measured on these settings, seeds 0-2:
-        # 0.44-0.585 per round, 0.625-0.635 at 90 labels; a proxy that fits nothing sits near 0.1.
-        assert r["proxy_test_accuracy"] >= 0.3, r
         assert {"select", "label", "proxy_train"} <= set(r["seconds"])
-    assert rounds[-1]["proxy_test_accuracy"] >= 0.5
+    # The proxy learns what the bought labels teach, no more and no less: each round's test accuracy
+    # sits near an independent reference's (scikit-learn's logistic regression on the same features
+    # and labels, tests/reference.py). Seed 0 measured 0.54-0.67 against 0.505-0.665. A proxy fitted
+    # on every pool label (0.68-0.74: it passed the old ">= 0.3, last >= 0.5"), on misaligned rows or
+    # labels, or on one round's labels lands outside.
+    check_proxy_against_reference(out, [r["proxy_test_accuracy"] for r in rounds])
     lab = pq.read_table(out / "labeled.parquet")
     assert lab.column_names == ["id", "label", "round"]
     ids = lab.column("id").to_numpy()

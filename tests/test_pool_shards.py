@@ -4,6 +4,7 @@ features), and every round picks exactly what the driver-held path picks."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,7 +26,27 @@ def emb(tmp_path_factory):
             "test": write_embeddings(root / "test.parquet", t_ids, t_feats, t_labels)}
 
 
-def _run(out, sets):
+def _data(emb):
+    return [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}",
+            f"data.test={{kind: embeddings, path: '{emb['test']}'}}"]
+
+
+@pytest.fixture(scope="module")
+def emb_v0(ray_local, emb, tmp_path_factory):
+    """Features v0 of ``emb`` (pool and test), written once (a Ray Data job) and copied into each run
+    below: they compare what the rounds pick, not how v0 is written (tests/test_embeddings.py)."""
+    out = tmp_path_factory.mktemp("shard-v0") / "run"
+    d = Driver(load_config(str(SMOKE), _data(emb) + ["budget.schedule=[60]"]), str(out))
+    try:
+        d.prepare()
+    finally:
+        d.close()
+    return out / "features"
+
+
+def _run(out, sets, v0=None):
+    if v0 is not None:  # a run directory holding v0 already: the run starts from it
+        shutil.copytree(v0, out / "features")
     d = Driver(load_config(str(SMOKE), sets), str(out))
     try:
         d.run()
@@ -50,13 +71,11 @@ def _by_round(lab):
     "badge",
     "{name: cluster_margin, margin_factor: 4, coarse_clusters: 64}",
 ])
-def test_shards_pick_exactly_what_the_driver_held_pool_picks(ray_local, tmp_path, emb, strategy):
-    base = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}",
-            f"data.test={{kind: embeddings, path: '{emb['test']}'}}",
-            f"strategy={strategy}", "budget.schedule=[60,60,60]", "proxy.epochs=10"]
-    mode_d, held_d, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"])
+def test_shards_pick_exactly_what_the_driver_held_pool_picks(ray_local, tmp_path, emb, emb_v0, strategy):
+    base = _data(emb) + [f"strategy={strategy}", "budget.schedule=[60,60,60]", "proxy.epochs=10"]
+    mode_d, held_d, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"], emb_v0)
     mode_s, held_s, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards",
-                                                                     "pool_shards.num_shards=2"])
+                                                                     "pool_shards.num_shards=2"], emb_v0)
     assert mode_d == "driver" and held_d is not None and held_d.shape == (4000, 24)
     assert mode_s == "shards" and held_s is None  # the driver never loaded the pool matrix
     assert _by_round(lab_s) == _by_round(lab_d)
@@ -65,14 +84,14 @@ def test_shards_pick_exactly_what_the_driver_held_pool_picks(ray_local, tmp_path
     assert "stay in shard actors" in log and "2 shard actors loaded features v0 (4000 rows)" in log
 
 
-def test_asvp_monitor_on_shards_scores_what_the_driver_held_pool_scores(ray_local, tmp_path, emb):
+def test_asvp_monitor_on_shards_scores_what_the_driver_held_pool_scores(ray_local, tmp_path, emb, emb_v0):
     """The alignment monitor of a sharded pool runs in a task that reads the labelled and reference
     rows from the shard actors: the same LogME / LogME-PED as on the driver-held matrix."""
-    base = [f"data.pool={{kind: embeddings, path: '{emb['pool']}'}}",
-            f"data.test={{kind: embeddings, path: '{emb['test']}'}}", "method=asvp", "refresh.policy=never",
-            "monitor.reference_rows=1500", "final.training_method=none", "budget.schedule=[60,60]", "proxy.epochs=10"]
-    _, _, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"])
-    mode, held, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards", "pool_shards.num_shards=2"])
+    base = _data(emb) + ["method=asvp", "refresh.policy=never", "monitor.reference_rows=1500",
+                         "final.training_method=none", "budget.schedule=[60,60]", "proxy.epochs=10"]
+    _, _, lab_d, sum_d = _run(tmp_path / "driver", base + ["pool_shards.mode=driver"], emb_v0)
+    mode, held, lab_s, sum_s = _run(tmp_path / "shards", base + ["pool_shards.mode=shards", "pool_shards.num_shards=2"],
+                                    emb_v0)
     assert mode == "shards" and held is None
     assert _by_round(lab_s) == _by_round(lab_d)
     got = [r["alignment"] for r in sum_s["rounds"]]

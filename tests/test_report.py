@@ -16,12 +16,13 @@ BASE = ["budget.schedule=[40,40]", "proxy.epochs=10", "train.epochs=1"]
 
 
 @pytest.fixture(scope="module")
-def two_runs(ray_local, tmp_path_factory):
-    """Two real runs sharing features v0: one trains a final model (FT), one does not."""
+def two_runs(ray_local, feature_cache, tmp_path_factory):
+    """Two real runs sharing features v0 through the session's feature cache (filled by whichever
+    smoke run came first): one trains a final model (FT), one does not."""
     root = tmp_path_factory.mktemp("runs")
     dirs = []
     for name, extra in (("with_final", []), ("no_final", ["final.training_method=none"])):
-        d = Driver(load_config(str(SMOKE), BASE + [f"feature_cache={root / 'cache'}"] + extra), str(root / name))
+        d = Driver(load_config(str(SMOKE), BASE + [f"feature_cache={feature_cache}"] + extra), str(root / name))
         try:
             d.run()
         finally:

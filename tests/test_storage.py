@@ -163,10 +163,11 @@ def run_driver(out, overrides=()):
 
 
 @pytest.fixture(scope="module")
-def local_run(ray_local, tmp_path_factory):
-    """The reference: the same run with its feature store in the run directory."""
+def local_run(ray_local, feature_cache, tmp_path_factory):
+    """The reference: the same run with its feature store in the run directory (v0 from the
+    session's feature cache when an earlier smoke run filled it: the same features)."""
     out = tmp_path_factory.mktemp("local") / "run"
-    return run_driver(out)
+    return run_driver(out, [f"feature_cache={feature_cache}"])
 
 
 def _run_prefix(out):

@@ -18,7 +18,7 @@ from asvp_ray.storage.locations import check_storage_reachable
 from asvp_ray.features.store import FeatureStore
 from asvp_ray.loop.driver import Driver
 from tests.conftest import SMOKE
-from tests.test_storage import _objects, outcome, run_driver
+from tests.test_storage import _objects, run_driver
 
 
 def test_gcs_storage_is_checked_at_run_start(gcs_server, tmp_path):

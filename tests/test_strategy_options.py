@@ -8,7 +8,7 @@ from asvp_ray.config import dump_config, load_config
 from asvp_ray.core.errors import ConfigError
 from asvp_ray.pool.view import PoolView
 from asvp_ray.selection import STRATEGIES, ShardedStrategy, build_strategy
-from asvp_ray.selection.cluster_margin import ClusterMargin, round_robin
+from asvp_ray.selection.cluster_margin import round_robin
 from tests.conftest import SMOKE
 
 

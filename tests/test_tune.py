@@ -19,6 +19,7 @@ from asvp_ray.core.errors import ConfigError, RunDirError
 from asvp_ray.tune import parse_space, run_study
 from asvp_ray.tune.space import set_key
 from tests.conftest import ROOT, SMOKE
+from tests.reference import WEAK_BELOW, WEAK_MEAN, check_proxy_against_reference, final_model_accuracy
 
 SPACE = ROOT / "examples" / "space.yaml"
 CLI = [str(Path(sys.executable).parent / "asvp-ray")]
@@ -165,9 +166,13 @@ def test_study_end_to_end_interrupted_and_resumed(tmp_path):
     finished = [row for row in rows if row["status"] == "finished"]
     assert all(row["rounds"] == "3" and row["n_labeled"] == "120" for row in finished)
     assert all(0 < int(row["rounds"]) < 3 for row in rows if row["status"] == "stopped")  # by ASHA
-    # the proxy learns (chance 0.1): the weakest corner of the space (hidden 32, lr 0.02, 10 epochs)
-    # measured 0.33-0.53 per round over seeds 0-2
-    assert all(float(row["proxy_test_accuracy"]) >= 0.25 for row in rows)
+    # every trial's proxy learns what its labels teach: each round near the independent reference
+    # (tests/reference.py), with the margin the space's weakest corner (hidden 32, lr 0.02, 10 epochs)
+    # needs; the table's accuracy is the last round's
+    for row in rows:
+        got = [r["proxy_test_accuracy"] for r in json.loads((Path(row["run_dir"]) / "summary.json").read_text())["rounds"]]
+        check_proxy_against_reference(Path(row["run_dir"]), got, below=WEAK_BELOW, mean=WEAK_MEAN)
+        assert float(row["proxy_test_accuracy"]) == pytest.approx(got[-1])
     assert rows[0]["status"] == "finished"  # best first
     assert float(rows[0]["proxy_test_accuracy"]) == max(float(x["proxy_test_accuracy"]) for x in finished)
 
@@ -304,7 +309,11 @@ def _check_study_outputs(out: Path, n_trials: int, tmp_path: Path, rerun_best: b
     for row in rows:
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         final = summary["final"]["test_accuracy"]
-        assert 0.0 <= final <= 1.0 and float(row["final_test_accuracy"]) == pytest.approx(final)
+        # the recorded accuracy is the kept model's: its model file, scored here on the test images
+        # (up to 2 of 200 images may flip between the workers' batched eval and this one, as in
+        # tests/test_finetune.py); a constant, the proxy's or the training accuracy would not match
+        assert final == pytest.approx(final_model_accuracy(Path(row["run_dir"])), abs=0.011)
+        assert float(row["final_test_accuracy"]) == pytest.approx(final)
         proxy = next(s for name, s in series.items() if name.startswith(row["trial"]) and name.endswith("(proxy)"))
         assert proxy["y"] == pytest.approx([r["proxy_test_accuracy"] for r in summary["rounds"]])
         star = series[f"{row['trial']} final model"]
