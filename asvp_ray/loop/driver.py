@@ -34,7 +34,7 @@ from asvp_ray.storage.locations import check_storage_reachable
 from asvp_ray.methods import METHODS
 from asvp_ray.data.oracle import ORACLES
 from asvp_ray.loop import training
-from asvp_ray.loop.actor import compute_threads, default_threads, import_runtime_modules
+from asvp_ray.loop.process import compute_threads, default_threads, import_runtime_modules
 from asvp_ray.loop.resume import attach_run_log, check_config_matches, detach_run_log, load_state, new_ledger, open_data
 from asvp_ray.loop.rounds import labeled_mask, proxy_for_round, round_record, train_proxy
 from asvp_ray.loop.rundir import RunDir

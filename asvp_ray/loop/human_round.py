@@ -8,23 +8,21 @@ between ``select`` and ``label`` loses nothing.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
 import numpy as np
 
 from asvp_ray.core.errors import RunDirError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from asvp_ray.loop.driver import Driver
-
 log = logging.getLogger("asvp_ray.driver")
 
 
-def human_select(d: "Driver", close: bool = False) -> Dict[str, Any]:
+def human_select(d: Any, close: bool = False) -> Dict[str, Any]:
     """Close the open round (if any) and open the next one for human labellers.
 
     Args:
-        d: the driver of the run.
+        d: the run's :class:`~asvp_ray.loop.driver.Driver` (not imported here: the driver imports
+            this module).
         close: close the open round even though some of its ids are still unlabelled (they
             return to the pool, unbought).
 
