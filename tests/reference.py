@@ -126,7 +126,7 @@ def final_model_accuracy(run: Path) -> float:
     from asvp_ray.config import load_config
     from asvp_ray.data.fashion_mnist import ensure, read_idx
     from asvp_ray.features.backbones import BackboneSpec, Preprocessor, data_config
-    from asvp_ray.features.model_file import load_model
+    from asvp_ray.features.backbones import load_model
 
     run = Path(run)
     cfg = load_config(str(run / "config.yaml"))
