@@ -101,7 +101,8 @@ def id_positions(all_ids: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
     return pos
 
 
-def is_int(v) -> bool:
+def is_integral(v) -> bool:
+    """True for a value equal to an integer (3, 3.0, "3"): a manifest id column read from CSV."""
     try:
         return float(v) == int(v)
     except (TypeError, ValueError):

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from asvp_ray.core.errors import BadInputError
-from asvp_ray.data.base import ROWS_PER_BLOCK, duplicate_ids, id_positions, is_int, labels_from_column
+from asvp_ray.data.base import ROWS_PER_BLOCK, duplicate_ids, id_positions, is_integral, labels_from_column
 from asvp_ray.data.images import FileSource, decode_batch, decoded_dataset, empty_paths
 from asvp_ray.storage.locations import is_uri, local_path, resolve_uri
 
@@ -180,7 +180,7 @@ class ManifestSource(FileSource):
         table = self._read([c for c in ("id", "label") if c in cols])
         id_col = table.column("id")
         if not pa.types.is_integer(id_col.type):
-            bad = next((v for v in id_col.to_pylist() if not is_int(v)), None)
+            bad = next((v for v in id_col.to_pylist() if not is_integral(v)), None)
             raise BadInputError(f"manifest {path}: column id must hold integers, found {bad!r} "
                                 f"(type {id_col.type}); give every row a unique integer id")
         if id_col.null_count:
