@@ -280,12 +280,12 @@ def extract(config: ConfigLike, out: Union[str, os.PathLike], *, overrides: Sequ
         cfg = as_config(config, overrides)
         rd = RunDir(out)
         with _log_file(rd.path / "extract.log"):
-            pool = build_source(cfg.data.pool, cfg.data.classes)
-            test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
+            init_ray(address)  # before the sources: indexed kinds index their files in Ray tasks
+            pool = build_source(cfg.data.pool, cfg.data.classes, index_dir=rd.path / "index")
+            test = build_source(cfg.data.test, cfg.data.classes, index_dir=rd.path / "index") if cfg.data.test else None
             check_storage_reachable(cfg.storage)
             store = rd.open_store(cfg.storage)
             v = version if version is not None else (0 if store.latest() is None else store.latest() + 1)
-            init_ray(address)
             meta = extract_to_store(store, v, pool, BackboneSpec(**cfg.backbone.model_dump()), cfg.extract,
                                     test=test, skip_unreadable=cfg.data.skip_unreadable)
     return Extracted(version=v, path=redact_uri(store.path(v)), meta=meta)
@@ -480,7 +480,7 @@ def label(out: Union[str, os.PathLike], file: Optional[Union[str, os.PathLike]] 
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
             file = pull_export(labelstudio, project, rd.path / "queries" / f"labelstudio-export-{stamp}.json")
             (progress or (lambda event, data: None))("pulled", {"file": str(file), "project": project})
-        classes = cfg.data.classes or _source_classes(cfg)
+        classes = cfg.data.classes or _source_classes(cfg, rd.path / "index")
         res = import_labels(rd, Path(file), classes, agreement=agreement or cfg.label.agreement)
     finally:
         rd.unlock()
@@ -520,11 +520,12 @@ def final(out: Union[str, os.PathLike], *, address: Optional[str] = None) -> Opt
         return d.run_final()
 
 
-def _source_classes(cfg: Config):
-    """The class names of the run's pool source (what label files may name)."""
+def _source_classes(cfg: Config, index_dir=None):
+    """The class names of the run's pool source (what label files may name; an indexed source's
+    index is the run's, ``index_dir``)."""
     from asvp_ray.data.sources import build_source
 
-    return build_source(cfg.data.pool, cfg.data.classes).classes
+    return build_source(cfg.data.pool, cfg.data.classes, index_dir=index_dir).classes
 
 
 def strategies() -> Dict[str, Dict[str, Any]]:

@@ -35,6 +35,20 @@ class SourceConfig(_Strict):
     path: Optional[str] = Field(None, description="manifest file (.parquet or .csv)")
     split: Literal["train", "test"] = "train"
     limit: Optional[PositiveInt] = Field(None, description="fashion_mnist: keep the first `limit` images")
+    shards: Optional[Union[str, List[str]]] = Field(
+        None, description="webdataset: the tar shards: a folder, a glob, a brace pattern "
+                          "(s3://bucket/shard-{000000..000999}.tar) or a list; local or s3:// / gs://")
+    id: Optional[str] = Field(
+        None, description="webdataset: where the id is (__key__ (default), json.FIELD or a member such as id); "
+                          "parquet_images: the id column (default id)")
+    hash_ids: bool = Field(False, description="webdataset / parquet_images: number images by a stable 63-bit hash "
+                                              "of the id value, for ids that are not integers")
+    image: Optional[str] = Field(
+        None, description="webdataset: the image member's extensions, first present wins (default: jpg;jpeg;png;"
+                          "webp;...); parquet_images: the image column (binary or {bytes, path}; default image)")
+    label: Optional[str] = Field(
+        None, description="webdataset: the label member (cls, txt or json.FIELD; default cls where present); "
+                          "parquet_images: the label column (default label where present)")
 
     @field_validator("kind")
     @classmethod
@@ -42,6 +56,17 @@ class SourceConfig(_Strict):
         from asvp_ray.data.sources import SOURCES
 
         return _registered(SOURCES, v)
+
+    @model_validator(mode="after")
+    def _keys_of_kind(self):
+        used = {"webdataset": {"shards", "id", "hash_ids", "image", "label"},
+                "parquet_images": {"path", "id", "hash_ids", "image", "label"}}
+        for key in ("shards", "id", "image", "label", "hash_ids"):
+            if getattr(self, key) not in (None, False) and key not in used.get(self.kind, set()):
+                kinds = [k for k, keys in used.items() if key in keys]
+                raise ValueError(f"{key} is a setting of data source kind {' and '.join(kinds)}, not of {self.kind}; "
+                                 f"remove it or set kind: {kinds[0]}")
+        return self
 
 
 class DataConfig(_Strict):

@@ -77,7 +77,7 @@ class Driver:
         check_config_matches(self.rd, self.cfg)
         check_storage_reachable(self.cfg.storage)
         with self.memory.phase("open_data"):
-            self.pool, self.test, self.classes = open_data(self.cfg)
+            self.pool, self.test, self.classes = open_data(self.cfg, index_dir=self.rd.path / "index")
         self.strategy = build_strategy(self.cfg.strategy, self.cfg.strategy_options)
         self.rd.write_config(dump_config(self.cfg))  # every check passed: record what this run is
         self.cold_start = STRATEGIES.create("random")

@@ -42,13 +42,17 @@ def detach_run_log(handler: logging.Handler) -> None:
     handler.close()
 
 
-def open_data(cfg) -> Tuple[Any, Optional[Any], List[str]]:
-    """``(pool, test or None, class names)`` of the config, checked against the budget."""
-    pool = build_source(cfg.data.pool, cfg.data.classes)
-    test = build_source(cfg.data.test, cfg.data.classes) if cfg.data.test else None
+def open_data(cfg, index_dir=None) -> Tuple[Any, Optional[Any], List[str]]:
+    """``(pool, test or None, class names)`` of the config, checked against the budget and the
+    oracle (a simulated one needs every pool label). Indexed sources keep their index in
+    ``index_dir`` (the run's ``index/``)."""
+    pool = build_source(cfg.data.pool, cfg.data.classes, index_dir=index_dir)
+    test = build_source(cfg.data.test, cfg.data.classes, index_dir=index_dir) if cfg.data.test else None
     classes = cfg.data.classes or pool.classes
     if not classes:
         raise ConfigError("the pool has no class names; list them in data.classes")
+    if cfg.oracle == "simulated" and hasattr(pool, "check_labels_for_oracle"):
+        pool.check_labels_for_oracle()
     if getattr(pool, "kind", "") == "embeddings":
         check_embeddings_pool(cfg, pool, test)
     schedule = cfg.budget.schedule
