@@ -192,7 +192,8 @@ class IndexedSource(PoolSource):
             lab, self._classes = labels_from_column(present, classes, self.origin, self._ids[have])
             self._labels = np.full(len(self._ids), -1, dtype=np.int64)
             self._labels[have] = lab
-        self._keys_table = None
+        # keys stay in the index file; a source whose index is not kept holds them (no run: tests, tools)
+        self._keys_table = None if self.index_path is not None else table.select(["id", "key"])
 
     # ------------------------------------------------------------------ what a PoolSource answers
     @property
@@ -239,12 +240,9 @@ class IndexedSource(PoolSource):
     def _key_of(self, ids: np.ndarray) -> Dict[int, str]:
         """The keys of ``ids`` (read from the index file, or rebuilt rows when it is not kept)."""
         if self._keys_table is None:
-            if self.index_path is not None and self.index_path.is_file():
-                import pyarrow.parquet as pq
+            import pyarrow.parquet as pq
 
-                self._keys_table = pq.read_table(self.index_path, columns=["id", "key"])
-            else:
-                return {int(i): f"id {int(i)}" for i in ids}
+            self._keys_table = pq.read_table(self.index_path, columns=["id", "key"])
         t = self._keys_table
         hit = np.isin(t.column("id").to_numpy(), ids)
         return dict(zip(t.column("id").filter(pa.array(hit)).to_pylist(), t.column("key").filter(pa.array(hit)).to_pylist()))
@@ -273,16 +271,15 @@ class IndexedSource(PoolSource):
     # ------------------------------------------------------------------ images
     def to_dataset(self, ids=None, skip_unreadable=False):
         """The whole pool: the kind's own Ray Data reader over every file. Some ids: their index
-        rows in blocks (sorted by file and place), each block's images read by byte ranges or row
-        groups in a Ray Data task."""
+        rows in blocks of ``ROWS_PER_BLOCK`` in the order of ``ids`` (as every source returns
+        them: a fine-tune's batches must not depend on how the pool is stored), each block's
+        images read by byte ranges or row groups in a Ray Data task."""
         import ray.data
 
         if ids is None:
             self.check_unchanged()
             return self._full_dataset(skip_unreadable)
-        pos = np.sort(id_positions(self._ids, ids))
-        order = np.lexsort((self._loc_b[pos], self._loc_a[pos], self._file[pos]))
-        pos = pos[order]
+        pos = id_positions(self._ids, ids)
         self.check_unchanged(self._file[pos])
         tables = [pa.table({"id": pa.array(self._ids[p]), "file": pa.array(self._file[p]),
                             "loc_a": pa.array(self._loc_a[p]), "loc_b": pa.array(self._loc_b[p])})

@@ -178,8 +178,7 @@ class ParquetImagesSource(IndexedSource):
         from asvp_ray.data.base import ROWS_PER_BLOCK
 
         return ray.data.read_parquet(
-            self.located.paths, filesystem=open_fs(self.located.where()),
-            columns=[self.opts["id"], self.opts["image"]], file_extensions=None,
-        ).map_batches(decode_table, fn_kwargs={"options": self.opts, "skip_unreadable": skip_unreadable,
+            self.located.paths, filesystem=open_fs(self.located.where()), file_extensions=None,
+        ).select_columns([self.opts["id"], self.opts["image"]]).map_batches(decode_table, fn_kwargs={"options": self.opts, "skip_unreadable": skip_unreadable,
                                                "origin": self.origin},
                       batch_size=ROWS_PER_BLOCK, batch_format="pyarrow")

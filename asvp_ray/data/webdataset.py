@@ -30,7 +30,7 @@ from asvp_ray.data.locate import open_fs
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (and Ray's) key / extension split
 # ranges in one shard closer than this are read in one request; no request reads more than _RANGE_MAX
-_RANGE_GAP = 1 << 20
+_RANGE_GAP = 256 << 10
 _RANGE_MAX = 64 << 20
 
 
@@ -159,9 +159,9 @@ _POOL = None
 
 def read_ranges(batch: Dict[str, np.ndarray], files: Dict[str, Any], skip_unreadable: bool, origin: str,
                 options: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """A block of index rows (``id``, ``file``, ``loc_a`` offset, ``loc_b`` size; sorted by file and
-    offset) read by byte ranges and decoded (a Ray Data task). Nearby members are read in one
-    request; requests run 16 at a time."""
+    """A block of index rows (``id``, ``file``, ``loc_a`` offset, ``loc_b`` size) read by byte ranges
+    and decoded, in the block's order (a Ray Data task). Members of one shard closer than
+    ``_RANGE_GAP`` are read in one request; requests run 16 at a time."""
     global _POOL
     ids = np.asarray(batch["id"], dtype=np.int64)
     fno = np.asarray(batch["file"])
@@ -171,6 +171,7 @@ def read_ranges(batch: Dict[str, np.ndarray], files: Dict[str, Any], skip_unread
     jobs = []
     for f in np.unique(fno):
         rows = np.flatnonzero(fno == f)
+        rows = rows[np.argsort(off[rows], kind="stable")]
         for start, end, ks in _ranges(off[rows], size[rows]):
             jobs.append((int(f), start, end, rows[ks]))
 
