@@ -94,6 +94,25 @@ def test_the_index_is_kept_and_loaded_not_rebuilt(local_pools, tmp_path, caplog)
     assert again.describe_image(int(wds.ids[0])).endswith(".png)")  # the member, read back from the file
 
 
+def test_a_labeller_gets_the_round_images_as_pngs_from_shards_and_parquet(ray_local, local_pools, tmp_path):
+    from PIL import Image
+
+    from asvp_ray.loop.human import write_queries
+    from asvp_ray.loop.rundir import RunDir
+
+    folder = ImageFolderSource(str(local_pools / "folder"), classes=CLASSES)
+    ids = folder.ids[5:35:3]
+    want = _rows(folder.to_dataset(ids))
+    for src in _sources(local_pools, tmp_path / "index"):
+        rd = RunDir(tmp_path / src.kind)
+        csv = write_queries(rd, 0, ids, src, CLASSES)[0]
+        lines = csv.read_text().splitlines()[1:]
+        assert [int(x.split(",")[0]) for x in lines] == ids.tolist()
+        for line in lines:
+            i, path = line.split(",", 1)
+            assert np.array_equal(np.asarray(Image.open(path)), want[int(i)]), (src.kind, i)
+
+
 def test_brace_glob_folder_and_list_name_the_same_shards(local_pools):
     shards = sorted(str(p) for p in (local_pools / "wds").glob("*.tar"))
     ids = None
@@ -286,3 +305,24 @@ def test_asvp_with_a_refresh_is_the_same_on_the_three_formats(ray_local, local_p
     for kind, pool in pools.items():
         _same_run(ref, _run(tmp_path / kind, pool, over), kind)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_docs_yaml_for_web_scale_pools_is_a_valid_config():
+    """README's and docs/configuration.md's webdataset / parquet_images blocks, as written, pass the
+    config schema (the keys and kinds a user copies)."""
+    import re
+
+    import yaml
+
+    from asvp_ray.config import load_config
+    from tests.conftest import ROOT, SMOKE
+
+    blocks = []
+    for doc in ("README.md", "docs/configuration.md"):
+        text = (ROOT / doc).read_text()
+        blocks += [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "webdataset" in b]
+    assert len(blocks) == 2
+    for b in blocks:
+        data = yaml.safe_load(b)["data"]
+        cfg = load_config(str(SMOKE), [f"data.pool={json.dumps(data['pool'])}", f"data.test={json.dumps(data['test'])}"])
+        assert cfg.data.pool.kind == "webdataset" and cfg.data.test.kind == "parquet_images"
