@@ -109,14 +109,16 @@ def tar_of(members) -> bytes:
     return buf.getvalue()
 
 
-def put_layouts(fs, bucket: str, folder: Path, manifest: Path, per_shard: int) -> dict:
-    """The pool's PNGs as (a) objects + a manifest, (b) tar shards, (c) Parquet files; upload seconds."""
+def put_layouts(fs, bucket: str, folder: Path, manifest: Path, per_shard: int, formats) -> dict:
+    """The pool's PNGs as (a) objects + a manifest, (b) tar shards, (c) Parquet files (those of
+    ``formats``); upload seconds."""
     t = pq.read_table(manifest).to_pydict()
     ids, paths, labels = t["id"], t["path"], t["label"]
     took = {}
-    took["manifest"] = upload(fs, ((f"{bucket}/png/{p}", folder / p) for p in paths))
-    with fs.open_output_stream(f"{bucket}/png/manifest.parquet") as f:
-        pq.write_table(pq.read_table(manifest), f)
+    if "manifest" in formats:
+        took["manifest"] = upload(fs, ((f"{bucket}/png/{p}", folder / p) for p in paths))
+        with fs.open_output_stream(f"{bucket}/png/manifest.parquet") as f:
+            pq.write_table(pq.read_table(manifest), f)
 
     def shard(k):
         s = k * per_shard
@@ -136,8 +138,10 @@ def put_layouts(fs, bucket: str, folder: Path, manifest: Path, per_shard: int) -
         return f"{bucket}/parquet/part-{k:05d}.parquet", sink.getvalue().to_pybytes()
 
     n_files = (len(ids) + per_shard - 1) // per_shard
-    took["webdataset"] = upload(fs, (shard(k) for k in range(n_files)), threads=4)
-    took["parquet_images"] = upload(fs, (part(k) for k in range(n_files)), threads=4)
+    if "webdataset" in formats:
+        took["webdataset"] = upload(fs, (shard(k) for k in range(n_files)), threads=4)
+    if "parquet_images" in formats:
+        took["parquet_images"] = upload(fs, (part(k) for k in range(n_files)), threads=4)
     return {"upload_s": {k: round(v, 1) for k, v in took.items()}, "files": n_files}
 
 
@@ -228,12 +232,13 @@ def main(argv=None) -> int:
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
         fs.create_dir("bench")
         t0 = time.perf_counter()
-        put = put_layouts(fs, "bench", manifest.parent, manifest, args.per_shard)
+        formats = [f for f in args.formats.split(",") if f]
+        put = put_layouts(fs, "bench", manifest.parent, manifest, args.per_shard, formats)
         print(f"bucket: {json.dumps(put)} ({time.perf_counter() - t0:.0f} s), moto RSS {rss_mb(proc.pid):.0f} MB",
               flush=True)
         layouts = pools(endpoint, "bench", put["files"])
         results = {}
-        for name in [f for f in args.formats.split(",") if f]:
+        for name in formats:
             results[name] = run_format(out / f"run-{name}", layouts[name], test_manifest, args.images, args.picks)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
 

@@ -32,6 +32,7 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (and Ray's)
 # ranges in one shard closer than this are read in one request; no request reads more than _RANGE_MAX
 _RANGE_GAP = 256 << 10
 _RANGE_MAX = 64 << 20
+STREAM_BUFFER = 8 << 20  # a shard read whole (index, read_webdataset) is read in requests of this size
 
 
 def split_name(name: str):
@@ -111,7 +112,8 @@ def index_shard(uri: str, file_no: int, opts: Dict[str, Any]) -> pa.Table:
         rows["label_raw"].append(None if lab is None or lab == "" else str(lab))
 
     try:
-        with fs.open_input_stream(path) as raw:
+        # buffered: tarfile reads 10 KiB at a time, which on an object store is a ranged GET each
+        with fs.open_input_stream(path, buffer_size=STREAM_BUFFER) as raw:
             tf = tarfile.open(fileobj=raw, mode="r|")
             for ti in tf:
                 if not ti.isreg():
@@ -283,7 +285,7 @@ class WebDatasetSource(IndexedSource):
         wanted = set(self.opts["image"]) | set(_needed_members({**self.opts, "label": "__key__"}))
         return ray.data.read_webdataset(
             self.located.paths, filesystem=_fs(self.located.where()), decoder=None,
-            suffixes=sorted(wanted), file_extensions=None,
+            suffixes=sorted(wanted), file_extensions=None, arrow_open_stream_args={"buffer_size": STREAM_BUFFER},
         ).map_batches(decode_samples, fn_kwargs={"options": self.opts, "skip_unreadable": skip_unreadable,
                                                   "origin": self.origin},
                       batch_size=None, batch_format="numpy")
