@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from asvp_ray.core.errors import BadInputError
 from asvp_ray.data.base import ROWS_PER_BLOCK, PoolSource, duplicate_ids, id_positions, is_integral, labels_from_column
-from asvp_ray.data.locate import Located, changed_files, locate
+from asvp_ray.data.locate import Located, changed_files, differences, locate
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class IndexedSource(PoolSource):
                                 f"indexed ({len(files['paths'])} then, {len(self.located.paths)} now); a run's pool "
                                 f"must not change: restore the {self.file_kind}s or start a new run")
         then = Located(self.located.prefix, self.located.options, files["paths"], files["sizes"], files["mtimes"])
-        changed = changed_files(then)
+        changed = differences(then, self.located)  # locate() listed every file's size and time just now
         if changed:
             raise BadInputError(self._changed_message(changed))
         self.located = then

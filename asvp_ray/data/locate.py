@@ -145,21 +145,41 @@ def _files_of(fs: pafs.FileSystem, path: str, shown: str, suffixes: Sequence[str
     raise BadInputError(f"{key}: {what} {shown!r} does not exist; fix the list or restore the {what}")
 
 
+def fs_and_path(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """The filesystem and the path in it of a :meth:`Located.uri` (a URI or a local path)."""
+    return resolve_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
+
+
+def _difference(path: str, then: Tuple[int, int], now: Optional[Tuple[int, int]]) -> Optional[str]:
+    """``"path: why"`` when a file's (size, mtime) ``now`` (None: gone) is not ``then``."""
+    if now is None:
+        return f"{path}: missing"
+    if now[0] != then[0]:
+        return f"{path}: size {then[0]} -> {now[0]} bytes"
+    if now[1] != then[1]:
+        return f"{path}: modified since (same size)"
+    return None
+
+
+def differences(then: Located, now: Located) -> List[str]:
+    """The files of ``then`` that ``now`` (the same paths, listed again) shows changed."""
+    return [d for p, a, b in zip(then.paths, zip(then.sizes, then.mtimes), zip(now.sizes, now.mtimes))
+            if (d := _difference(p, a, b))]
+
+
 def changed_files(located: Located, indices: Optional[Sequence[int]] = None) -> List[str]:
     """Files (of ``indices``, default all) whose size or modification time differ from
     ``located``'s, or that are gone: one ``"path: why"`` line each (empty: all unchanged)."""
     fs = open_fs(located.where())
     idx = list(range(len(located.paths))) if indices is None else list(indices)
-    out = []
     try:
         infos = fs.get_file_info([located.paths[i] for i in idx])
     except OSError as e:
         return [f"{located.paths[idx[0]] if idx else '?'}: cannot be reached ({e})"]
+    out = []
     for i, info in zip(idx, infos):
-        if info.type != pafs.FileType.File:
-            out.append(f"{located.paths[i]}: missing")
-        elif int(info.size) != located.sizes[i]:
-            out.append(f"{located.paths[i]}: size {located.sizes[i]} -> {int(info.size)} bytes")
-        elif int(info.mtime_ns or 0) != located.mtimes[i]:
-            out.append(f"{located.paths[i]}: modified since (same size)")
+        now = (int(info.size), int(info.mtime_ns or 0)) if info.type == pafs.FileType.File else None
+        d = _difference(located.paths[i], (located.sizes[i], located.mtimes[i]), now)
+        if d:
+            out.append(d)
     return out

@@ -16,13 +16,7 @@ import pyarrow as pa
 
 from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.data.indexed import INDEX_SCHEMA, IndexedSource, decoded_rows, file_uri, id_from_text
-from asvp_ray.data.locate import open_fs
-
-
-def _fs_path(uri: str):
-    from asvp_ray.storage.locations import is_uri, resolve_uri
-
-    return resolve_uri(uri) if is_uri(uri) else (open_fs(uri), uri)
+from asvp_ray.data.locate import fs_and_path, open_fs
 
 
 def _image_bytes(col: pa.Array, where: str, image: str) -> pa.Array:
@@ -57,7 +51,7 @@ def index_file(uri: str, file_no: int, opts: Dict[str, Any]) -> pa.Table:
     """One file's index rows from its id (and label) columns, row group by row group (a Ray task)."""
     import pyarrow.parquet as pq
 
-    fs, path = _fs_path(uri)
+    fs, path = fs_and_path(uri)
     where = f"parquet_images file {path}"
     try:
         with fs.open_input_file(path) as raw, pq.ParquetFile(raw) as f:
@@ -98,7 +92,7 @@ def read_rows(batch: Dict[str, np.ndarray], files: Dict[str, Any], skip_unreadab
     row = np.asarray(batch["loc_b"])
     blobs: List[Any] = [None] * len(ids)
     for f in np.unique(fno):
-        fs, path = _fs_path(file_uri(files, f))
+        fs, path = fs_and_path(file_uri(files, f))
         in_f = np.flatnonzero(fno == f)
         try:
             with fs.open_input_file(path) as raw, pq.ParquetFile(raw) as pf:

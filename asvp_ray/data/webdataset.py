@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from asvp_ray.core.errors import BadInputError, ConfigError
 from asvp_ray.data.indexed import INDEX_SCHEMA, IndexedSource, decoded_rows, file_uri, id_from_text
-from asvp_ray.data.locate import open_fs
+from asvp_ray.data.locate import fs_and_path, open_fs
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (and Ray's) key / extension split
@@ -77,10 +77,7 @@ def index_shard(uri: str, file_no: int, opts: Dict[str, Any]) -> pa.Table:
         BadInputError: a truncated or corrupt tar, a sample without an image member, keys not
             adjacent, an id that is not an integer; each naming the shard and the member.
     """
-    fs = open_fs(uri)
-    from asvp_ray.storage.locations import is_uri, resolve_uri
-
-    path = resolve_uri(uri)[1] if is_uri(uri) else uri
+    fs, path = fs_and_path(uri)
     shown = path
     needed = set(_needed_members(opts))
     image_exts: Sequence[str] = opts["image"]
@@ -181,10 +178,8 @@ def read_ranges(batch: Dict[str, np.ndarray], files: Dict[str, Any], skip_unread
         f, start, end, rows_ = job
         uri = file_uri(files, f)
         try:
-            fs = open_fs(uri)
-            from asvp_ray.storage.locations import is_uri, resolve_uri
-
-            with fs.open_input_file(resolve_uri(uri)[1] if is_uri(uri) else uri) as fh:
+            fs, path = fs_and_path(uri)
+            with fs.open_input_file(path) as fh:
                 data = fh.read_at(end - start, start)
             for r in rows_:
                 a = int(off[r]) - start
@@ -280,11 +275,9 @@ class WebDatasetSource(IndexedSource):
     def _full_dataset(self, skip_unreadable: bool):
         import ray.data
 
-        from asvp_ray.data.locate import open_fs as _fs
-
         wanted = set(self.opts["image"]) | set(_needed_members({**self.opts, "label": "__key__"}))
         return ray.data.read_webdataset(
-            self.located.paths, filesystem=_fs(self.located.where()), decoder=None,
+            self.located.paths, filesystem=open_fs(self.located.where()), decoder=None,
             suffixes=sorted(wanted), file_extensions=None, arrow_open_stream_args={"buffer_size": STREAM_BUFFER},
         ).map_batches(decode_samples, fn_kwargs={"options": self.opts, "skip_unreadable": skip_unreadable,
                                                   "origin": self.origin},
